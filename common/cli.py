@@ -1,0 +1,75 @@
+"""Console output and the one-sentence failure every task ends with on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class UserError(Exception):
+    """Bad input from the user: the message is one sentence and the task exits non-zero."""
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one clear sentence and exit with a non-zero status."""
+    err_console.print(f"[bold red]Error:[/] {message}")
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors():
+    """Turn a UserError raised inside the block into fail()."""
+    try:
+        yield
+    except UserError as error:
+        fail(str(error))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and rename it, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic text write (temporary name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Swap a completed temporary folder into place; the old folder survives until the swap."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    old = final_dir.with_name(f".tmp-old-{os.getpid()}-{final_dir.name}")
+    if final_dir.exists():
+        final_dir.rename(old)
+    tmp_dir.rename(final_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

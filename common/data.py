@@ -1,0 +1,285 @@
+"""Paths, UTKFace labels, the manifest, the decoded-image cache and the tf.data input pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from common.cli import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("AGEGENDER_DATA_DIR", REPO_ROOT / "data"))
+RESULTS_DIR = Path(os.environ.get("AGEGENDER_RESULTS_DIR", REPO_ROOT / "results"))
+MODELS_DIR = RESULTS_DIR / "models"
+
+SEED = 42
+AGE_SCALE = 120.0
+GENDER_LABELS = {"0": "male", "1": "female"}
+RACE_LABELS = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
+AGE_BANDS = [(0, 12), (13, 19), (20, 39), (40, 59), (60, 200)]
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+# AGE_GENDER_RACE_DATETIME.jpg.chip.jpg; the DATETIME part varies in length (and one name lacks its dot)
+UTKFACE_NAME = re.compile(r"^(\d{1,3})_([01])_([0-4])_\d+\.?jpg\.chip\.jpg$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class FaceLabel:
+    age: int
+    gender: int
+    race: int
+
+
+def parse_utkface_name(name: str) -> FaceLabel | None:
+    """Labels from a UTKFace file name, or None when the name does not follow the pattern."""
+    match = UTKFACE_NAME.match(Path(name).name)
+    if match is None:
+        return None
+    age, gender, race = (int(g) for g in match.groups()[:3])
+    if not 0 <= age <= 120:
+        return None
+    return FaceLabel(age, gender, race)
+
+
+def age_band(age: float) -> str:
+    for low, high in AGE_BANDS:
+        if low <= age <= high:
+            return f"{low}+" if high >= 200 else f"{low}-{high}"
+    return "unknown"
+
+
+# ---------------------------------------------------------------- manifest and cache
+
+
+def manifest_path(data_dir: Path = DATA_DIR) -> Path:
+    return data_dir / "manifest.csv"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_manifest(data_dir: Path = DATA_DIR) -> pd.DataFrame:
+    """The manifest (file, age, gender, race, split); fails clearly when prepare_data has not run."""
+    path = manifest_path(data_dir)
+    if not path.exists():
+        raise UserError(f"No manifest at {path}: run `python tasks/prepare_data.py` first.")
+    return pd.read_csv(path)
+
+
+def data_state(data_dir: Path = DATA_DIR) -> dict:
+    """What prepare_data recorded: where the images are and the manifest hash."""
+    path = data_dir / "prepare.json"
+    if not path.exists():
+        raise UserError(f"No {path}: run `python tasks/prepare_data.py` first.")
+    return json.loads(path.read_text())
+
+
+def image_root(data_dir: Path = DATA_DIR) -> Path:
+    """Folder that holds the manifest's image files."""
+    return Path(data_state(data_dir)["image_root"])
+
+
+def load_face_array(path: Path | str, image_size: int) -> np.ndarray:
+    """Decode one image file to an RGB uint8 array of image_size x image_size (the training resize)."""
+    with Image.open(path) as image:
+        return resize_face(image, image_size)
+
+
+def resize_face(image: Image.Image, image_size: int) -> np.ndarray:
+    """The one resize used for training, evaluation and inference."""
+    image = image.convert("RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def decode_many(paths: list[Path], image_size: int, progress=None, threads: int = 4) -> np.ndarray:
+    """Decode and resize many images with a thread pool (PIL releases the GIL while decoding)."""
+    out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+
+    def work(index: int) -> int:
+        out[index] = load_face_array(paths[index], image_size)
+        return index
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in pool.map(work, range(len(paths)), chunksize=64):
+            if progress is not None:
+                progress()
+    return out
+
+
+def cache_dir(image_size: int, data_dir: Path = DATA_DIR) -> Path:
+    return data_dir / "cache" / str(image_size)
+
+
+def cache_is_current(image_size: int, data_dir: Path = DATA_DIR) -> bool:
+    folder = cache_dir(image_size, data_dir)
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        return False
+    meta = json.loads(meta_path.read_text())
+    state = data_state(data_dir)
+    return (
+        meta.get("manifest_sha256") == state["manifest_sha256"]
+        and meta.get("image_root") == state["image_root"]
+        and all((folder / f"{split}.npy").exists() for split in SPLITS)
+    )
+
+
+def build_cache(image_size: int, data_dir: Path = DATA_DIR, progress_factory=None) -> Path:
+    """Decode every manifest image once at image_size into data/cache/<size>/<split>.npy (atomic)."""
+    manifest = load_manifest(data_dir)
+    state = data_state(data_dir)
+    root = Path(state["image_root"])
+    folder = cache_dir(image_size, data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        files = manifest.loc[manifest["split"] == split, "file"].tolist()
+        paths = [root / name for name in files]
+        advance = progress_factory(f"cache {image_size}px {split}", len(paths)) if progress_factory else None
+        arrays = decode_many(paths, image_size, progress=advance)
+        tmp = folder / f".tmp-{os.getpid()}-{split}.npy"
+        np.save(tmp, arrays)
+        tmp.replace(folder / f"{split}.npy")
+    meta = {"manifest_sha256": state["manifest_sha256"], "image_root": state["image_root"],
+            "image_size": image_size}
+    tmp = folder / f".tmp-{os.getpid()}-meta.json"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(folder / "meta.json")
+    return folder
+
+
+def load_split(split: str, image_size: int, data_dir: Path = DATA_DIR,
+               limit: int | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+    """Cached uint8 images and the manifest rows of one split, building the cache when needed.
+
+    `limit` keeps a seeded random subset of at most that many images."""
+    if split not in SPLITS:
+        raise UserError(f"Unknown split {split!r}; expected one of {', '.join(SPLITS)}.")
+    if not cache_is_current(image_size, data_dir):
+        build_cache(image_size, data_dir)
+    manifest = load_manifest(data_dir)
+    rows = manifest[manifest["split"] == split].reset_index(drop=True)
+    images = np.load(cache_dir(image_size, data_dir) / f"{split}.npy", mmap_mode="r")
+    if len(images) != len(rows):
+        raise UserError(f"The {image_size}px cache does not match the manifest: rerun prepare_data with --force.")
+    if limit is not None and limit < len(rows):
+        keep = np.sort(np.random.default_rng(SEED).choice(len(rows), size=limit, replace=False))
+        return np.asarray(images[keep]), rows.iloc[keep].reset_index(drop=True)
+    return np.asarray(images), rows
+
+
+# ---------------------------------------------------------------- tf.data pipeline
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Strength of the training-time augmentations (0 turns one off)."""
+
+    crop: float = 0.08  # largest shift, as a share of the side (random crop)
+    flip: bool = True
+    rotation: float = 12.0  # degrees
+    zoom: float = 0.1  # +- share
+    brightness: float = 0.15
+    contrast: float = 0.2
+    saturation: float = 0.25
+
+    def scaled(self, strength: float) -> Augment:
+        return Augment(self.crop * strength, self.flip and strength > 0, self.rotation * strength,
+                       self.zoom * strength, self.brightness * strength, self.contrast * strength,
+                       self.saturation * strength)
+
+
+def augment_batch(images, augment: Augment, seed):
+    """Random crop, flip, rotation and zoom as one affine warp, then colour jitter; a float batch in [0, 1].
+
+    `seed` is a shape-[2] int tensor; the draws are stateless, so parallel calls are safe and repeatable."""
+    import tensorflow as tf
+
+    batch = tf.shape(images)[0]
+    size = tf.cast(tf.shape(images)[1], tf.float32)
+    draws = iter(range(1, 100))
+
+    def uniform(low, high):
+        return tf.random.stateless_uniform([batch], seed + next(draws), low, high)
+
+    angle = uniform(-augment.rotation, augment.rotation) * (math.pi / 180.0)
+    scale = 1.0 / uniform(1.0 - augment.zoom, 1.0 + augment.zoom)  # >1 zooms out
+    shift_x = uniform(-augment.crop, augment.crop) * size
+    shift_y = uniform(-augment.crop, augment.crop) * size
+    flip = tf.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0) if augment.flip else tf.ones([batch])
+    cos, sin = tf.cos(angle) * scale, tf.sin(angle) * scale
+    centre = (size - 1.0) / 2.0
+    # output pixel (x, y) samples input at A @ (x - c, y - c) + c + shift
+    a0, a1 = cos * flip, -sin
+    b0, b1 = sin * flip, cos
+    a2 = centre - a0 * centre - a1 * centre + shift_x
+    b2 = centre - b0 * centre - b1 * centre + shift_y
+    zeros = tf.zeros([batch])
+    transform = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    images = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transform, output_shape=tf.shape(images)[1:3],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
+
+    def per_image(low, high):
+        return tf.reshape(uniform(low, high), [-1, 1, 1, 1])
+
+    if augment.brightness:
+        images = images + per_image(-augment.brightness, augment.brightness)
+    if augment.contrast:
+        mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+        images = (images - mean) * per_image(1 - augment.contrast, 1 + augment.contrast) + mean
+    if augment.saturation:
+        grey = tf.reduce_mean(images, axis=3, keepdims=True)
+        images = (images - grey) * per_image(1 - augment.saturation, 1 + augment.saturation) + grey
+    return tf.clip_by_value(images, 0.0, 1.0)
+
+
+def make_dataset(images: np.ndarray, targets: dict[str, np.ndarray], batch_size: int, training: bool,
+                 augment: Augment | None = None, seed: int = SEED, sample_weight: np.ndarray | None = None):
+    """Batches of (float images in [0, 1], {output name: target}[, weights]) from cached uint8 arrays.
+
+    Shuffling and augmentation happen only when training; whole batches are gathered and augmented at
+    once, which keeps the per-image overhead of tf.data out of the loop."""
+    import tensorflow as tf
+
+    image_tensor = tf.convert_to_tensor(images)
+    target_tensors = {name: tf.convert_to_tensor(np.asarray(v, dtype=np.float32).reshape(-1, 1))
+                      for name, v in targets.items()}
+    weight_tensor = None if sample_weight is None else tf.convert_to_tensor(sample_weight, tf.float32)
+    count = len(images)
+    indices = tf.data.Dataset.range(count)
+    if training:
+        indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    indices = indices.batch(batch_size)
+    # a fresh pair of seeds per batch, different every epoch, reproducible from `seed`
+    batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    do_augment = training and augment is not None
+
+    def gather(index, batch_seed):
+        batch = tf.cast(tf.gather(image_tensor, index), tf.float32) / 255.0
+        if do_augment:
+            batch = augment_batch(batch, augment, batch_seed)
+        labels = {name: tf.gather(t, index) for name, t in target_tensors.items()}
+        if weight_tensor is not None:
+            return batch, labels, tf.gather(weight_tensor, index)
+        return batch, labels
+
+    dataset = tf.data.Dataset.zip(indices, batch_seeds)
+    return dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

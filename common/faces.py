@@ -1,0 +1,197 @@
+"""The one inference path: image -> faces (MTCNN) -> UTKFace-like aligned crop -> model -> age, p_female.
+
+`predict`, `compare`, the benchmarks and every Gradio Space call this module; nothing re-implements it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from common.cli import UserError
+from common.data import resize_face
+from common.modelio import load_model
+
+# Where UTKFace's aligned 200x200 crops put the eyes (measured with MTCNN on 60 of them):
+# eye midpoint at (0.49, 0.289) of the side, eyes 0.389 of the side apart.
+CROP_SIDE = 200
+EYE_CENTRE = (0.49, 0.289)
+EYE_DISTANCE = 0.389
+MAX_SIDE = 1600  # very large photos are shrunk before detection; crops come from the full image
+MIN_CONFIDENCE = 0.9
+
+
+class UnreadableImage(UserError):
+    """The file is not an image PIL can decode."""
+
+
+def read_image(source: str | Path | np.ndarray | Image.Image) -> Image.Image:
+    """Any file, array or PIL image as an upright RGB PIL image (grayscale, RGBA, palette and EXIF handled)."""
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, np.ndarray):
+        array = source if source.dtype == np.uint8 else np.clip(source, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array)
+    else:
+        try:
+            with Image.open(source) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+        except FileNotFoundError as error:
+            raise UserError(f"{source} does not exist.") from error
+        except Exception as error:
+            raise UnreadableImage(f"{source} is not a readable image ({type(error).__name__}).") from error
+    if image.mode in ("RGBA", "LA", "P"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+@dataclass
+class Face:
+    box: tuple[int, int, int, int]  # x, y, width, height in the original image
+    confidence: float
+    left_eye: tuple[float, float] | None = None
+    right_eye: tuple[float, float] | None = None
+
+
+_detector = None
+
+
+def detect_faces(image: Image.Image, min_confidence: float = MIN_CONFIDENCE) -> list[Face]:
+    """Faces found by MTCNN (bundled weights, no download), largest first."""
+    global _detector
+    if _detector is None:
+        from mtcnn import MTCNN
+
+        _detector = MTCNN()
+    scale = min(1.0, MAX_SIDE / max(image.size))
+    small = image if scale == 1.0 else image.resize((round(image.width * scale), round(image.height * scale)))
+    # MTCNN needs a few pixels to work with: pad tiny images instead of failing
+    array = np.asarray(small)
+    if min(array.shape[:2]) < 48:
+        pad = 48 - min(array.shape[:2])
+        array = np.pad(array, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+        offset = pad
+    else:
+        offset = 0
+    faces = []
+    for found in _detector.detect_faces(array):
+        if found["confidence"] < min_confidence:
+            continue
+        x, y, w, h = found["box"]
+
+        def back(point):
+            return ((point[0] - offset) / scale, (point[1] - offset) / scale)
+
+        keypoints = found.get("keypoints", {})
+        box = (round((x - offset) / scale), round((y - offset) / scale), round(w / scale), round(h / scale))
+        faces.append(Face(box, float(found["confidence"]),
+                          back(keypoints["left_eye"]) if "left_eye" in keypoints else None,
+                          back(keypoints["right_eye"]) if "right_eye" in keypoints else None))
+    return sorted(faces, key=lambda face: face.box[2] * face.box[3], reverse=True)
+
+
+def face_crop(image: Image.Image, face: Face) -> Image.Image:
+    """A CROP_SIDE square crop aligned like UTKFace's: eyes level, at UTKFace's position and distance."""
+    if face.left_eye is None or face.right_eye is None:
+        x, y, w, h = face.box  # no landmarks: a square around the box centre
+        side = max(w, h) * 1.1
+        cx, cy = x + w / 2, y + h / 2
+        return image.crop((round(cx - side / 2), round(cy - side / 2), round(cx + side / 2),
+                           round(cy + side / 2))).resize((CROP_SIDE, CROP_SIDE), Image.Resampling.BILINEAR)
+    (lx, ly), (rx, ry) = face.left_eye, face.right_eye
+    angle = math.atan2(ry - ly, rx - lx)
+    distance = max(math.hypot(rx - lx, ry - ly), 1.0)
+    scale = distance / (EYE_DISTANCE * CROP_SIDE)  # input pixels per output pixel
+    mx, my = (lx + rx) / 2, (ly + ry) / 2
+    cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
+    ox, oy = EYE_CENTRE[0] * CROP_SIDE, EYE_CENTRE[1] * CROP_SIDE
+    # output (u, v) samples input (a*u + b*v + c, d*u + e*v + f)
+    a, b, d, e = cos, -sin, sin, cos
+    c = mx - a * ox - b * oy
+    f = my - d * ox - e * oy
+    return image.transform((CROP_SIDE, CROP_SIDE), Image.Transform.AFFINE, (a, b, c, d, e, f),
+                           resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+
+
+def to_model_input(faces: list[np.ndarray] | np.ndarray, metadata: dict[str, Any]) -> np.ndarray:
+    """uint8 face crops (already resized) as the float batch the model takes."""
+    batch = np.asarray(faces)
+    if metadata.get("pixel_scaling", "divide_by_255") != "divide_by_255":
+        raise UserError(f"Unknown pixel_scaling {metadata.get('pixel_scaling')!r} in the model metadata.")
+    return batch.astype(np.float32) / 255.0
+
+
+@dataclass
+class Predictor:
+    """A saved model ready to predict; build it with Predictor.load(model_dir)."""
+
+    model: Any
+    metadata: dict[str, Any]
+    folder: Path | None = None
+    _compiled: Any = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Predictor:
+        model, metadata = load_model(Path(folder))
+        return cls(model, metadata, Path(folder))
+
+    @property
+    def image_size(self) -> int:
+        return int(self.metadata["image_size"])
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(self.metadata["outputs"])
+
+    def predict_arrays(self, faces: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
+        """uint8 crops at the model's size -> {"age": years, "p_female": probability} (keys the model has)."""
+        results: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(faces), batch_size):
+            batch = to_model_input(faces[start:start + batch_size], self.metadata)
+            # a direct call avoids Model.predict's per-call set-up, which dominates small batches
+            output = self.model(batch, training=False)
+            if not isinstance(output, dict):
+                output = {self.outputs[0]: output}
+            for name, value in output.items():
+                results.setdefault(name, []).append(np.asarray(value).reshape(-1))
+        scale = float(self.metadata.get("age_scale", 120.0))
+        merged = {name: np.concatenate(parts) for name, parts in results.items()}
+        out = {}
+        if "age" in merged:
+            out["age"] = np.clip(merged["age"] * scale, 0.0, None)
+        if "gender" in merged:
+            out["p_female"] = np.clip(merged["gender"], 0.0, 1.0)
+        return out
+
+    def prepare_crop(self, crop: Image.Image) -> np.ndarray:
+        return resize_face(crop, self.image_size)
+
+    def predict_image(self, image: Image.Image, detect: bool = True) -> list[dict[str, Any]]:
+        """One dict per face: box, confidence, age, gender, p_female; a single row with a reason if none."""
+        if detect:
+            faces = detect_faces(image)
+            if not faces:
+                return [{"reason": "no face found"}]
+            crops = [self.prepare_crop(face_crop(image, face)) for face in faces]
+        else:
+            faces = [Face((0, 0, image.width, image.height), 1.0)]
+            crops = [self.prepare_crop(image)]
+        predicted = self.predict_arrays(np.stack(crops))
+        rows = []
+        for index, face in enumerate(faces):
+            row: dict[str, Any] = {"box": face.box, "confidence": face.confidence, "reason": ""}
+            if "age" in predicted:
+                row["age"] = float(predicted["age"][index])
+            if "p_female" in predicted:
+                p_female = float(predicted["p_female"][index])
+                row["p_female"] = p_female
+                row["gender"] = self.metadata["labels"]["1" if p_female >= 0.5 else "0"]
+            rows.append(row)
+        return rows

@@ -1,0 +1,100 @@
+"""Model folders: model.keras beside metadata.json, written atomically, loaded without their folder name."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from common.cli import UserError, replace_dir, write_json
+from common.data import AGE_SCALE, GENDER_LABELS
+
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+METRICS_FILE = "metrics.json"
+TASKS = ("gender", "age", "multitask")
+PIXEL_SCALING = "divide_by_255"  # models take RGB floats in [0, 1]; backbone-specific scaling is inside
+
+
+def make_metadata(task: str, image_size: int, params: dict[str, Any], manifest_sha256: str,
+                  backbone: str = "cnn", weights: str = "none", **extra: Any) -> dict[str, Any]:
+    """Everything prediction needs, plus how the model was made."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task}")
+    import keras
+    import tensorflow as tf
+
+    return {
+        "task": task,
+        "outputs": {"gender": ["gender"], "age": ["age"], "multitask": ["age", "gender"]}[task],
+        "image_size": int(image_size),
+        "pixel_scaling": PIXEL_SCALING,
+        "color": "RGB",
+        "age_scale": AGE_SCALE,
+        "labels": GENDER_LABELS,
+        "gender_output": "p_female",
+        "backbone": backbone,
+        "weights": weights,
+        "params": params,
+        "manifest_sha256": manifest_sha256,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        **extra,
+    }
+
+
+@contextmanager
+def staging_dir(final_dir: Path) -> Iterator[Path]:
+    """A temporary sibling folder to write a model into; it replaces final_dir only if the block succeeds."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_dir.with_name(f".tmp-{os.getpid()}-{final_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final_dir)
+
+
+def save_model(model, folder: Path, metadata: dict[str, Any]) -> None:
+    """model.keras and metadata.json into folder (normally a staging_dir)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder / MODEL_FILE)
+    write_json(folder / METADATA_FILE, metadata)
+
+
+def read_metadata(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / METADATA_FILE
+    if not path.exists():
+        raise UserError(f"{folder} is not a model folder: it has no {METADATA_FILE}.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error.msg}).") from error
+
+
+def load_model(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """The Keras model and its metadata; a missing or broken folder raises UserError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"Model folder {folder} does not exist.")
+    metadata = read_metadata(folder)
+    if not (folder / MODEL_FILE).exists():
+        raise UserError(f"{folder} has no {MODEL_FILE}.")
+    import keras
+
+    import common.layers  # noqa: F401  (registers the custom layers)
+
+    try:
+        model = keras.saving.load_model(folder / MODEL_FILE, compile=False)
+    except Exception as error:  # a truncated or foreign file
+        raise UserError(f"Could not load {folder / MODEL_FILE}: {error}".split("\n")[0]) from error
+    return model, metadata

@@ -1,0 +1,303 @@
+"""The training loop the model scripts share: data, callbacks, fit, test evaluation, plots and saving."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from common.cli import UserError, console, write_json
+from common.data import AGE_SCALE, DATA_DIR, SEED, Augment, data_state, load_split, make_dataset
+from common.metrics import age_metrics, gender_metrics
+from common.modelio import METRICS_FILE, make_metadata, save_model, staging_dir
+
+TARGETS = {"gender": ["gender"], "age": ["age"], "multitask": ["age", "gender"]}
+
+
+@dataclass
+class SplitData:
+    images: np.ndarray
+    rows: pd.DataFrame
+
+    def targets(self, outputs: list[str]) -> dict[str, np.ndarray]:
+        values = {"age": self.rows["age"].to_numpy(np.float32) / AGE_SCALE,
+                  "gender": self.rows["gender"].to_numpy(np.float32)}
+        return {name: values[name] for name in outputs}
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    history: pd.DataFrame
+    val_metrics: dict[str, Any]
+    test_metrics: dict[str, Any] | None
+    seconds_per_epoch: float
+    out_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_params(path: Path | None) -> dict[str, Any]:
+    """best_params from a tune result file (or a plain JSON object of parameters)."""
+    if path is None:
+        return {}
+    if not Path(path).exists():
+        raise UserError(f"Parameter file {path} does not exist.")
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error.msg}).") from error
+    params = data.get("best_params", data)
+    if not isinstance(params, dict):
+        raise UserError(f"{path} holds no parameters.")
+    return params
+
+
+def merge_params(defaults: dict[str, Any], from_file: dict[str, Any], overrides: dict[str, Any]) -> dict:
+    """Defaults, then the --params file, then flags given on the command line (not None)."""
+    unknown = set(from_file) - set(defaults)
+    if unknown:
+        raise UserError(f"Unknown parameter(s) in the --params file: {', '.join(sorted(unknown))}.")
+    params = {**defaults, **from_file}
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    return params
+
+
+def load_data(image_size: int, data_dir: Path = DATA_DIR, limit: int | None = None,
+              splits=("train", "val", "test")) -> dict[str, SplitData]:
+    """Cached arrays per split; `limit` caps the training images (val and test get a proportional cap)."""
+    data = {}
+    for split in splits:
+        cap = None if limit is None else max(8, limit if split == "train" else limit // 4)
+        images, rows = load_split(split, image_size, data_dir, cap)
+        data[split] = SplitData(images, rows)
+    return data
+
+
+def age_sample_weights(ages: np.ndarray, power: float) -> np.ndarray | None:
+    """Weights ~ (frequency of the 5-year age bin) ** -power, mean 1; power 0 means none."""
+    if power <= 0:
+        return None
+    bins = np.minimum(np.asarray(ages) // 5, 20).astype(int)
+    counts = np.bincount(bins, minlength=21).astype(float)
+    weights = counts[bins] ** -power
+    return (weights / weights.mean()).astype(np.float32)
+
+
+def callbacks(monitor: str, mode: str, patience: int, checkpoint: Path | None) -> list:
+    import keras
+
+    found = [
+        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience, restore_best_weights=True,
+                                      verbose=1),
+        keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5,
+                                          patience=max(1, patience // 2), min_lr=1e-6, verbose=1),
+    ]
+    if checkpoint is not None:
+        found.append(keras.callbacks.ModelCheckpoint(checkpoint, monitor=monitor, mode=mode, save_best_only=True))
+    return found
+
+
+class EpochTimer:
+    """Keras callback recording wall seconds per epoch."""
+
+    def __new__(cls):
+        import keras
+
+        class _Timer(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.seconds = []
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self._start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.seconds.append(time.perf_counter() - self._start)
+
+        return _Timer()
+
+
+def check_monitor(model, monitor: str, validation: bool = True) -> None:
+    """Fail loudly when a callback would watch a metric that Keras will never log."""
+    names = set()
+    for name in ["loss", *model.metrics_names]:
+        names.add(name)
+    logged = {f"val_{n}" for n in names} | names if validation else names
+    if monitor not in logged:
+        raise UserError(f"Metric {monitor!r} is not logged by this model; it logs {', '.join(sorted(logged))}.")
+
+
+def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str, Any], epochs: int,
+        monitor: str, mode: str = "min", patience: int = 5, extra_callbacks: list | None = None,
+        checkpoint: Path | None = None, verbose: int | str = "auto") -> tuple[pd.DataFrame, float]:
+    """Train with early stopping, LR reduction and checkpointing; returns (history, seconds per epoch)."""
+    import keras
+
+    keras.utils.set_random_seed(SEED)
+    augment = Augment().scaled(float(params.get("augment", 1.0)))
+    train, val = data["train"], data["val"]
+    weights = age_sample_weights(train.rows["age"].to_numpy(), float(params.get("age_weight_power", 0.0))) \
+        if "age" in outputs else None
+    batch_size = int(params["batch_size"])
+    train_ds = make_dataset(train.images, train.targets(outputs), batch_size, training=True, augment=augment,
+                            sample_weight=weights)
+    val_ds = make_dataset(val.images, val.targets(outputs), batch_size, training=False)
+    # one step first so the metric names exist, then check what the callbacks watch
+    model.evaluate(val_ds.take(1), verbose=0)
+    check_monitor(model, monitor)
+    timer = EpochTimer()
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose,
+                        callbacks=[timer, *callbacks(monitor, mode, patience, checkpoint), *(extra_callbacks or [])])
+    frame = pd.DataFrame(history.history)
+    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
+    frame["seconds"] = timer.seconds[: len(frame)]
+    return frame, float(np.mean(timer.seconds)) if timer.seconds else 0.0
+
+
+def predict_split(model, split: SplitData, outputs: list[str], batch_size: int = 128) -> dict[str, np.ndarray]:
+    """Predictions in user units: age in years, p_female."""
+    from common.faces import Predictor
+
+    predictor = Predictor(model, {"outputs": outputs, "age_scale": AGE_SCALE, "pixel_scaling": "divide_by_255"})
+    return predictor.predict_arrays(split.images, batch_size=batch_size)
+
+
+def evaluate(predicted: dict[str, np.ndarray], rows: pd.DataFrame) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    if "p_female" in predicted:
+        metrics["gender"] = gender_metrics(rows["gender"].to_numpy(), predicted["p_female"])
+    if "age" in predicted:
+        metrics["age"] = age_metrics(rows["age"].to_numpy(), predicted["age"])
+    return metrics
+
+
+def save_run(out_dir: Path, model, metadata: dict[str, Any], history: pd.DataFrame, test_metrics: dict,
+             predicted: dict[str, np.ndarray], rows: pd.DataFrame) -> None:
+    """model.keras, metadata.json, metrics.json, history.csv and the plots, swapped in atomically."""
+    with staging_dir(out_dir) as folder:
+        save_model(model, folder, metadata)
+        write_json(folder / METRICS_FILE, {"split": "test", **test_metrics})
+        history.to_csv(folder / "history.csv", index=False)
+        plot_history(history, folder / "learning_curves.png")
+        if "p_female" in predicted:
+            plot_confusion(np.array(test_metrics["gender"]["confusion_matrix"]), folder / "confusion_matrix.png")
+        if "age" in predicted:
+            plot_age_error(rows["age"].to_numpy(), predicted["age"], folder / "age_error.png")
+
+
+def train_model(task: str, build_model, params: dict[str, Any], image_size: int, epochs: int,
+                data_dir: Path = DATA_DIR, limit: int | None = None, out_dir: Path | None = None,
+                extra_callbacks: list | None = None, monitor: str = "val_loss", mode: str = "min",
+                evaluate_test: bool = True, verbose: int | str = "auto",
+                metadata_extra: dict[str, Any] | None = None) -> TrainResult:
+    """Build, fit, evaluate on validation (and test) and save to out_dir (skipped when it is None)."""
+    outputs = TARGETS[task]
+    data = load_data(image_size, data_dir, limit)
+    model = build_model(image_size, params)
+    history, seconds = fit(model, data, outputs, params, epochs, monitor, mode,
+                           extra_callbacks=extra_callbacks, verbose=verbose)
+    val_metrics = evaluate(predict_split(model, data["val"], outputs), data["val"].rows)
+    result = TrainResult(model, history, val_metrics, None, seconds)
+    if not evaluate_test:
+        return result
+    predicted = predict_split(model, data["test"], outputs)
+    result.test_metrics = evaluate(predicted, data["test"].rows)
+    if out_dir is not None:
+        extra = {"epochs_run": len(history), "seconds_per_epoch": seconds, "train_images": len(data["train"].rows),
+                 "parameters": int(model.count_params()), "monitor": monitor, **(metadata_extra or {})}
+        metadata = make_metadata(task, image_size, params, manifest_hash(data_dir), **extra)
+        save_run(out_dir, model, metadata, history, result.test_metrics, predicted, data["test"].rows)
+        result.out_dir = out_dir
+    return result
+
+
+def report(task: str, result: TrainResult) -> None:
+    print_metrics(f"{task}: test split", result.test_metrics)
+    console.print(f"Saved to {result.out_dir} ({result.seconds_per_epoch:.1f} s per epoch, "
+                  f"{len(result.history)} epochs).")
+
+
+def manifest_hash(data_dir: Path = DATA_DIR) -> str:
+    return data_state(data_dir)["manifest_sha256"]
+
+
+def print_metrics(title: str, metrics: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for group, values in metrics.items():
+        if not isinstance(values, dict):
+            continue
+        for name, value in values.items():
+            if isinstance(value, float):
+                table.add_row(f"{group} {name}", f"{value:.4f}")
+    console.print(table)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(history: pd.DataFrame, path: Path) -> None:
+    plt = _pyplot()
+    curves = [c for c in history.columns if not c.startswith("val_") and c not in ("epoch", "seconds",
+                                                                                  "learning_rate")]
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], curves, strict=True):
+        ax.plot(history["epoch"], history[name], label="train")
+        if f"val_{name}" in history:
+            ax.plot(history["epoch"], history[f"val_{name}"], label="validation")
+        ax.set(title=name, xlabel="epoch")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(matrix: np.ndarray, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, f"{value:,}", ha="center", va="center",
+                color="white" if value > matrix.max() / 2 else "black")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["male", "female"], yticklabels=["male", "female"],
+           xlabel="predicted", ylabel="true", title="Gender confusion (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_age_error(age_true: np.ndarray, age_pred: np.ndarray, path: Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].scatter(age_true, age_pred, s=3, alpha=0.3)
+    axes[0].plot([0, 116], [0, 116], color="red", linewidth=1)
+    axes[0].set(xlabel="true age", ylabel="predicted age", title="Predicted vs true age (test)")
+    error = np.abs(np.asarray(age_pred) - np.asarray(age_true))
+    edges = np.arange(0, 121, 10)
+    centres, maes = [], []
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        mask = (age_true >= low) & (age_true < high)
+        if mask.any():
+            centres.append(low + 5)
+            maes.append(error[mask].mean())
+    axes[1].bar(centres, maes, width=8)
+    axes[1].set(xlabel="true age (10-year bins)", ylabel="MAE (years)", title="Age error by true age")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,72 @@
+"""Task runner: `nox -s train_all` trains and compares every model; `nox -s tests` runs the suite."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "tests"]
+PYTHON = "3.11"
+
+
+def install(session: nox.Session, extras: str = "") -> None:
+    session.install("-e", f".[{extras}]" if extras else ".")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the test suite on a few hundred real UTKFace images (needs UTKFACE_SOURCE or ../shared)."""
+    install(session, "dev")
+    session.run("pytest", *session.posargs, env={"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """Check style and common bugs with ruff."""
+    session.install("ruff>=0.8")
+    session.run("ruff", "check", "common", "tasks", "tests", "spaces", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def prepare_data(session: nox.Session) -> None:
+    """Read UTKFace, explore it, split it and cache decoded images (posargs go to prepare_data.py)."""
+    install(session)
+    session.run("python", "tasks/prepare_data.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def train_all(session: nox.Session) -> None:
+    """Prepare the data, train every model and compare them (posargs go to each trainer, e.g. --epochs 5)."""
+    install(session)
+    session.run("python", "tasks/prepare_data.py")
+    for task in ("train_gender", "train_age", "train_multitask"):
+        session.run("python", f"tasks/{task}.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def tune(session: nox.Session) -> None:
+    """Tune every model with Optuna at the default budget (posargs go to each tune.py call)."""
+    install(session)
+    for model in ("gender", "age", "multitask", "transfer"):
+        session.run("python", "tasks/tune.py", "--model", model, *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def compare(session: nox.Session) -> None:
+    """Evaluate every saved model on the test split, with bias and robustness tables."""
+    install(session)
+    session.run("python", "tasks/compare.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmark training and inference speed; writes results/bench/*.json."""
+    install(session)
+    session.run("python", "tasks/bench.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def publish(session: nox.Session) -> None:
+    """Stage every Space (dry run; pass --push to upload to the Hugging Face Hub)."""
+    install(session)
+    session.run("python", "tasks/publish.py", "--all", *session.posargs)

@@ -1,0 +1,92 @@
+"""Model 2: a CNN that regresses age (normalised by 120), or reads it from a DEX softmax over ages.
+
+    python tasks/train_age.py --epochs 30
+    python tasks/train_age.py --age-head dex --out results/models/age-dex
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import typer
+
+from common.cli import user_errors
+from common.data import DATA_DIR, MODELS_DIR
+from common.models import AGE_HEADS, age_head, conv_trunk, image_input
+from common.training import TrainResult, load_params, merge_params, report, train_model
+
+TASK = "age"
+IMAGE_SIZE = 128
+DEFAULT_PARAMS: dict[str, Any] = {
+    "learning_rate": 2e-3,
+    "batch_size": 64,
+    "dropout": 0.25,
+    "width": 32,
+    "weight_decay": 1e-4,
+    "augment": 1.0,
+    "age_head": "regression",
+    "age_weight_power": 0.0,  # >0 up-weights rare ages: weight ~ frequency ** -power
+}
+MONITOR = "val_loss"
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def build_model(image_size: int, params: dict[str, Any]):
+    """Our CNN trunk and an age head trained with MAE on age / 120."""
+    import keras
+
+    inputs = image_input(image_size)
+    features = conv_trunk(inputs, width=int(params["width"]), dropout=float(params["dropout"]))
+    output = age_head(features, float(params["dropout"]), kind=params["age_head"])
+    model = keras.Model(inputs, {"age": output}, name=f"age_cnn_{params['age_head']}")
+    model.compile(
+        optimizer=keras.optimizers.AdamW(float(params["learning_rate"]), weight_decay=float(params["weight_decay"])),
+        loss={"age": "mae"},
+        metrics={"age": ["mae", "mse"]},
+    )
+    return model
+
+
+def train(params: dict[str, Any] | None = None, image_size: int = IMAGE_SIZE, epochs: int = 30,
+          data_dir: Path = DATA_DIR, limit: int | None = None, out_dir: Path | None = MODELS_DIR / TASK,
+          **options: Any) -> TrainResult:
+    """Train and evaluate; saves to out_dir unless it is None (options go to common.training.train_model)."""
+    params = {**DEFAULT_PARAMS, **(params or {})}
+    options.setdefault("monitor", MONITOR)
+    return train_model(TASK, build_model, params, image_size, epochs, data_dir, limit, out_dir,
+                       metadata_extra={"age_head": params["age_head"]}, **options)
+
+
+@app.command()
+def main(
+    epochs: Annotated[int, typer.Option(min=1, help="Most epochs (early stopping may end sooner).")] = 30,
+    image_size: Annotated[int, typer.Option(min=32, max=512, help="Input side in pixels.")] = IMAGE_SIZE,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(min=0, help="AdamW learning rate.")] = None,
+    dropout: Annotated[float | None, typer.Option(min=0, max=0.9, help="Dropout rate.")] = None,
+    age_head_kind: Annotated[str | None, typer.Option(
+        "--age-head", help="regression, or dex (softmax over ages read as its expected value).")] = None,
+    age_weight_power: Annotated[float | None, typer.Option(
+        min=0, help="Up-weight rare ages: sample weight ~ age-bin frequency ** -power (0 = off).")] = None,
+    limit: Annotated[int | None, typer.Option(min=16, help="Train on a subset of N images.")] = None,
+    params: Annotated[Path | None, typer.Option(help="JSON of parameters, e.g. results/tuning/age.json.")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
+    out: Annotated[Path, typer.Option(help="Model folder to write.")] = MODELS_DIR / TASK,
+) -> None:
+    """Train the age CNN and save it with its metadata and test metrics."""
+    if age_head_kind is not None and age_head_kind not in AGE_HEADS:
+        raise typer.BadParameter(f"must be one of {', '.join(AGE_HEADS)}", param_hint="--age-head")
+    with user_errors():
+        chosen = merge_params(DEFAULT_PARAMS, load_params(params),
+                              {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
+                               "age_head": age_head_kind, "age_weight_power": age_weight_power})
+        report(TASK, train(chosen, image_size, epochs, data_dir, limit, out))
+
+
+if __name__ == "__main__":
+    app()

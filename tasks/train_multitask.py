@@ -1,0 +1,98 @@
+"""Model 3: one CNN trunk with an age head and a gender head, trained together on UTKFace.
+
+    python tasks/train_multitask.py --epochs 30
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import typer
+
+from common.cli import user_errors
+from common.data import DATA_DIR, MODELS_DIR
+from common.models import AGE_HEADS, age_head, conv_trunk, gender_head, image_input
+from common.training import TrainResult, load_params, merge_params, report, train_model
+
+TASK = "multitask"
+IMAGE_SIZE = 128
+DEFAULT_PARAMS: dict[str, Any] = {
+    "learning_rate": 2e-3,
+    "batch_size": 64,
+    "dropout": 0.25,
+    "width": 32,
+    "weight_decay": 1e-4,
+    "augment": 1.0,
+    "age_head": "regression",
+    "age_loss_weight": 4.0,  # age MAE on the /120 scale is ~0.05; this balances it against gender's BCE
+    "gender_loss_weight": 1.0,
+    "age_weight_power": 0.0,
+}
+MONITOR = "val_loss"
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def build_model(image_size: int, params: dict[str, Any]):
+    """Shared trunk, two heads, compiled with per-output losses and metrics."""
+    import keras
+
+    inputs = image_input(image_size)
+    features = conv_trunk(inputs, width=int(params["width"]), dropout=float(params["dropout"]))
+    outputs = {
+        "age": age_head(features, float(params["dropout"]), kind=params["age_head"]),
+        "gender": gender_head(features, float(params["dropout"])),
+    }
+    model = keras.Model(inputs, outputs, name="multitask_cnn")
+    model.compile(
+        optimizer=keras.optimizers.AdamW(float(params["learning_rate"]), weight_decay=float(params["weight_decay"])),
+        loss={"age": "mae", "gender": "binary_crossentropy"},
+        loss_weights={"age": float(params["age_loss_weight"]), "gender": float(params["gender_loss_weight"])},
+        metrics={"age": ["mae"], "gender": ["binary_accuracy"]},
+    )
+    return model
+
+
+def train(params: dict[str, Any] | None = None, image_size: int = IMAGE_SIZE, epochs: int = 30,
+          data_dir: Path = DATA_DIR, limit: int | None = None, out_dir: Path | None = MODELS_DIR / TASK,
+          **options: Any) -> TrainResult:
+    """Train and evaluate; saves to out_dir unless it is None (options go to common.training.train_model)."""
+    params = {**DEFAULT_PARAMS, **(params or {})}
+    options.setdefault("monitor", MONITOR)
+    return train_model(TASK, build_model, params, image_size, epochs, data_dir, limit, out_dir,
+                       metadata_extra={"age_head": params["age_head"]}, **options)
+
+
+@app.command()
+def main(
+    epochs: Annotated[int, typer.Option(min=1, help="Most epochs (early stopping may end sooner).")] = 30,
+    image_size: Annotated[int, typer.Option(min=32, max=512, help="Input side in pixels.")] = IMAGE_SIZE,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(min=0, help="AdamW learning rate.")] = None,
+    dropout: Annotated[float | None, typer.Option(min=0, max=0.9, help="Dropout rate.")] = None,
+    age_head_kind: Annotated[str | None, typer.Option(
+        "--age-head", help="regression, or dex (softmax over ages read as its expected value).")] = None,
+    age_loss_weight: Annotated[float | None, typer.Option(min=0, help="Weight of the age loss.")] = None,
+    gender_loss_weight: Annotated[float | None, typer.Option(min=0, help="Weight of the gender loss.")] = None,
+    limit: Annotated[int | None, typer.Option(min=16, help="Train on a subset of N images.")] = None,
+    params: Annotated[Path | None, typer.Option(help="JSON of parameters, e.g. results/tuning/multitask.json.")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
+    out: Annotated[Path, typer.Option(help="Model folder to write.")] = MODELS_DIR / TASK,
+) -> None:
+    """Train the multi-task CNN (age + gender) and save it with its metadata and test metrics."""
+    if age_head_kind is not None and age_head_kind not in AGE_HEADS:
+        raise typer.BadParameter(f"must be one of {', '.join(AGE_HEADS)}", param_hint="--age-head")
+    with user_errors():
+        chosen = merge_params(DEFAULT_PARAMS, load_params(params),
+                              {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
+                               "age_head": age_head_kind, "age_loss_weight": age_loss_weight,
+                               "gender_loss_weight": gender_loss_weight})
+        report(TASK, train(chosen, image_size, epochs, data_dir, limit, out))
+
+
+if __name__ == "__main__":
+    app()

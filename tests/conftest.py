@@ -1,0 +1,63 @@
+"""Shared fixtures: a few hundred real UTKFace images, prepared once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach the Hub
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ARCHIVE = Path(os.environ.get("UTKFACE_SOURCE", REPO.parent / "shared/data/utkface/UTKFace.tar.gz"))
+SUBSET_EVERY = 50  # every 50th image: ~430 faces
+TEST_IMAGE_SIZE = 64  # small inputs keep the suite fast; the default 128 is used by the real runs
+
+
+@pytest.fixture(scope="session")
+def utkface_subset(tmp_path_factory) -> Path:
+    """A folder of ~430 real UTKFace images (every 50th of the shared archive), extracted once."""
+    if not ARCHIVE.exists():
+        pytest.skip(f"UTKFace archive not found at {ARCHIVE}; set UTKFACE_SOURCE")
+    folder = tmp_path_factory.mktemp("utkface") / "UTKFace"
+    folder.mkdir()
+    with tarfile.open(ARCHIVE) as tar:
+        index = 0
+        for member in tar:
+            if not member.isfile() or not member.name.endswith(".jpg"):
+                continue
+            if index % SUBSET_EVERY == 0:
+                (folder / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+            index += 1
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prepared(utkface_subset, tmp_path_factory) -> dict[str, Path]:
+    """prepare_data run on the subset at TEST_IMAGE_SIZE: {"data_dir", "results_dir", "images"}."""
+    from tasks.prepare_data import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    data_dir, results_dir = root / "data", root / "results"
+    prepare(str(utkface_subset), data_dir, results_dir, [TEST_IMAGE_SIZE])
+    return {"data_dir": data_dir, "results_dir": results_dir, "images": utkface_subset}
+
+
+@pytest.fixture(scope="session")
+def trained_models(prepared, tmp_path_factory) -> dict[str, Path]:
+    """One-epoch gender, age and multitask models on the prepared subset (shared by several test files)."""
+    from tasks import train_age, train_gender, train_multitask
+
+    root = tmp_path_factory.mktemp("models")
+    folders = {}
+    for name, module in (("gender", train_gender), ("age", train_age), ("multitask", train_multitask)):
+        folders[name] = root / name
+        module.train({"batch_size": 32}, TEST_IMAGE_SIZE, 1, prepared["data_dir"], None, folders[name],
+                     verbose=0)
+    return folders
