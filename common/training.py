@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -121,6 +122,35 @@ class EpochTimer:
         return _Timer()
 
 
+class StopOnSignal:
+    """Keras callback: the first Ctrl-C (or SIGTERM) ends training after the current epoch, so the best
+    weights are restored, evaluated and saved as usual; a second one interrupts at once."""
+
+    def __new__(cls):
+        import signal
+
+        import keras
+
+        class _Stop(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self._previous = {}
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    with contextlib.suppress(ValueError):  # not the main thread
+                        self._previous[sig] = signal.signal(sig, self._handle)
+
+            def _handle(self, signum, frame):
+                if self.model.stop_training:
+                    raise KeyboardInterrupt
+                console.print("\n[yellow]Stopping after this epoch; press Ctrl-C again to abort.[/]")
+                self.model.stop_training = True
+
+            def on_train_end(self, logs=None):
+                for sig, handler in self._previous.items():
+                    signal.signal(sig, handler)
+
+        return _Stop()
+
+
 def check_monitor(model, monitor: str, validation: bool = True) -> None:
     """Fail loudly when a callback would watch a metric that Keras will never log."""
     names = set()
@@ -151,7 +181,8 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
     check_monitor(model, monitor)
     timer = EpochTimer()
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose,
-                        callbacks=[timer, *callbacks(monitor, mode, patience, checkpoint), *(extra_callbacks or [])])
+                        callbacks=[timer, StopOnSignal(), *callbacks(monitor, mode, patience, checkpoint),
+                                   *(extra_callbacks or [])])
     frame = pd.DataFrame(history.history)
     frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
     frame["seconds"] = timer.seconds[: len(frame)]

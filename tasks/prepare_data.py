@@ -155,9 +155,11 @@ def check_image(path: Path) -> str | None:
     return None
 
 
-def strata(frame: pd.DataFrame) -> pd.Series:
-    bands = frame["age"].map(age_band)
-    return bands + "_" + frame["gender"].astype(str)
+def strata(frame: pd.DataFrame, minimum: int = 4) -> pd.Series:
+    """Age band x gender; groups too small to split (small subsets) fall back to gender, then to the largest group."""
+    labels = frame["age"].map(age_band) + "_" + frame["gender"].astype(str)
+    labels = labels.where(labels.map(labels.value_counts()) >= minimum, frame["gender"].astype(str))
+    return labels.where(labels.map(labels.value_counts()) >= minimum, labels.value_counts().idxmax())
 
 
 def stratified_subset(frame: pd.DataFrame, size: int) -> pd.DataFrame:

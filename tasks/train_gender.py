@@ -21,7 +21,7 @@ from common.training import TrainResult, load_params, merge_params, report, trai
 TASK = "gender"
 IMAGE_SIZE = 128
 DEFAULT_PARAMS: dict[str, Any] = {
-    "learning_rate": 2e-3,
+    "learning_rate": 1e-3,
     "batch_size": 64,
     "dropout": 0.3,
     "width": 32,

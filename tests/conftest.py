@@ -51,13 +51,13 @@ def prepared(utkface_subset, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def trained_models(prepared, tmp_path_factory) -> dict[str, Path]:
-    """One-epoch gender, age and multitask models on the prepared subset (shared by several test files)."""
+    """Two-epoch gender, age and multitask models on the prepared subset (shared by several test files)."""
     from tasks import train_age, train_gender, train_multitask
 
     root = tmp_path_factory.mktemp("models")
     folders = {}
     for name, module in (("gender", train_gender), ("age", train_age), ("multitask", train_multitask)):
         folders[name] = root / name
-        module.train({"batch_size": 32}, TEST_IMAGE_SIZE, 1, prepared["data_dir"], None, folders[name],
+        module.train({"batch_size": 16}, TEST_IMAGE_SIZE, 2, prepared["data_dir"], None, folders[name],
                      verbose=0)
     return folders

@@ -1,0 +1,114 @@
+"""predict.py as a user runs it: real face crops, photos with and without faces, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from common.faces import Predictor, read_image
+from tasks import predict
+
+runner = CliRunner()
+
+
+def said(result) -> str:
+    """The output with rich's line wrapping undone."""
+    return " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def faces(prepared, tmp_path_factory):
+    """Six real UTKFace crops from the test split in a folder of their own."""
+    rows = pd.read_csv(prepared["data_dir"] / "manifest.csv").query("split == 'test'").head(6)
+    folder = tmp_path_factory.mktemp("faces")
+    for name in rows["file"]:
+        (folder / name).write_bytes((prepared["images"] / name).read_bytes())
+    return folder
+
+
+def test_predict_with_detection_finds_one_face_per_crop(trained_models, faces, tmp_path):
+    out = tmp_path / "predictions.csv"
+    result = runner.invoke(predict.app, [str(trained_models["multitask"]), str(faces), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out)
+    assert list(frame.columns[:4]) == ["file", "age", "gender", "p_female"]
+    assert {"x", "y", "width", "height", "confidence", "reason"} <= set(frame.columns)
+    assert frame["file"].nunique() == 6
+    found = frame.dropna(subset=["age"])
+    assert found["file"].nunique() >= 5  # MTCNN finds the face in (nearly) every aligned crop
+    assert found["age"].between(0, 150).all() and found["p_female"].between(0, 1).all()
+    assert set(found["gender"]) <= {"male", "female"}
+    assert (found["width"] > 60).all()  # the face fills most of a 200 px crop
+
+
+def test_no_detect_treats_each_image_as_a_crop_and_matches_the_cache(trained_models, faces, prepared, tmp_path):
+    out = tmp_path / "p.csv"
+    result = runner.invoke(predict.app, [str(trained_models["gender"]), str(faces), "--no-detect", "--out", str(out),
+                                         "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == ["file", "gender", "p_female"]  # only what the model predicts
+    assert len(frame) == 6
+    # the same numbers as the model gives on the training cache: one preprocessing path
+    predictor = Predictor.load(trained_models["gender"])
+    crops = np.stack([predictor.prepare_crop(read_image(path)) for path in frame["file"]])
+    np.testing.assert_allclose(frame["p_female"], predictor.predict_arrays(crops)["p_female"], atol=1e-4)
+
+
+def test_any_image_mode_and_size_works(trained_models, faces, tmp_path):
+    source = Image.open(next(faces.iterdir()))
+    variants = {"grey.png": source.convert("L"), "rgba.png": source.convert("RGBA"),
+                "tiny.jpg": source.resize((24, 24)), "large.jpg": source.resize((2400, 2400))}
+    for name, image in variants.items():
+        image.save(tmp_path / name)
+    out = tmp_path / "modes.csv"
+    result = runner.invoke(predict.app, [str(trained_models["age"]), *(str(tmp_path / n) for n in variants),
+                                         "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out)
+    assert set(frame["file"].map(lambda f: f.split("/")[-1])) == set(variants)
+    assert frame.dropna(subset=["age"])["age"].between(0, 150).all()
+    assert frame.loc[frame["file"].str.endswith("large.jpg"), "age"].notna().all()
+
+
+def test_an_image_without_a_face_gets_a_row_with_the_reason(trained_models, tmp_path):
+    rng = np.random.default_rng(0)
+    sky = np.zeros((240, 320, 3), np.uint8)
+    sky[..., 2] = 200
+    sky[120:] = rng.integers(40, 90, size=(120, 320, 3))  # blue sky over rough ground
+    Image.fromarray(sky).save(tmp_path / "landscape.png")
+    out = tmp_path / "p.csv"
+    result = runner.invoke(predict.app, [str(trained_models["multitask"]), str(tmp_path / "landscape.png"),
+                                         "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    row = pd.read_csv(out).iloc[0]
+    assert row["reason"] == "no face found" and np.isnan(row["age"])
+
+
+def test_bad_inputs_end_in_one_sentence(trained_models, faces, tmp_path):
+    model = str(trained_models["gender"])
+    result = runner.invoke(predict.app, [model, str(tmp_path / "missing.jpg")])
+    assert result.exit_code == 1 and "does not exist" in said(result)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(predict.app, [model, str(empty)])
+    assert result.exit_code == 1 and "holds no images" in said(result)
+
+    fake = tmp_path / "notes.jpg"
+    fake.write_text("this is a text file, not a photo")
+    result = runner.invoke(predict.app, [model, str(fake)])
+    assert result.exit_code == 1 and "not a readable image" in said(result)
+
+    out = tmp_path / "mixed.csv"  # an unreadable file among good ones is reported and skipped
+    result = runner.invoke(predict.app, [model, str(fake), str(faces), "--no-detect", "--out", str(out)])
+    assert result.exit_code == 0 and "skipped" in said(result)
+    assert len(pd.read_csv(out)) == 6
+
+    result = runner.invoke(predict.app, [str(tmp_path), str(faces)])
+    assert result.exit_code == 1 and "not a model folder" in said(result)
+    for output in (result.output,):
+        assert "Traceback" not in output

@@ -1,0 +1,121 @@
+"""prepare_data on real UTKFace images: labels, skips, split, exploration and cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from common.data import SPLITS, load_face_array, load_split, parse_utkface_name
+from tasks import prepare_data
+
+runner = CliRunner()
+
+
+def test_prepare_writes_manifest_summary_plots_and_cache(prepared):
+    data_dir, results_dir = prepared["data_dir"], prepared["results_dir"]
+    manifest = pd.read_csv(data_dir / "manifest.csv")
+    assert list(manifest.columns) == ["file", "age", "gender", "race", "split"]
+    assert set(manifest["split"]) == set(SPLITS)
+    assert manifest["gender"].isin([0, 1]).all() and manifest["race"].between(0, 4).all()
+    for name, age, gender, race in manifest[["file", "age", "gender", "race"]].itertuples(index=False):
+        label = parse_utkface_name(name)
+        assert (label.age, label.gender, label.race) == (age, gender, race)
+    counts = manifest["split"].value_counts()
+    total = len(manifest)
+    assert abs(counts["test"] / total - 0.20) < 0.02
+    assert abs(counts["val"] / total - 0.16) < 0.02
+
+    summary = json.loads((results_dir / "data" / "summary.json").read_text())
+    assert summary["images_labelled"] == total
+    assert summary["splits"] == counts.to_dict()
+    for plot in ("age_histogram", "gender_race_share", "age_by_gender"):
+        assert (results_dir / "data" / f"{plot}.png").stat().st_size > 1000
+    assert summary["caches"]["64"]["bytes"] == total * 64 * 64 * 3 + 3 * 128  # three .npy files with headers
+
+
+def test_cache_round_trips_exactly(prepared):
+    data_dir, root = prepared["data_dir"], prepared["images"]
+    for split in SPLITS:
+        images, rows = load_split(split, 64, data_dir)
+        assert images.dtype == np.uint8 and images.shape == (len(rows), 64, 64, 3)
+        for index in (0, len(rows) - 1):
+            np.testing.assert_array_equal(images[index], load_face_array(root / rows["file"][index], 64))
+
+
+def test_cache_for_a_new_size_is_built_on_demand(prepared):
+    images, rows = load_split("val", 40, prepared["data_dir"])
+    assert images.shape == (len(rows), 40, 40, 3)
+
+
+def test_split_is_identical_across_runs(utkface_subset, prepared, tmp_path):
+    prepare_data.prepare(str(utkface_subset), tmp_path / "data", tmp_path / "results", [32])
+    again = pd.read_csv(tmp_path / "data" / "manifest.csv")
+    first = pd.read_csv(prepared["data_dir"] / "manifest.csv")
+    pd.testing.assert_frame_equal(first, again)
+
+
+def test_malformed_names_and_corrupt_images_are_skipped_and_listed(utkface_subset, tmp_path):
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for path in sorted(utkface_subset.iterdir())[:80]:
+        shutil.copy(path, folder)
+    shutil.copy(next(utkface_subset.iterdir()), folder / "39_1_20170116174525125.jpg.chip.jpg")  # no race
+    (folder / "25_0_1_20170116174525125.jpg.chip.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = runner.invoke(prepare_data.app, ["--source", str(folder), "--data-dir", str(tmp_path / "data"),
+                                              "--results-dir", str(tmp_path / "results"), "--image-size", "32"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "results" / "data" / "summary.json").read_text())
+    reasons = {item["file"]: item["reason"] for item in summary["skipped"]}
+    assert reasons["39_1_20170116174525125.jpg.chip.jpg"] == "malformed file name"
+    assert reasons["25_0_1_20170116174525125.jpg.chip.jpg"].startswith("unreadable image")
+    assert summary["images_labelled"] == 80
+    assert "39_1_20170116174525125.jpg.chip.jpg" in result.output
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_archives_are_accepted(utkface_subset, tmp_path, kind):
+    files = sorted(utkface_subset.iterdir())[:40]
+    archive = tmp_path / f"UTKFace.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zipped:
+            for path in files:
+                zipped.write(path, f"UTKFace/{path.name}")
+    else:
+        with tarfile.open(archive, "w:gz") as tar:
+            for path in files:
+                tar.add(path, f"UTKFace/{path.name}")
+    summary = prepare_data.prepare(str(archive), tmp_path / "data", tmp_path / "results", [32])
+    assert summary["images_labelled"] == 40
+    assert len(list((tmp_path / "data" / "images").glob("*.jpg"))) == 40
+
+
+def test_limit_builds_a_stratified_subset(utkface_subset, tmp_path):
+    summary = prepare_data.prepare(str(utkface_subset), tmp_path / "data", tmp_path / "results", [32], limit=100)
+    assert summary["images_labelled"] == 100
+    assert sum(summary["splits"].values()) == 100
+
+
+def test_missing_source_is_one_clear_error(tmp_path):
+    result = runner.invoke(prepare_data.app, ["--source", str(tmp_path / "nowhere.tar.gz"),
+                                              "--data-dir", str(tmp_path / "data")])
+    assert result.exit_code != 0
+    assert "does not exist" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "data" / "manifest.csv").exists()
+
+
+def test_unreachable_hub_says_to_pass_a_source(tmp_path, monkeypatch):
+    monkeypatch.delenv("UTKFACE_SOURCE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = runner.invoke(prepare_data.app, ["--data-dir", str(tmp_path / "data")])
+    assert result.exit_code != 0
+    output = " ".join(result.output.split())
+    assert "Hugging Face Hub" in output and "--source" in output and "UTKFACE_SOURCE" in output
+    assert "Traceback" not in result.output

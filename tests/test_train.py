@@ -1,0 +1,102 @@
+"""The three CNN trainers: one epoch on real faces, loadable files, same predictions after reload."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from common.data import load_split
+from common.faces import Predictor
+from common.modelio import load_model, staging_dir
+from tests.conftest import TEST_IMAGE_SIZE
+
+runner = CliRunner()
+EXPECTED_OUTPUTS = {"gender": ["gender"], "age": ["age"], "multitask": ["age", "gender"]}
+
+
+@pytest.mark.parametrize("task", ["gender", "age", "multitask"])
+def test_trainer_writes_a_complete_model_folder(trained_models, task):
+    folder = trained_models[task]
+    for name in ("model.keras", "metadata.json", "metrics.json", "history.csv", "learning_curves.png"):
+        assert (folder / name).stat().st_size > 0, name
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert metadata["task"] == task
+    assert metadata["outputs"] == EXPECTED_OUTPUTS[task]
+    assert metadata["image_size"] == TEST_IMAGE_SIZE
+    assert metadata["pixel_scaling"] == "divide_by_255"
+    assert metadata["age_scale"] == 120.0
+    assert metadata["labels"] == {"0": "male", "1": "female"}
+    assert len(metadata["manifest_sha256"]) == 64
+    metrics = json.loads((folder / "metrics.json").read_text())
+    if "gender" in metadata["outputs"]:
+        assert 0.0 <= metrics["gender"]["accuracy"] <= 1.0
+        assert set(metrics["gender"]) >= {"precision", "recall", "f1", "roc_auc", "confusion_matrix"}
+        assert (folder / "confusion_matrix.png").exists()
+    if "age" in metadata["outputs"]:
+        assert metrics["age"]["mae"] > 0 and metrics["age"]["rmse"] ** 2 == pytest.approx(metrics["age"]["mse"])
+        assert (folder / "age_error.png").exists()
+    assert len(pd.read_csv(folder / "history.csv")) == 2
+
+
+@pytest.mark.parametrize("task", ["gender", "age", "multitask"])
+def test_reloaded_model_predicts_the_same_values(trained_models, prepared, task):
+    images, _ = load_split("test", TEST_IMAGE_SIZE, prepared["data_dir"])
+    model, metadata = load_model(trained_models[task])
+    first = Predictor(model, metadata).predict_arrays(images[:16])
+    second = Predictor.load(trained_models[task]).predict_arrays(images[:16])
+    assert set(first) == {"age": {"age"}, "gender": {"p_female"}, "multitask": {"age", "p_female"}}[task]
+    for key in first:
+        np.testing.assert_allclose(first[key], second[key], rtol=1e-5, atol=1e-5)
+        assert np.isfinite(first[key]).all()
+    if "p_female" in first:
+        assert ((first["p_female"] >= 0) & (first["p_female"] <= 1)).all()
+
+
+def test_cli_trains_with_a_params_file_and_flags(prepared, tmp_path):
+    from tasks import train_age
+
+    params = tmp_path / "age.json"
+    params.write_text(json.dumps({"best_params": {"learning_rate": 0.003, "dropout": 0.1, "batch_size": 16},
+                                  "best_value": 1.0}))
+    out = tmp_path / "age-dex"
+    result = runner.invoke(train_age.app, ["--epochs", "1", "--image-size", "48", "--limit", "64",
+                                           "--params", str(params), "--batch-size", "32", "--age-head", "dex",
+                                           "--data-dir", str(prepared["data_dir"]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["params"]["learning_rate"] == 0.003 and metadata["params"]["dropout"] == 0.1
+    assert metadata["params"]["batch_size"] == 32  # the flag wins over the file
+    assert metadata["age_head"] == "dex" and metadata["image_size"] == 48
+    assert metadata["train_images"] == 64
+    age = Predictor.load(out).predict_arrays(load_split("test", 48, prepared["data_dir"])[0][:8])["age"]
+    assert ((age >= 0) & (age <= 116.01)).all()  # DEX reads out an expected age in 0..116
+
+
+def test_bad_flags_and_files_are_one_sentence(prepared, tmp_path):
+    from tasks import train_gender, train_multitask
+
+    result = runner.invoke(train_multitask.app, ["--age-head", "cubic", "--data-dir", str(prepared["data_dir"])])
+    assert result.exit_code != 0 and "--age-head" in result.output
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"best_params": {"learning_rate": 0.01, "unknown_knob": 3}}))
+    result = runner.invoke(train_gender.app, ["--params", str(bad), "--data-dir", str(prepared["data_dir"])])
+    assert result.exit_code == 1 and "unknown_knob" in " ".join(result.output.split()) and "Traceback" not in result.output
+    result = runner.invoke(train_gender.app, ["--data-dir", str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "prepare_data" in " ".join(result.output.split())
+
+
+def test_an_interrupted_save_leaves_the_previous_model_intact(trained_models, tmp_path):
+    import shutil
+
+    folder = tmp_path / "gender"
+    shutil.copytree(trained_models["gender"], folder)
+    before = (folder / "model.keras").read_bytes()
+    with pytest.raises(KeyboardInterrupt), staging_dir(folder) as staging:
+        (staging / "model.keras").write_bytes(b"half a model")
+        raise KeyboardInterrupt
+    assert (folder / "model.keras").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["gender"]
