@@ -152,10 +152,10 @@ class StopOnSignal:
 
 
 def check_monitor(model, monitor: str, validation: bool = True) -> None:
-    """Fail loudly when a callback would watch a metric that Keras will never log."""
-    names = set()
-    for name in ["loss", *model.metrics_names]:
-        names.add(name)
+    """Fail loudly when a callback would watch a metric that Keras will never log.
+
+    Call it after one evaluate() step: Keras 3 only knows the flattened names (e.g. "age_mae") by then."""
+    names = {"loss", *model.get_metrics_result()}
     logged = {f"val_{n}" for n in names} | names if validation else names
     if monitor not in logged:
         raise UserError(f"Metric {monitor!r} is not logged by this model; it logs {', '.join(sorted(logged))}.")

@@ -84,7 +84,8 @@ def test_bad_flags_and_files_are_one_sentence(prepared, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"best_params": {"learning_rate": 0.01, "unknown_knob": 3}}))
     result = runner.invoke(train_gender.app, ["--params", str(bad), "--data-dir", str(prepared["data_dir"])])
-    assert result.exit_code == 1 and "unknown_knob" in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert result.exit_code == 1 and "unknown_knob" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
     result = runner.invoke(train_gender.app, ["--data-dir", str(tmp_path / "empty")])
     assert result.exit_code == 1 and "prepare_data" in " ".join(result.output.split())
 
@@ -100,3 +101,14 @@ def test_an_interrupted_save_leaves_the_previous_model_intact(trained_models, tm
         raise KeyboardInterrupt
     assert (folder / "model.keras").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["gender"]
+
+
+def test_a_monitor_keras_never_logs_fails_before_training(prepared):
+    from common.cli import UserError
+    from tasks import train_gender, train_multitask
+
+    with pytest.raises(UserError, match="val_accuracy"):
+        train_gender.train({}, 32, 1, prepared["data_dir"], 32, None, monitor="val_accuracy", verbose=0)
+    # multi-output names carry the output's prefix under Keras 3
+    with pytest.raises(UserError, match="val_gender_binary_accuracy"):
+        train_multitask.train({}, 32, 1, prepared["data_dir"], 32, None, monitor="val_binary_accuracy", verbose=0)
