@@ -67,9 +67,15 @@ def detect_faces(image: Image.Image, min_confidence: float = MIN_CONFIDENCE) -> 
     """Faces found by MTCNN (bundled weights, no download), largest first."""
     global _detector
     if _detector is None:
+        import tensorflow as tf
         from mtcnn import MTCNN
 
         _detector = MTCNN()
+        # mtcnn calls each stage's Keras model eagerly, layer by layer; one compiled graph per stage (shapes
+        # relaxed, so every pyramid scale shares it) finds the same faces for ~1/3 of the CPU time
+        for stage in getattr(_detector, "stages", []):
+            if getattr(stage, "_model", None) is not None:
+                stage._model = tf.function(stage._model, reduce_retracing=True)
     scale = min(1.0, MAX_SIDE / max(image.size))
     small = image if scale == 1.0 else image.resize((round(image.width * scale), round(image.height * scale)))
     # MTCNN needs a few pixels to work with: pad tiny images instead of failing
@@ -150,13 +156,22 @@ class Predictor:
     def outputs(self) -> list[str]:
         return list(self.metadata["outputs"])
 
+    def forward(self, batch: np.ndarray) -> Any:
+        """The model on a float batch as one compiled graph: an eager model(x) runs layer by layer (~10x slower
+        at batch 1) and Model.predict adds its per-call set-up."""
+        if self._compiled is None:
+            import tensorflow as tf
+
+            spec = tf.TensorSpec((None, *self.model.input_shape[1:]), tf.float32)
+            self._compiled = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+        return self._compiled(batch)
+
     def predict_arrays(self, faces: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
         """uint8 crops at the model's size -> {"age": years, "p_female": probability} (keys the model has)."""
         results: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(faces), batch_size):
             batch = to_model_input(faces[start:start + batch_size], self.metadata)
-            # a direct call avoids Model.predict's per-call set-up, which dominates small batches
-            output = self.model(batch, training=False)
+            output = self.forward(batch)
             if not isinstance(output, dict):
                 output = {self.outputs[0]: output}
             for name, value in output.items():

@@ -1,0 +1,740 @@
+"""Compare every saved model on the test split: quality, cost, bias by group and robustness to image quality.
+
+    python tasks/compare.py                                  # every model folder under results/models/
+    python tasks/compare.py --models gender --models multitask --limit 500
+
+Predictions go through common.faces.Predictor (the one inference path) and are cached per model file,
+metadata and manifest hash in results/compare/cache/, so a rerun with nothing changed takes seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import pandas as pd
+import typer
+from PIL import Image, ImageFilter
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.cli import UserError, console, user_errors, write_json, write_text
+from common.data import (
+    AGE_BANDS,
+    DATA_DIR,
+    GENDER_LABELS,
+    MODELS_DIR,
+    RACE_LABELS,
+    RESULTS_DIR,
+    SEED,
+    age_band,
+    file_sha256,
+    load_manifest,
+    load_split,
+    manifest_path,
+)
+from common.metrics import age_metrics, gender_metrics
+from common.modelio import METADATA_FILE, MODEL_FILE, read_metadata
+
+CACHE_VERSION = 1  # bump when the degradations or what the cache holds change
+ROBUSTNESS_FACES = 1000  # seeded subset of the test split for the degraded copies; 0 = every test face
+TIMING_REPEATS = 30  # single-image calls timed per model (median reported)
+BATCH = 64
+
+# Image-quality conditions, applied to the uint8 crops at each model's input size (sizes relative to the side)
+CONDITIONS: dict[str, str] = {
+    "clean": "test images as they are",
+    "darker": "pixel values x 0.5",
+    "brighter": "pixel values x 1.6 (highlights clip)",
+    "low_contrast": "contrast x 0.4 around each image's mean grey",
+    "blur": "Gaussian blur, radius = side / 64 (2 px at 128 px)",
+    "jpeg": "JPEG re-encoded at quality 10",
+    "noise": "Gaussian noise, sigma 20 grey levels (seeded)",
+    "downscale": "shrunk to a quarter of the side and enlarged back (bilinear)",
+}
+
+# (key, header, format, better): better is "max", "min" or None
+GENDER_COLUMNS = [("accuracy", "accuracy", "{:.4f}", "max"), ("precision", "precision", "{:.4f}", "max"),
+                  ("recall", "recall", "{:.4f}", "max"), ("f1", "F1", "{:.4f}", "max"),
+                  ("roc_auc", "ROC AUC", "{:.4f}", "max")]
+AGE_COLUMNS = [("mae", "MAE (years)", "{:.2f}", "min"), ("mse", "MSE", "{:.1f}", "min"),
+               ("rmse", "RMSE", "{:.2f}", "min"), ("cs5", "CS@5", "{:.3f}", "max")]
+COST_COLUMNS = [("parameters", "parameters", "{:,.0f}", "min"), ("size_mb", "file MB", "{:.2f}", "min"),
+                ("ms_batch1", "CPU ms/image (batch 1)", "{:.2f}", "min"),
+                ("images_per_s", f"images/s (batch {BATCH})", "{:,.0f}", "max")]
+METRIC_COLUMNS = GENDER_COLUMNS + AGE_COLUMNS
+GROUPINGS = ("race", "age band", "gender")
+CLASS_METRICS = ("precision", "recall", "f1", "roc_auc")  # undefined inside a one-gender group
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+# ---------------------------------------------------------------- finding models
+
+
+@dataclass
+class ModelResult:
+    name: str
+    folder: Path
+    metadata: dict[str, Any]
+    predictions: dict[str, np.ndarray]  # "<condition>/age", "<condition>/p_female"
+    cost: dict[str, Any]
+    cached: bool
+    cache_file: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def find_models(models_dir: Path, names: list[str] | None = None) -> tuple[list[tuple[str, Path]], list[str]]:
+    """(name, folder) of every model folder under models_dir, and one line per folder that cannot be used.
+
+    A folder holding metadata.json or model.keras is a model; other folders are searched one level down
+    (e.g. results/models/transfer/<backbone>); hidden folders (a model being written) are ignored."""
+    if not models_dir.is_dir():
+        raise UserError(f"Models folder {models_dir} does not exist: train a model first.")
+    found: list[tuple[str, Path]] = []
+    skipped: list[str] = []
+
+    def visible(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+
+    for folder in visible(models_dir):
+        if (folder / METADATA_FILE).exists() or (folder / MODEL_FILE).exists():
+            found.append((folder.name, folder))
+            continue
+        inner = [p for p in visible(folder) if (p / METADATA_FILE).exists() or (p / MODEL_FILE).exists()]
+        if inner:
+            found.extend((f"{folder.name}/{p.name}", p) for p in inner)
+        else:
+            skipped.append(f"{folder.name}: no {METADATA_FILE} or {MODEL_FILE} in {folder}; skipped.")
+    if names:
+        known = {name for name, _ in found}
+        missing = [name for name in names if name not in known]
+        skipped = [line for line in skipped if line.split(":")[0] in names]
+        skipped += [f"{name}: no model folder {models_dir / name}; skipped." for name in missing
+                    if not any(line.startswith(f"{name}:") for line in skipped)]
+        found = [(name, folder) for name, folder in found if name in names]
+    return found, skipped
+
+
+# ---------------------------------------------------------------- degradations
+
+
+def _per_image(images: np.ndarray, change) -> np.ndarray:
+    return np.stack([np.asarray(change(Image.fromarray(image)).convert("RGB"), dtype=np.uint8)
+                     for image in images])
+
+
+def _jpeg(image: Image.Image, quality: int = 10) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return decoded.convert("RGB")
+
+
+def degrade(images: np.ndarray, condition: str, seed: int = SEED) -> np.ndarray:
+    """A degraded copy of uint8 crops (N x S x S x 3) under one of CONDITIONS; seeded, so repeatable."""
+    if condition not in CONDITIONS:
+        raise UserError(f"Unknown condition {condition!r}; expected one of {', '.join(CONDITIONS)}.")
+    side = images.shape[1]
+    pixels = images.astype(np.float32)
+    if condition == "clean":
+        return images
+    if condition == "darker":
+        out = pixels * 0.5
+    elif condition == "brighter":
+        out = pixels * 1.6
+    elif condition == "low_contrast":
+        grey = pixels.mean(axis=(1, 2, 3), keepdims=True)
+        out = grey + (pixels - grey) * 0.4
+    elif condition == "noise":
+        out = pixels + np.random.default_rng(seed).normal(0.0, 20.0, size=pixels.shape)
+    elif condition == "blur":
+        return _per_image(images, lambda im: im.filter(ImageFilter.GaussianBlur(radius=side / 64)))
+    elif condition == "jpeg":
+        return _per_image(images, _jpeg)
+    else:  # downscale
+        small = max(4, side // 4)
+        return _per_image(images, lambda im: im.resize((small, small), Image.Resampling.BILINEAR)
+                          .resize((side, side), Image.Resampling.BILINEAR))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def robustness_subset(count: int, faces: int) -> np.ndarray:
+    """Sorted indices of a seeded subset of `faces` test faces (all of them when faces is 0 or too big)."""
+    if faces <= 0 or faces >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(SEED).choice(count, size=faces, replace=False))
+
+
+# ---------------------------------------------------------------- predicting (cached)
+
+
+def cache_key(folder: Path, manifest_sha: str, limit: int | None, faces: int) -> str:
+    digest = hashlib.sha256()
+    for part in (file_sha256(folder / MODEL_FILE), file_sha256(folder / METADATA_FILE), manifest_sha,
+                 str(limit), str(faces), str(CACHE_VERSION), json.dumps(CONDITIONS)):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def measure_cost(predictor, images: np.ndarray) -> dict[str, float]:
+    """Median wall time of one image through Predictor.predict_arrays, and throughput at batch 64 (CPU)."""
+    one = np.ascontiguousarray(images[:1])
+    predictor.predict_arrays(one)  # warm-up traces the graph
+    times = []
+    for _ in range(TIMING_REPEATS):
+        start = time.perf_counter()
+        predictor.predict_arrays(one)
+        times.append(time.perf_counter() - start)
+    batch = np.ascontiguousarray(images[np.arange(BATCH) % len(images)])
+    predictor.predict_arrays(batch, batch_size=BATCH)
+    batch_times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        predictor.predict_arrays(batch, batch_size=BATCH)
+        batch_times.append(time.perf_counter() - start)
+    return {"ms_batch1": 1000 * float(np.median(times)),
+            "images_per_s": BATCH / float(np.median(batch_times))}
+
+
+def predict_model(folder: Path, images: np.ndarray, subset: np.ndarray, advance) -> tuple[dict, dict]:
+    """Predictions under every condition (clean on all faces, degraded on the subset) and the cost figures."""
+    from common.faces import Predictor
+
+    predictor = Predictor.load(folder)
+    predictions = {}
+    for condition in CONDITIONS:
+        batch = images if condition == "clean" else degrade(images[subset], condition)
+        for name, values in predictor.predict_arrays(batch, batch_size=BATCH).items():
+            predictions[f"{condition}/{name}"] = values.astype(np.float32)
+        advance()
+    cost = measure_cost(predictor, images)
+    cost["parameters"] = int(predictor.model.count_params())
+    return predictions, cost
+
+
+def load_cache(path: Path) -> tuple[dict[str, np.ndarray], dict] | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            predictions = {key: stored[key] for key in stored.files if key != "cost_json"}
+            cost = json.loads(str(stored["cost_json"]))
+        return predictions, cost
+    except Exception:  # a half-written or foreign file: predict again
+        return None
+
+
+def save_cache(path: Path, predictions: dict[str, np.ndarray], cost: dict) -> None:
+    """Write the cache file atomically and remove this model's older ones (other hashes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = path.stem.rsplit("-", 1)[0]
+    for old in path.parent.glob(f"{stem}-*.npz"):
+        if re.fullmatch(rf"{re.escape(stem)}-[0-9a-f]{{16}}\.npz", old.name) and old != path:
+            old.unlink(missing_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    np.savez(tmp, cost_json=np.array(json.dumps(cost)), **predictions)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def flat_metrics(predictions: dict[str, np.ndarray], rows: pd.DataFrame, condition: str = "clean") -> dict:
+    """Every metric of one condition in one flat dict (gender and age metrics share no names)."""
+    metrics: dict[str, Any] = {"n": len(rows)}
+    if f"{condition}/p_female" in predictions:
+        found = gender_metrics(rows["gender"].to_numpy(), predictions[f"{condition}/p_female"])
+        metrics.update({key: found[key] for key, *_ in GENDER_COLUMNS})
+    if f"{condition}/age" in predictions:
+        found = age_metrics(rows["age"].to_numpy(), predictions[f"{condition}/age"])
+        metrics.update({key: found[key] for key, *_ in AGE_COLUMNS})
+    return metrics
+
+
+def group_labels(rows: pd.DataFrame, grouping: str) -> tuple[pd.Series, list[str]]:
+    if grouping == "race":
+        return rows["race"].map(RACE_LABELS), list(RACE_LABELS.values())
+    if grouping == "age band":
+        return rows["age"].map(age_band), [age_band(low) for low, _ in AGE_BANDS]
+    return rows["gender"].astype(str).map(GENDER_LABELS), list(GENDER_LABELS.values())
+
+
+def bias_tables(results: list[ModelResult], rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every metric per group (race, age band, gender); per metric, the best and worst group and the gap."""
+    records = []
+    for result in results:
+        for grouping in GROUPINGS:
+            labels, order = group_labels(rows, grouping)
+            for group in order:
+                mask = (labels == group).to_numpy()
+                if not mask.any():
+                    continue
+                subset = {key: values[mask] for key, values in result.predictions.items()
+                          if key.startswith("clean/")}
+                metrics = flat_metrics(subset, rows[mask])
+                if rows.loc[mask, "gender"].nunique() < 2:
+                    metrics.update({key: float("nan") for key in CLASS_METRICS if key in metrics})
+                records.append({"model": result.name, "grouping": grouping, "group": group, **metrics})
+    groups = pd.DataFrame(records)
+    gaps = []
+    for (model, grouping), part in groups.groupby(["model", "grouping"], sort=False):
+        for key, _, _, better in METRIC_COLUMNS:
+            if key not in part or part[key].notna().sum() < 2:
+                continue
+            valid = part[part[key].notna()]
+            best = valid.loc[valid[key].idxmax() if better == "max" else valid[key].idxmin()]
+            worst = valid.loc[valid[key].idxmin() if better == "max" else valid[key].idxmax()]
+            gaps.append({"model": model, "grouping": grouping, "metric": key, "best_group": best["group"],
+                         "best": best[key], "worst_group": worst["group"], "worst": worst[key],
+                         "gap": abs(best[key] - worst[key])})
+    return groups, pd.DataFrame(gaps)
+
+
+def robustness_table(results: list[ModelResult], rows: pd.DataFrame, subset: np.ndarray) -> pd.DataFrame:
+    """Every metric per condition on the robustness subset, with its change from the clean images."""
+    sub_rows = rows.iloc[subset].reset_index(drop=True)
+    records = []
+    for result in results:
+        clean_subset = {key: values[subset] for key, values in result.predictions.items()
+                        if key.startswith("clean/")}
+        reference = flat_metrics(clean_subset, sub_rows)
+        for condition in CONDITIONS:
+            found = (reference if condition == "clean"
+                     else flat_metrics(result.predictions, sub_rows, condition))
+            record = {"model": result.name, "condition": condition, **found}
+            record.update({f"change_{key}": found[key] - reference[key] for key, *_ in METRIC_COLUMNS
+                           if key in found})
+            records.append(record)
+    return pd.DataFrame(records)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def main_rows(results: list[ModelResult], rows: pd.DataFrame) -> list[dict[str, Any]]:
+    table = []
+    for result in results:
+        table.append({"model": result.name, "task": result.metadata.get("task", "?"),
+                      "backbone": result.metadata.get("backbone", "?"),
+                      "image_size": int(result.metadata["image_size"]),
+                      **flat_metrics(result.predictions, rows), **result.cost, "cached": result.cached})
+    return table
+
+
+def best_values(table: list[dict], columns) -> dict[str, float]:
+    best = {}
+    for key, _, _, better in columns:
+        values = [row[key] for row in table if key in row and row[key] == row[key]]
+        if values and better:
+            best[key] = max(values) if better == "max" else min(values)
+    return best
+
+
+def render(table: list[dict], columns, title: str, markdown: bool = False,
+           lead=(("model", "model"), ("image_size", "px"))) -> Table | str:
+    """A rich table (or a markdown table) with the best value of each column marked."""
+    table = [row for row in table if any(key in row for key, *_ in columns)]
+    best = best_values(table, columns)
+    headers = [header for _, header in lead] + [header for _, header, _, _ in columns]
+    body = []
+    for row in table:
+        cells = [str(row.get(key, "")) for key, _ in lead]
+        for key, _, fmt, _ in columns:
+            value = row.get(key)
+            if value is None or value != value:
+                cells.append("–")
+                continue
+            text = fmt.format(value)
+            if key in best and value == best[key] and len(table) > 1:
+                text = f"**{text}**" if markdown else f"[bold green]{text} ★[/]"
+            cells.append(text)
+        body.append(cells)
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines)
+    rich_table = Table(title=title)
+    for index, header in enumerate(headers):
+        rich_table.add_column(header, justify="left" if index == 0 else "right")
+    for cells in body:
+        rich_table.add_row(*cells)
+    return rich_table
+
+
+def frame_markdown(frame: pd.DataFrame, formats: dict[str, str]) -> str:
+    headers = list(frame.columns)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
+    for _, row in frame.iterrows():
+        cells = []
+        for column in headers:
+            value = row[column]
+            if isinstance(value, float):
+                cells.append("–" if value != value else formats.get(column, "{:.4f}").format(value))
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+SHORT = {"accuracy": "acc", "precision": "prec", "recall": "recall", "f1": "F1", "roc_auc": "AUC",
+         "mae": "MAE", "mse": "MSE", "rmse": "RMSE", "cs5": "CS@5",
+         "change_accuracy": "Δ acc", "change_mae": "Δ MAE"}
+
+
+def frame_rich(frame: pd.DataFrame, title: str, formats: dict[str, str]) -> Table:
+    """A compact rich table of a data frame (short headers; long cells fold instead of being cut)."""
+    table = Table(title=title)
+    for column in frame.columns:
+        numeric = pd.api.types.is_numeric_dtype(frame[column])
+        table.add_column(SHORT.get(column, column), justify="right" if numeric else "left", overflow="fold")
+    for _, row in frame.iterrows():
+        table.add_row(*[("–" if value != value else formats.get(column, "{:.4f}").format(value))
+                        if isinstance(value, float) else str(value) for column, value in row.items()])
+    return table
+
+
+FORMATS = {key: fmt for key, _, fmt, _ in METRIC_COLUMNS} | {
+    "best": "{:.4f}", "worst": "{:.4f}", "gap": "{:.4f}"} | {
+    f"change_{key}": "{:+.4f}" if key not in ("mse",) else "{:+.1f}" for key, *_ in METRIC_COLUMNS}
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_age_error(name: str, age_true: np.ndarray, age_pred: np.ndarray, path: Path) -> None:
+    """Signed error against true age, with the mean error and the MAE per 5-year bin."""
+    plt = _pyplot()
+    error = age_pred - age_true
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.scatter(age_true, error, s=3, alpha=0.25, label="one test face")
+    edges = np.arange(0, 121, 5)
+    centres, bias, mae = [], [], []
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        mask = (age_true >= low) & (age_true < high)
+        if mask.sum() >= 5:
+            centres.append(low + 2.5)
+            bias.append(error[mask].mean())
+            mae.append(np.abs(error[mask]).mean())
+    ax.plot(centres, bias, color="tab:red", label="mean error (bias)")
+    ax.plot(centres, mae, color="black", label="mean absolute error")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set(xlabel="true age (years)", ylabel="predicted - true (years)",
+           title=f"{name}: age error against true age (test, MAE {np.abs(error).mean():.2f})")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_robustness(name: str, part: pd.DataFrame, path: Path) -> None:
+    """Change of each headline metric from the clean images, one bar per degradation."""
+    plt = _pyplot()
+    metrics = [(key, label) for key, label in (("accuracy", "gender accuracy"), ("roc_auc", "gender ROC AUC"),
+                                                ("mae", "age MAE (years)"), ("cs5", "age CS@5"))
+               if key in part and part[key].notna().any()]
+    degraded = part[part["condition"] != "clean"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics, strict=True):
+        clean = float(part.loc[part["condition"] == "clean", key].iloc[0])
+        change = degraded[f"change_{key}"].to_numpy()
+        worse = change > 0 if key == "mae" else change < 0
+        ax.bar(degraded["condition"], change, color=np.where(worse, "tab:red", "tab:green"))
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set(title=f"{label}: clean {clean:.3f}", ylabel="change from clean")
+        ax.tick_params(axis="x", rotation=60)
+    fig.suptitle(f"{name}: metrics on degraded test images (red = worse)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_conditions(image: np.ndarray, path: Path) -> None:
+    """One test face under every condition, so a reader sees how hard each one is."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(CONDITIONS), figsize=(1.7 * len(CONDITIONS), 2.1))
+    for ax, condition in zip(axes, CONDITIONS, strict=True):
+        ax.imshow(degrade(image[None], condition)[0])
+        ax.set_title(condition, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_age_mae_by_age(results: list[ModelResult], rows: pd.DataFrame, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    true = rows["age"].to_numpy()
+    edges = np.arange(0, 121, 10)
+    for result in results:
+        if "clean/age" not in result.predictions:
+            continue
+        error = np.abs(result.predictions["clean/age"] - true)
+        centres = [low + 5 for low, high in zip(edges[:-1], edges[1:], strict=True)
+                   if ((true >= low) & (true < high)).sum() >= 5]
+        maes = [error[(true >= c - 5) & (true < c + 5)].mean() for c in centres]
+        ax.plot(centres, maes, marker="o", label=result.name)
+    ax.set(xlabel="true age (10-year bins)", ylabel="MAE (years)", title="Age MAE by true age (test)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+def slug(name: str) -> str:
+    return name.replace("/", "-")
+
+
+def evaluate_models(found: list[tuple[str, Path]], data_dir: Path, cache_dir: Path, limit: int | None,
+                    faces: int, skipped: list[str]) -> tuple[list[ModelResult], pd.DataFrame, np.ndarray]:
+    """Predictions for every usable model, from the cache when nothing changed; broken ones go to skipped."""
+    manifest_sha = file_sha256(manifest_path(data_dir))
+    splits: dict[int, tuple[np.ndarray, pd.DataFrame]] = {}
+    rows: pd.DataFrame | None = None
+    results = []
+    with progress_bar() as progress:
+        overall = progress.add_task("comparing", total=len(found) * len(CONDITIONS))
+        for name, folder in found:
+            try:
+                metadata = read_metadata(folder)
+                if not (folder / MODEL_FILE).exists():
+                    raise UserError(f"{folder} has no {MODEL_FILE}.")
+                size = int(metadata["image_size"])
+                if size not in splits:
+                    splits[size] = load_split("test", size, data_dir, limit)
+                images, split_rows = splits[size]
+                if rows is None:
+                    rows = split_rows
+                subset = robustness_subset(len(rows), faces)
+                path = cache_dir / f"{slug(name)}-{cache_key(folder, manifest_sha, limit, faces)}.npz"
+                cached = load_cache(path)
+                if cached is not None:
+                    predictions, cost = cached
+                    progress.advance(overall, len(CONDITIONS))
+                    console.print(f"{name}: cache hit, predictions read from {path}")
+                else:
+                    progress.update(overall, description=f"predicting {name}")
+                    start = time.perf_counter()
+                    predictions, cost = predict_model(folder, images, subset,
+                                                      lambda: progress.advance(overall))
+                    save_cache(path, predictions, cost)
+                    seconds = time.perf_counter() - start
+                    console.print(f"{name}: predicted {len(rows):,} clean + {len(subset):,} x "
+                                  f"{len(CONDITIONS) - 1} degraded faces in {seconds:.1f} s; "
+                                  f"cached in {path}")
+            except Exception as error:  # one broken model must not stop the others
+                reason = str(error).split("\n")[0].rstrip(".") or type(error).__name__
+                if isinstance(error, KeyError):
+                    reason = f"metadata.json lacks {error}"
+                skipped.append(f"{name}: {reason}; skipped.")
+                console.print(f"[yellow]skipped[/] {skipped[-1]}")
+                progress.advance(overall, len(CONDITIONS))
+                continue
+            cost["size_mb"] = (folder / MODEL_FILE).stat().st_size / 1e6
+            result = ModelResult(name, folder, metadata, predictions, cost, cached is not None, path)
+            if metadata.get("manifest_sha256") not in (None, manifest_sha):
+                result.notes.append("trained on a different manifest: its test split may overlap its "
+                                    "training data")
+            results.append(result)
+    return results, rows, robustness_subset(len(rows), faces) if rows is not None else np.arange(0)
+
+
+def compare(models_dir: Path = MODELS_DIR, data_dir: Path = DATA_DIR, out: Path = RESULTS_DIR,
+            names: list[str] | None = None, limit: int | None = None,
+            robustness_faces: int = ROBUSTNESS_FACES) -> dict[str, Any]:
+    """Evaluate, tabulate and plot into out/comparison.{md,csv,json} and out/compare/; returns the summary."""
+    load_manifest(data_dir)  # fails in one sentence when prepare_data has not run
+    found, skipped = find_models(Path(models_dir), names)
+    for line in skipped:
+        console.print(f"[yellow]skipped[/] {line}")
+    if not found:
+        raise UserError(f"No usable model folder in {models_dir}: train one first "
+                        "(e.g. `python tasks/train_multitask.py`).")
+    folder = Path(out) / "compare"
+    results, rows, subset = evaluate_models(found, data_dir, folder / "cache", limit, robustness_faces,
+                                            skipped)
+    if not results:
+        raise UserError(f"None of the {len(found)} model folder(s) in {models_dir} could be evaluated.")
+    for result in results:
+        for note in result.notes:
+            console.print(f"[yellow]note[/] {result.name}: {note}")
+
+    table = main_rows(results, rows)
+    groups, gaps = bias_tables(results, rows)
+    robustness = robustness_table(results, rows, subset)
+    robust_note = (f"robustness on a seeded subset of {len(subset):,} of the {len(rows):,} test faces "
+                   "(--robustness-faces 0 for all of them)" if len(subset) < len(rows)
+                   else f"robustness on all {len(rows):,} test faces")
+
+    plots = {"conditions": "compare/conditions.png", "age_mae_by_age": "compare/age_mae_by_age.png"}
+    first = max(results, key=lambda r: int(r.metadata["image_size"]))
+    images, _ = load_split("test", int(first.metadata["image_size"]), data_dir, limit)
+    plot_conditions(images[0], folder / "conditions.png")
+    if any("clean/age" in r.predictions for r in results):
+        plot_age_mae_by_age(results, rows, folder / "age_mae_by_age.png")
+    else:
+        plots.pop("age_mae_by_age")
+    for result in results:
+        if "clean/age" in result.predictions:
+            plots[f"{result.name} age error"] = f"compare/{slug(result.name)}-age_error.png"
+            plot_age_error(result.name, rows["age"].to_numpy().astype(float), result.predictions["clean/age"],
+                           folder / f"{slug(result.name)}-age_error.png")
+        plots[f"{result.name} robustness"] = f"compare/{slug(result.name)}-robustness.png"
+        plot_robustness(result.name, robustness[robustness["model"] == result.name],
+                        folder / f"{slug(result.name)}-robustness.png")
+
+    summary = {
+        "settings": {"models_dir": str(models_dir), "data_dir": str(data_dir), "test_faces": len(rows),
+                     "limit": limit, "robustness_faces": len(subset), "seed": SEED,
+                     "manifest_sha256": file_sha256(manifest_path(data_dir)), "conditions": CONDITIONS,
+                     "timing": "wall-clock median through Predictor.predict_arrays on this machine's CPU "
+                               f"({os.cpu_count()} cores, shared), measured when a model is first evaluated"},
+        "models": table,
+        "best": {family: best_values(table, columns) for family, columns in
+                 (("gender", GENDER_COLUMNS), ("age", AGE_COLUMNS), ("cost", COST_COLUMNS))},
+        "skipped": skipped,
+        "notes": {r.name: r.notes for r in results if r.notes},
+        "bias": {"groups": groups.to_dict("records"), "gaps": gaps.to_dict("records")},
+        "robustness": robustness.to_dict("records"),
+        "robustness_note": robust_note,
+        "plots": plots,
+        "cache": {r.name: {"file": str(r.cache_file), "hit": r.cached} for r in results},
+    }
+    write_outputs(summary, table, groups, gaps, robustness, Path(out))
+    print_report(summary, table, groups, gaps, robustness)
+    return summary
+
+
+def write_outputs(summary: dict, table: list[dict], groups: pd.DataFrame, gaps: pd.DataFrame,
+                  robustness: pd.DataFrame, out: Path) -> None:
+    columns = ["model", "task", "backbone", "image_size", "n"]
+    columns += [key for key, *_ in METRIC_COLUMNS + COST_COLUMNS]
+    frame = pd.DataFrame(table).reindex(columns=columns)
+    write_text(out / "comparison.csv", frame.to_csv(index=False))
+    write_text(out / "compare" / "bias_groups.csv", groups.to_csv(index=False))
+    write_text(out / "compare" / "bias_gaps.csv", gaps.to_csv(index=False))
+    write_text(out / "compare" / "robustness.csv", robustness.to_csv(index=False))
+    write_json(out / "comparison.json", without_nan(summary))
+    write_text(out / "comparison.md", markdown_report(summary, table, groups, gaps, robustness))
+
+
+def without_nan(value: Any) -> Any:
+    """NaN (an undefined metric) as null, so comparison.json is strict JSON."""
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_nan(item) for item in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def markdown_report(summary: dict, table: list[dict], groups: pd.DataFrame, gaps: pd.DataFrame,
+                    robustness: pd.DataFrame) -> str:
+    settings = summary["settings"]
+    parts = [
+        "# Model comparison",
+        f"Test split: {settings['test_faces']:,} faces (manifest `{settings['manifest_sha256'][:12]}`), "
+        f"written by `python tasks/compare.py`. Best value per column in **bold**.",
+        "## Gender", render(table, GENDER_COLUMNS, "", markdown=True),
+        "## Age", render(table, AGE_COLUMNS, "", markdown=True),
+        "## Cost", render(table, COST_COLUMNS, "", markdown=True),
+        f"Timing: {settings['timing']}.",
+    ]
+    if summary["skipped"]:
+        parts += ["Skipped:", "\n".join(f"- {line}" for line in summary["skipped"])]
+    for name, notes in summary["notes"].items():
+        parts += [f"Note on {name}: {'; '.join(notes)}."]
+    parts += ["## Bias: best and worst group per metric",
+              frame_markdown(gaps, FORMATS) if len(gaps) else "(no group has a defined metric)"]
+    for grouping in GROUPINGS:
+        part = groups[groups["grouping"] == grouping].drop(columns="grouping")
+        parts += [f"### By {grouping}", frame_markdown(part, FORMATS)]
+    parts += ["## Robustness", summary["robustness_note"] + ".",
+              "\n".join(f"- `{name}`: {text}" for name, text in CONDITIONS.items()),
+              frame_markdown(robustness[[c for c in robustness.columns if not c.startswith("change_")]],
+                             FORMATS),
+              "## Plots", "\n".join(f"- [{label}]({path})" for label, path in summary["plots"].items())]
+    return "\n\n".join(parts) + "\n"
+
+
+def print_report(summary: dict, table: list[dict], groups: pd.DataFrame, gaps: pd.DataFrame,
+                 robustness: pd.DataFrame) -> None:
+    n = summary["settings"]["test_faces"]
+    for title, columns in ((f"Gender (test, {n:,} faces)", GENDER_COLUMNS),
+                           (f"Age (test, {n:,} faces)", AGE_COLUMNS), ("Cost", COST_COLUMNS)):
+        if any(any(key in row for key, *_ in columns) for row in table):
+            console.print(render(table, columns, title))
+    headline = [c for c in ("model", "group", "n", "accuracy", "f1", "roc_auc", "mae", "cs5") if c in groups]
+    for grouping in GROUPINGS:
+        part = groups.loc[groups["grouping"] == grouping, headline]
+        console.print(frame_rich(part, f"By {grouping} (test; every metric in comparison.md)", FORMATS))
+    if len(gaps):
+        named = gaps[gaps["metric"].isin(["accuracy", "f1", "mae", "cs5"])]
+        named = pd.DataFrame({"model": named["model"], "grouping": named["grouping"],
+                              "metric": named["metric"].map(SHORT),
+                              "best group": named["best_group"] + " " + named["best"].map("{:.3f}".format),
+                              "worst group": named["worst_group"] + " " + named["worst"].map("{:.3f}".format),
+                              "gap": named["gap"]})
+        console.print(frame_rich(named, "Bias: gap between the best and worst group", {"gap": "{:.3f}"}))
+    shown = [c for c in ("condition", "n", "accuracy", "change_accuracy", "roc_auc", "mae", "change_mae",
+                         "cs5") if c in robustness]
+    for name, part in robustness.groupby("model", sort=False):
+        part = part[shown].dropna(axis=1, how="all")
+        title = f"{name}: degraded test images ({summary['robustness_note']})"
+        console.print(frame_rich(part, title, FORMATS))
+    hits = sum(item["hit"] for item in summary["cache"].values())
+    console.print(f"{len(table)} model(s) compared ({hits} from cache), {len(summary['skipped'])} skipped. "
+                  "Wrote comparison.md, comparison.csv, comparison.json and compare/ "
+                  f"({len(summary['plots'])} plots).")
+
+
+@app.command()
+def main(
+    models: Annotated[list[str] | None, typer.Option(
+        "--models", help="Model folder name under --models-dir (repeatable); default every model.")] = None,
+    limit: Annotated[int | None, typer.Option(
+        min=10, help="Use a seeded subset of N test faces (quick look).")] = None,
+    robustness_faces: Annotated[int, typer.Option(
+        min=0, help="Seeded subset of test faces for the degraded copies; 0 = all.")] = ROBUSTNESS_FACES,
+    models_dir: Annotated[Path, typer.Option(help="Folder of model folders.")] = MODELS_DIR,
+    data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
+    out: Annotated[Path, typer.Option(help="Results folder for comparison.* and compare/.")] = RESULTS_DIR,
+) -> None:
+    """Compare every saved model on the test split: gender, age and cost tables, bias and robustness."""
+    with user_errors():
+        compare(models_dir, data_dir, out, models, limit, robustness_faces)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,38 @@
+"""The tf.data input pipeline: augmentation only when training, and the fast warp matches TensorFlow's kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from common.data import Augment, affine_warp, load_split, make_dataset
+from tests.conftest import TEST_IMAGE_SIZE
+
+
+def test_fast_affine_warp_matches_image_projective_transform():
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.random((4, 33, 33, 3)), tf.float32)
+    angle = rng.uniform(-0.5, 0.5, 4)
+    scale = rng.uniform(0.6, 1.5, 4)
+    cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
+    shift = rng.uniform(-70, 70, (4, 2))  # shifts of several image widths exercise the mirrored border
+    transforms = np.stack([cos, -sin, shift[:, 0], sin, cos, shift[:, 1], np.zeros(4), np.zeros(4)], 1)
+    transforms = tf.constant(transforms, tf.float32)
+    expected = tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=transforms, output_shape=[33, 33],
+                                                     fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
+    np.testing.assert_allclose(affine_warp(images, transforms), expected, atol=1e-4)
+
+
+def test_training_batches_are_augmented_and_evaluation_batches_are_not(prepared):
+    images, rows = load_split("val", TEST_IMAGE_SIZE, prepared["data_dir"])
+    targets = {"gender": rows["gender"].to_numpy(), "age": rows["age"].to_numpy() / 120}
+    plain = next(iter(make_dataset(images, targets, 16, training=False)))
+    np.testing.assert_allclose(plain[0].numpy(), images[:16] / 255.0, atol=1e-6)
+    np.testing.assert_allclose(plain[1]["gender"].numpy().ravel(), rows["gender"][:16])
+
+    first, second = (next(iter(make_dataset(images, targets, 16, training=True, augment=Augment())))
+                     for _ in range(2))
+    batch = first[0].numpy()
+    assert batch.shape == (16, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3) and batch.min() >= 0.0 and batch.max() <= 1.0
+    np.testing.assert_allclose(batch, second[0].numpy(), atol=1e-6)  # same seed, same augmented batch
+    assert not np.allclose(np.sort(batch.mean(axis=(1, 2, 3))), np.sort(images[:16].mean(axis=(1, 2, 3)) / 255))

@@ -1,0 +1,281 @@
+"""The Gradio Spaces as a visitor meets them: staged by publish, launched from their build folder on 127.0.0.1,
+queried through gradio_client with a real face photo (NASA's public-domain astronaut portrait) and photos with
+no face, two faces or unusual modes, and driven once through headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tasks"))
+
+import publish  # noqa: E402
+
+app_common = publish.app_common
+EXAMPLES = REPO / "spaces" / "examples"
+ASTRONAUT, TWO_FACES, LANDSCAPE = (EXAMPLES / name for name in ("astronaut.jpg", "two_faces.jpg", "landscape.jpg"))
+MODELS = ("gender", "age", "multitask")  # the conftest models; transfer has none in the tests
+LAUNCHED = (*MODELS, publish.COMBINED)
+STARTUP_TIMEOUT = 600  # seconds: ~10 s of CPU each, but the test machine may be shared and busy
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def results_dir(trained_models, prepared, tmp_path_factory) -> Path:
+    """compare run on the test models, so the Spaces have a real bias table to show."""
+    from compare import compare
+
+    out = tmp_path_factory.mktemp("spaces-results")
+    compare(models_dir=trained_models["gender"].parent, data_dir=prepared["data_dir"], out=out,
+            names=list(MODELS), robustness_faces=20)
+    return out
+
+
+@pytest.fixture(scope="module")
+def staged(trained_models, results_dir, tmp_path_factory) -> dict[str, publish.StagedSpace]:
+    build = tmp_path_factory.mktemp("spaces-build")
+    options = {"models_dir": trained_models["gender"].parent, "results_dir": results_dir, "build_dir": build}
+    singles, _ = publish.stage(list(MODELS), **options)
+    combined, _ = publish.stage(list(MODELS), combined=True, **options)
+    return {item.space: item for item in [*singles, *combined]}
+
+
+def space_env(**extra: str) -> dict[str, str]:
+    """The environment of a Space: no project paths or settings leak in from the test run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGEGENDER_", "PYTHONPATH"))}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def tail(self) -> str:
+        return self.log.read_text()[-3000:]
+
+
+def wait_until_up(server: Server, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            pytest.fail(f"the Space exited with {server.process.returncode}:\n{server.tail()}")
+        try:
+            with urllib.request.urlopen(server.url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"the Space at {server.url} did not start in {STARTUP_TIMEOUT} s:\n{server.tail()}")
+
+
+@pytest.fixture(scope="module")
+def servers(staged, tmp_path_factory):
+    """Every staged Space started at once with `python app.py` in its folder, as the Hub starts it."""
+    logs = tmp_path_factory.mktemp("spaces-logs")
+    running = {}
+    try:
+        for name in LAUNCHED:
+            port = free_port()
+            log = logs / f"{name}.log"
+            with open(log, "w") as handle:
+                process = subprocess.Popen(
+                    [sys.executable, "app.py"], cwd=staged[name].folder, stdout=handle, stderr=subprocess.STDOUT,
+                    env=space_env(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
+                                  GRADIO_TEMP_DIR=str(logs / f"{name}-files")))
+            running[name] = Server(f"http://127.0.0.1:{port}/", process, log)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        for server in running.values():
+            wait_until_up(server, deadline)
+        yield running
+    finally:
+        for server in running.values():
+            server.process.terminate()
+        for server in running.values():
+            try:
+                server.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+
+
+@pytest.fixture(scope="module")
+def clients(servers):
+    from gradio_client import Client
+
+    return {name: Client(server.url, verbose=False) for name, server in servers.items()}
+
+
+def ask(client, path: Path, api_name: str = "/predict") -> tuple[Path, str, dict]:
+    from gradio_client import handle_file
+
+    image, message, table = client.predict(handle_file(str(path)), api_name=api_name)
+    return Path(image), message, table
+
+
+def rows_of(table: dict) -> list[dict]:
+    return [dict(zip(table["headers"], row, strict=True)) for row in table["data"]]
+
+
+def expected_rows(model_dir: Path, path: Path) -> list[dict]:
+    """What the one inference path gives for the same photo, in this process."""
+    from common.faces import Predictor, read_image
+
+    return Predictor.load(model_dir).predict_image(read_image(path))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_face_photo_gets_a_box_and_the_predict_path_numbers(name, clients, trained_models):
+    image, message, table = ask(clients[name], ASTRONAUT)
+    rows = rows_of(table)
+    assert message.startswith("**Found 1 face.**") and len(rows) == 1
+    with Image.open(image) as drawn, Image.open(ASTRONAUT) as original:
+        assert drawn.size == original.size
+        assert not np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(original.convert("RGB")))
+    [expected] = expected_rows(trained_models[name], ASTRONAUT)
+    assert rows[0]["box (x, y, width, height)"] == ", ".join(str(v) for v in expected["box"])
+    if name in ("gender", "multitask"):
+        assert rows[0]["gender"] == expected["gender"] and rows[0]["gender"] in message
+        assert rows[0]["P(female)"] == pytest.approx(expected["p_female"], abs=1e-3)
+        assert rows[0]["probability"] == pytest.approx(max(expected["p_female"], 1 - expected["p_female"]),
+                                                       abs=1e-3)
+    else:
+        assert "gender" not in table["headers"]
+    if name in ("age", "multitask"):
+        assert rows[0]["age (years)"] == pytest.approx(expected["age"], abs=0.06)
+        assert f"about {expected['age']:.0f} years old" in message
+    else:
+        assert "age (years)" not in table["headers"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_photo_without_a_face_says_so(name, clients):
+    _, message, table = ask(clients[name], LANDSCAPE)
+    assert message.startswith("**No face found** in this 640 x 400 photo")
+    assert table["data"] == []
+
+
+def test_two_faces_and_any_mode_or_size(clients, tmp_path):
+    client = clients["multitask"]
+    _, message, table = ask(client, TWO_FACES)
+    rows = rows_of(table)
+    assert message.startswith("**Found 2 faces.**") and [row["face"] for row in rows] == [1, 2]
+    lefts = sorted(int(row["box (x, y, width, height)"].split(",")[0]) for row in rows)
+    assert lefts[0] < 384 < lefts[1]  # one face in each half of the side-by-side photo
+    with Image.open(ASTRONAUT) as photo:
+        photo.convert("L").save(tmp_path / "grey.png")
+        rgba = photo.convert("RGBA")
+        rgba.putalpha(200)
+        rgba.save(tmp_path / "rgba.png")
+        photo.resize((2048, 2048), Image.Resampling.BICUBIC).save(tmp_path / "large.jpg", quality=85)
+    boxes = {}
+    for name in ("grey.png", "rgba.png", "large.jpg"):
+        _, message, table = ask(client, tmp_path / name)
+        assert message.startswith("**Found 1 face.**"), name
+        boxes[name] = [int(v) for v in rows_of(table)[0]["box (x, y, width, height)"].split(",")]
+    # the 4x photo is shrunk for detection but its box is given in its own pixels
+    assert boxes["large.jpg"] == pytest.approx([4 * v for v in boxes["grey.png"]], abs=24)
+
+
+def test_a_file_that_is_not_an_image_is_refused_and_the_space_keeps_working(clients, tmp_path):
+    broken = tmp_path / "photo.jpg"
+    broken.write_bytes(b"this is not a JPEG" * 50)
+    with pytest.raises(Exception, match="(?i)identify|image"):
+        ask(clients["gender"], broken)
+    assert ask(clients["gender"], ASTRONAUT)[1].startswith("**Found 1 face.**")
+
+
+def test_combined_space_has_a_tab_and_endpoints_per_model(clients):
+    client = clients[publish.COMBINED]
+    endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {f"/{kind}_{name}" for kind in ("predict", "about") for name in MODELS} <= endpoints
+    _, message, table = ask(client, ASTRONAUT, "/predict_age")
+    assert message.startswith("**Found 1 face.**") and "age (years)" in table["headers"]
+
+
+def test_about_page_reads_metrics_and_bias_from_the_published_files(clients, staged, results_dir):
+    import json
+
+    about = clients[publish.COMBINED].predict(api_name="/about_multitask")
+    folder = staged[publish.COMBINED].folder
+    metrics = json.loads((folder / "results/models/multitask/metrics.json").read_text())
+    assert f"| gender accuracy | {metrics['gender']['accuracy']:.4f} |" in about
+    assert f"| age MAE | {metrics['age']['mae']:.2f} years |" in about
+    assert "non-commercial research only" in about and "## Intended use and limits" in about
+    comparison = json.loads((results_dir / "comparison.json").read_text())
+    gaps = [g for g in comparison["bias"]["gaps"] if g["model"] == "multitask" and g["metric"] == "mae"]
+    assert gaps, "compare wrote no age-MAE gap for the multitask model"
+    for gap in gaps:
+        assert f"| {gap['grouping']} | mae | {gap['best_group']} ({gap['best']:.3f}) |" in about
+    staged_comparison = json.loads((folder / "results/comparison.json").read_text())
+    assert {row["model"] for row in staged_comparison["bias"]["gaps"]} == set(MODELS)
+    assert "Not measured for this model yet" not in about
+
+
+def test_staged_space_uses_its_own_copy_of_common(staged):
+    folder = staged["gender"].folder
+    found = subprocess.run([sys.executable, "-c", "import app_common, common; print(common.__file__)"],
+                           cwd=folder, env=space_env(), capture_output=True, text=True, timeout=600)
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()).parent == folder / "common"
+
+
+def test_app_run_from_the_repository_without_a_model_says_so(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "spaces" / "age" / "app.py")], cwd=tmp_path,
+                            env=space_env(AGEGENDER_RESULTS_DIR=str(tmp_path)), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"Error: No trained model in {tmp_path / 'models' / 'age'}: train one (e.g. `python tasks/train_age.py`) "
+        "or point AGEGENDER_RESULTS_DIR at a results folder that has one."]
+
+
+@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+def test_browser_uploads_a_photo_and_reads_the_result(servers, staged):
+    import json
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e .[dev])")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    options.page_load_strategy = "none"  # get() returns at once; the waits below poll (each call stays short)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                     "--window-size=1280,1600"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(servers["gender"].url)
+        wait = WebDriverWait(driver, STARTUP_TIMEOUT)
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#photo input[type=file]")).send_keys(str(ASTRONAUT))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo img"))  # the upload is shown
+        driver.find_element(By.ID, "predict").click()
+        message = wait.until(lambda d: "face" in (text := d.find_element(By.ID, "message").text) and text)
+        assert message.startswith("Found 1 face.") and ("female" in message or "male" in message)
+        driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'About this model')]").click()
+        about = wait.until(lambda d: "Measured accuracy" in (text := d.find_element(By.ID, "about").text) and text)
+        metrics = json.loads((staged["gender"].folder / "results/models/gender/metrics.json").read_text())
+        assert f"{metrics['gender']['accuracy']:.4f}" in about and "UTKFace" in about
+    finally:
+        driver.quit()
