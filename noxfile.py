@@ -71,3 +71,10 @@ def publish(session: nox.Session) -> None:
     """Stage every Space (dry run; pass --push to upload to the Hugging Face Hub)."""
     install(session)
     session.run("python", "tasks/publish.py", "--all", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def finetune_transfer(session: nox.Session) -> None:
+    """Fine-tune the pretrained backbones (needs ImageNet weights or --weights none/PATH; posargs go through)."""
+    install(session)
+    session.run("python", "tasks/finetune_transfer.py", *(session.posargs or ["--all"]))

