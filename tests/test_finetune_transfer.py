@@ -71,8 +71,11 @@ def test_saved_model_reloads_and_predicts_the_same(trained, prepared, name):
     assert set(first) == {"age", "p_female"}
     for key in first:
         np.testing.assert_allclose(first[key], again[key], rtol=1e-5, atol=1e-6)
-    # the preprocessing layer is inside the model, so different inputs give different outputs
-    assert np.ptp(first["age"]) > 0
+    # the backbone's own input scaling travels inside the saved model (an untrained backbone after one step
+    # may still map every face to the same output, so the layer itself is checked)
+    from common.layers import BackbonePreprocess
+
+    assert any(isinstance(layer, BackbonePreprocess) for layer in model._flatten_layers())
 
 
 @pytest.mark.parametrize("task, outputs", [("gender", ["gender"]), ("age", ["age"])])
@@ -107,7 +110,8 @@ def test_imagenet_without_network_fails_fast_in_one_sentence(tmp_path):
                      "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path),
                      env_extra={"KERAS_HOME": str(tmp_path / "keras"), "AGEGENDER_OFFLINE": "1"})
     assert result.returncode != 0
-    message = " ".join(result.stderr.split())
+    # TensorFlow's own start-up lines also go to stderr: read our message from its "Error:" on
+    message = " ".join(result.stderr[result.stderr.index("Error:"):].split())
     assert "Traceback" not in result.stderr
     assert "ImageNet weights for EfficientNetB0" in message
     assert "--weights none" in message and "--weights PATH" in message
