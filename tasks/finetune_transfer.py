@@ -486,10 +486,7 @@ def format_cell(column: str, value: Any) -> str:
 
 def write_comparison(frame: pd.DataFrame, folder: Path = COMPARISON_DIR) -> None:
     """comparison.csv (raw numbers) and comparison.md (the table the README shows)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{os.getpid()}-comparison.csv"
-    frame.to_csv(tmp, index=False)
-    tmp.replace(folder / "comparison.csv")
+    write_text(folder / "comparison.csv", frame.to_csv(index=False))
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(format_cell(c, row[c]) for c in COLUMNS) + " |")
