@@ -391,8 +391,12 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
              params: dict[str, Any] | None = None, image_size: int = IMAGE_SIZE, epochs: int = 5,
              fine_tune_epochs: int = 5, data_dir: Path = DATA_DIR, limit: int | None = None,
              out: Path | None = MODELS_DIR, data: dict[str, SplitData] | None = None,
-             verbose: int | str = "auto", test_limit: int | None = None) -> TrainResult:
-    """Both phases for one backbone, then test metrics; saved to out/transfer-<backbone>[-scratch]."""
+             verbose: int | str = "auto", test_limit: int | None = None, extra_callbacks: list | None = None,
+             evaluate_test: bool = True) -> TrainResult:
+    """Both phases for one backbone, then test metrics; saved to out/transfer-<backbone>[-scratch].
+
+    extra_callbacks join both phases' fit() (tune's pruning); evaluate_test=False stops after the validation
+    metrics and saves nothing, so a tuning trial never sees the test split."""
     spec = resolve_backbone(backbone)
     params = {**DEFAULT_PARAMS, **(params or {})}
     outputs = TARGETS[task]
@@ -413,7 +417,8 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
         console.print(f"[bold]{spec.name}[/] phase {phase}: {trained} backbone layers training, "
                       f"learning rate {params['learning_rate' if phase == 1 else 'fine_tune_learning_rate']}")
         unfrozen = trained if phase == 2 else unfrozen
-        history, per_epoch = fit(model, data, outputs, params, count, MONITOR, verbose=verbose)
+        history, per_epoch = fit(model, data, outputs, params, count, MONITOR, verbose=verbose,
+                                 extra_callbacks=extra_callbacks)
         histories.append(history)
         seconds.append(per_epoch * len(history))
         phase_epochs.append(len(history))
@@ -421,6 +426,8 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
     history["epoch"] = np.arange(1, len(history) + 1)
     seconds_per_epoch = float(sum(seconds) / max(1, len(history)))
     val_metrics = evaluate(predict_split(model, data["val"], outputs), data["val"].rows)
+    if not evaluate_test:
+        return TrainResult(model, history, val_metrics, None, seconds_per_epoch)
     predicted = predict_split(model, data["test"], outputs)
     test_metrics = evaluate(predicted, data["test"].rows)
     result = TrainResult(model, history, val_metrics, test_metrics, seconds_per_epoch)

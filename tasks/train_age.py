@@ -17,7 +17,7 @@ import typer
 from common.cli import user_errors
 from common.data import DATA_DIR, MODELS_DIR
 from common.models import AGE_HEADS, age_head, conv_trunk, image_input
-from common.training import TrainResult, load_params, merge_params, report, train_model
+from common.training import LR_SCHEDULES, TrainResult, load_params, merge_params, report, train_model
 
 TASK = "age"
 IMAGE_SIZE = 128
@@ -27,6 +27,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "dropout": 0.25,
     "width": 32,
     "weight_decay": 1e-4,
+    "lr_schedule": "cosine",  # or "plateau"
     "augment": 0.5,  # full-strength augmentation slowed learning too much for a ~15-epoch CPU budget
     "age_head": "regression",
     "age_weight_power": 0.0,  # >0 up-weights rare ages: weight ~ frequency ** -power
@@ -69,6 +70,8 @@ def main(
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size.")] = None,
     learning_rate: Annotated[float | None, typer.Option(min=0, help="AdamW learning rate.")] = None,
     dropout: Annotated[float | None, typer.Option(min=0, max=0.9, help="Dropout rate.")] = None,
+    lr_schedule: Annotated[str | None, typer.Option(
+        help="cosine (anneal over --epochs) or plateau (halve when validation stalls).")] = None,
     age_head_kind: Annotated[str | None, typer.Option(
         "--age-head", help="regression, or dex (softmax over ages read as its expected value).")] = None,
     age_weight_power: Annotated[float | None, typer.Option(
@@ -81,9 +84,12 @@ def main(
     """Train the age CNN and save it with its metadata and test metrics."""
     if age_head_kind is not None and age_head_kind not in AGE_HEADS:
         raise typer.BadParameter(f"must be one of {', '.join(AGE_HEADS)}", param_hint="--age-head")
+    if lr_schedule is not None and lr_schedule not in LR_SCHEDULES:
+        raise typer.BadParameter(f"must be one of {', '.join(LR_SCHEDULES)}", param_hint="--lr-schedule")
     with user_errors():
         chosen = merge_params(DEFAULT_PARAMS, load_params(params),
                               {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
+                               "lr_schedule": lr_schedule,
                                "age_head": age_head_kind, "age_weight_power": age_weight_power})
         report(TASK, train(chosen, image_size, epochs, data_dir, limit, out))
 

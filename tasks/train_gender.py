@@ -16,7 +16,7 @@ import typer
 from common.cli import user_errors
 from common.data import DATA_DIR, MODELS_DIR
 from common.models import conv_trunk, gender_head, image_input
-from common.training import TrainResult, load_params, merge_params, report, train_model
+from common.training import LR_SCHEDULES, TrainResult, load_params, merge_params, report, train_model
 
 TASK = "gender"
 IMAGE_SIZE = 128
@@ -26,6 +26,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "dropout": 0.3,
     "width": 32,
     "weight_decay": 1e-4,
+    "lr_schedule": "cosine",  # or "plateau"
     "augment": 0.5,  # full-strength augmentation slowed learning too much for a ~15-epoch CPU budget
 }
 MONITOR = "val_loss"
@@ -64,15 +65,20 @@ def main(
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size.")] = None,
     learning_rate: Annotated[float | None, typer.Option(min=0, help="AdamW learning rate.")] = None,
     dropout: Annotated[float | None, typer.Option(min=0, max=0.9, help="Dropout rate.")] = None,
+    lr_schedule: Annotated[str | None, typer.Option(
+        help="cosine (anneal over --epochs) or plateau (halve when validation stalls).")] = None,
     limit: Annotated[int | None, typer.Option(min=16, help="Train on a subset of N images.")] = None,
     params: Annotated[Path | None, typer.Option(help="JSON of parameters, e.g. results/tuning/gender.json.")] = None,
     data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
     out: Annotated[Path, typer.Option(help="Model folder to write.")] = MODELS_DIR / TASK,
 ) -> None:
     """Train the gender CNN and save it with its metadata and test metrics."""
+    if lr_schedule is not None and lr_schedule not in LR_SCHEDULES:
+        raise typer.BadParameter(f"must be one of {', '.join(LR_SCHEDULES)}", param_hint="--lr-schedule")
     with user_errors():
         chosen = merge_params(DEFAULT_PARAMS, load_params(params),
-                              {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout})
+                              {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
+                               "lr_schedule": lr_schedule})
         report(TASK, train(chosen, image_size, epochs, data_dir, limit, out))
 
 

@@ -118,7 +118,7 @@ def search_space(model: str, defaults: dict[str, Any]) -> dict[str, Any]:
         "weight_decay": float_range(1e-5, 1e-2, log=True),
         "augment": float_range(0.0, 1.5),
     }
-    if model == "age":
+    if model in ("age", "multitask"):
         space["age_head"] = choice("regression", "dex")
     if model in ("multitask", "transfer"):
         space["age_loss_weight"] = float_range(1.0, 16.0, log=True)
@@ -425,7 +425,8 @@ def tune(model: str, trials: int | None = 20, timeout: float | None = None, epoc
     check_monitors(trainer, image_size, goal.monitors)
     space = search_space(model, trainer.defaults)
     storage_url = storage or sqlite_url(TUNING_DIR / "optuna.db")
-    study = open_study(open_storage(storage_url), study_name or model, goal, trainer.budget, seed,
+    default_name = f"transfer-{trainer.budget['backbone']}" if model == "transfer" else model
+    study = open_study(open_storage(storage_url), study_name or default_name, goal, trainer.budget, seed,
                        make_pruner(pruner) if isinstance(pruner, str) else pruner)
     study.set_user_attr("storage", shown_url(storage_url))
     console.print(f"[bold]Tuning {model}[/] (study {study.study_name!r}, {len(study.trials)} trials so far) "
@@ -629,7 +630,8 @@ def main(
     image_size: Annotated[int, typer.Option(min=32, max=512, help="Input side in pixels.")] = 64,
     storage: Annotated[str | None, typer.Option(
         help="Optuna RDB storage URL shared by all workers (default: <out-dir>/optuna.db).")] = None,
-    study_name: Annotated[str | None, typer.Option(help="Study name (default: the model name).")] = None,
+    study_name: Annotated[str | None, typer.Option(
+        help="Study name (default: the model name; transfer-BACKBONE for transfer).")] = None,
     monitor: Annotated[str | None, typer.Option(
         help="Prune on this Keras validation metric instead of the model's score, e.g. val_loss.")] = None,
     pruner: Annotated[str, typer.Option(help="median (stop trials below the median) or none.")] = "median",

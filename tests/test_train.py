@@ -56,6 +56,16 @@ def test_reloaded_model_predicts_the_same_values(trained_models, prepared, task)
         assert ((first["p_female"] >= 0) & (first["p_female"] <= 1)).all()
 
 
+@pytest.mark.parametrize("task", ["gender", "age", "multitask"])
+def test_the_default_cosine_schedule_anneals_the_learning_rate(trained_models, task):
+    from common.training import cosine_rate
+
+    history = pd.read_csv(trained_models[task] / "history.csv")
+    base = json.loads((trained_models[task] / "metadata.json").read_text())["params"]["learning_rate"]
+    assert history["learning_rate"].tolist() == pytest.approx([base, cosine_rate(1, 2, base)], rel=1e-5)
+    assert cosine_rate(1, 2, base) == pytest.approx(base * (0.01 + 0.99 * 0.5))  # halfway down, not at the floor
+
+
 def test_cli_trains_with_a_params_file_and_flags(prepared, tmp_path):
     from tasks import train_age
 
@@ -65,12 +75,14 @@ def test_cli_trains_with_a_params_file_and_flags(prepared, tmp_path):
     out = tmp_path / "age-dex"
     result = runner.invoke(train_age.app, ["--epochs", "1", "--image-size", "48", "--limit", "64",
                                            "--params", str(params), "--batch-size", "32", "--age-head", "dex",
+                                           "--lr-schedule", "plateau",
                                            "--data-dir", str(prepared["data_dir"]), "--out", str(out)])
     assert result.exit_code == 0, result.output
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["params"]["learning_rate"] == 0.003 and metadata["params"]["dropout"] == 0.1
     assert metadata["params"]["batch_size"] == 32  # the flag wins over the file
     assert metadata["age_head"] == "dex" and metadata["image_size"] == 48
+    assert metadata["params"]["lr_schedule"] == "plateau"
     assert metadata["train_images"] == 64
     age = Predictor.load(out).predict_arrays(load_split("test", 48, prepared["data_dir"])[0][:8])["age"]
     assert ((age >= 0) & (age <= 116.01)).all()  # DEX reads out an expected age in 0..116
@@ -81,6 +93,8 @@ def test_bad_flags_and_files_are_one_sentence(prepared, tmp_path):
 
     result = runner.invoke(train_multitask.app, ["--age-head", "cubic", "--data-dir", str(prepared["data_dir"])])
     assert result.exit_code != 0 and "--age-head" in result.output
+    result = runner.invoke(train_gender.app, ["--lr-schedule", "linear", "--data-dir", str(prepared["data_dir"])])
+    assert result.exit_code != 0 and "--lr-schedule" in result.output
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"best_params": {"learning_rate": 0.01, "unknown_knob": 3}}))
     result = runner.invoke(train_gender.app, ["--params", str(bad), "--data-dir", str(prepared["data_dir"])])

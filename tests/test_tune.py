@@ -12,7 +12,7 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-from tasks import train_gender, tune
+from tasks import finetune_transfer, train_gender, tune
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -140,3 +140,24 @@ def test_two_worker_processes_share_one_sqlite_study(prepared, tmp_path):
     summary = json.loads((tmp_path / "shared.json").read_text())
     assert summary["n_trials"] == 2 and summary["metric"] == "val age MAE (years)"
     assert summary["best_value"] == min(t.value for t in trials) > 0
+
+
+def test_transfer_trials_run_finetune_and_its_params_file_is_accepted(prepared, tmp_path):
+    """--model transfer tunes finetune_transfer.finetune() (both phases, pruning callback, no test split)."""
+    result = run_tune("--model", "transfer", "--backbone", "mobilenetv2", "--weights", "none", "--trials", "2",
+                      "--epochs", "2", "--limit", "64", "--image-size", "32", "--data-dir",
+                      str(prepared["data_dir"]), "--out-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "transfer-mobilenetv2.json").read_text())
+    trials = optuna.load_study(study_name="transfer-mobilenetv2", storage=storage_url(tmp_path)).trials
+    assert summary["counts"]["complete"] == 2 and len(trials) == 2
+    assert all(list(t.intermediate_values) == [0, 1] for t in trials)  # one report per epoch, both phases
+    assert set(summary["best_params"]) <= set(finetune_transfer.DEFAULT_PARAMS)
+
+    model = runner.invoke(finetune_transfer.app, [
+        "--backbone", "mobilenetv2", "--weights", "none", "--params", str(tmp_path / "transfer-mobilenetv2.json"),
+        "--image-size", "32", "--limit", "64", "--epochs", "1", "--fine-tune-epochs", "0", "--data-dir",
+        str(prepared["data_dir"]), "--out", str(tmp_path / "models"), "--comparison-dir", str(tmp_path / "cmp")])
+    assert model.exit_code == 0, model.output
+    metadata = json.loads((tmp_path / "models/transfer-mobilenetv2-scratch/metadata.json").read_text())
+    assert {k: metadata["params"][k] for k in summary["best_params"]} == summary["best_params"]
