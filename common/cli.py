@@ -7,7 +7,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -73,3 +73,24 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# Typer options the training scripts share (each script adds its own next to these)
+EpochsOption = Annotated[int, typer.Option(min=1, help="Most epochs (early stopping may end sooner).")]
+ImageSizeOption = Annotated[int, typer.Option(min=32, max=512, help="Input side in pixels.")]
+BatchSizeOption = Annotated[int | None, typer.Option(min=1, help="Batch size.")]
+LearningRateOption = Annotated[float | None, typer.Option(min=0, help="AdamW learning rate.")]
+DropoutOption = Annotated[float | None, typer.Option(min=0, max=0.9, help="Dropout rate.")]
+LrScheduleOption = Annotated[str | None, typer.Option(
+    help="cosine (anneal over --epochs) or plateau (halve when validation stalls).")]
+LimitOption = Annotated[int | None, typer.Option(min=16, help="Train on a subset of N images.")]
+ParamsOption = Annotated[Path | None, typer.Option(
+    help="JSON of parameters: tune's results/tuning/<model>.json or a plain object.")]
+DataDirOption = Annotated[Path, typer.Option(help="Folder prepare_data wrote.")]
+ModelOutOption = Annotated[Path, typer.Option(help="Model folder to write.")]
+
+
+def check_choice(value: str | None, choices: tuple[str, ...], flag: str) -> None:
+    """Typer's usage error for a flag outside its choices (None: not given)."""
+    if value is not None and value not in choices:
+        raise typer.BadParameter(f"must be one of {', '.join(choices)}", param_hint=flag)

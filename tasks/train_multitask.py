@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import typer
 
+from common import cli
 from common.cli import user_errors
 from common.data import DATA_DIR, MODELS_DIR
 from common.models import AGE_HEADS, age_head, conv_trunk, gender_head, image_input
@@ -70,27 +71,24 @@ def train(params: dict[str, Any] | None = None, image_size: int = IMAGE_SIZE, ep
 
 @app.command()
 def main(
-    epochs: Annotated[int, typer.Option(min=1, help="Most epochs (early stopping may end sooner).")] = 30,
-    image_size: Annotated[int, typer.Option(min=32, max=512, help="Input side in pixels.")] = IMAGE_SIZE,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size.")] = None,
-    learning_rate: Annotated[float | None, typer.Option(min=0, help="AdamW learning rate.")] = None,
-    dropout: Annotated[float | None, typer.Option(min=0, max=0.9, help="Dropout rate.")] = None,
-    lr_schedule: Annotated[str | None, typer.Option(
-        help="cosine (anneal over --epochs) or plateau (halve when validation stalls).")] = None,
+    epochs: cli.EpochsOption = 30,
+    image_size: cli.ImageSizeOption = IMAGE_SIZE,
+    batch_size: cli.BatchSizeOption = None,
+    learning_rate: cli.LearningRateOption = None,
+    dropout: cli.DropoutOption = None,
+    lr_schedule: cli.LrScheduleOption = None,
     age_head_kind: Annotated[str | None, typer.Option(
         "--age-head", help="regression, or dex (softmax over ages read as its expected value).")] = None,
     age_loss_weight: Annotated[float | None, typer.Option(min=0, help="Weight of the age loss.")] = None,
     gender_loss_weight: Annotated[float | None, typer.Option(min=0, help="Weight of the gender loss.")] = None,
-    limit: Annotated[int | None, typer.Option(min=16, help="Train on a subset of N images.")] = None,
-    params: Annotated[Path | None, typer.Option(help="JSON of parameters, e.g. results/tuning/multitask.json.")] = None,
-    data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
-    out: Annotated[Path, typer.Option(help="Model folder to write.")] = MODELS_DIR / TASK,
+    limit: cli.LimitOption = None,
+    params: cli.ParamsOption = None,
+    data_dir: cli.DataDirOption = DATA_DIR,
+    out: cli.ModelOutOption = MODELS_DIR / TASK,
 ) -> None:
     """Train the multi-task CNN (age + gender) and save it with its metadata and test metrics."""
-    if age_head_kind is not None and age_head_kind not in AGE_HEADS:
-        raise typer.BadParameter(f"must be one of {', '.join(AGE_HEADS)}", param_hint="--age-head")
-    if lr_schedule is not None and lr_schedule not in LR_SCHEDULES:
-        raise typer.BadParameter(f"must be one of {', '.join(LR_SCHEDULES)}", param_hint="--lr-schedule")
+    cli.check_choice(age_head_kind, AGE_HEADS, "--age-head")
+    cli.check_choice(lr_schedule, LR_SCHEDULES, "--lr-schedule")
     with user_errors():
         chosen = merge_params(DEFAULT_PARAMS, load_params(params),
                               {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
