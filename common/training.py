@@ -99,6 +99,21 @@ def cosine_rate(epoch: int, epochs: int, base_rate: float, floor: float = 0.01) 
     return float(base_rate * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * progress))))
 
 
+def train_sample_weights(rows: pd.DataFrame, outputs: list[str], params: dict[str, Any]) -> np.ndarray | None:
+    """Rare-age weights for the training images (params["age_weight_power"]); None without an age output."""
+    if "age" not in outputs:
+        return None
+    return age_sample_weights(rows["age"].to_numpy(), float(params.get("age_weight_power", 0.0)))
+
+
+def history_frame(history, timer) -> pd.DataFrame:
+    """A Keras History as a table: epoch (from 1), every logged metric, and wall seconds per epoch."""
+    frame = pd.DataFrame(history.history)
+    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
+    frame["seconds"] = timer.seconds[: len(frame)]
+    return frame
+
+
 def callbacks(monitor: str, mode: str, patience: int, checkpoint: Path | None, schedule: str = "plateau",
               epochs: int = 1, base_rate: float = 1e-3) -> list:
     """Early stopping (best weights restored), the learning-rate schedule and best-checkpoint saving.
@@ -188,8 +203,7 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
     keras.utils.set_random_seed(SEED)
     augment = Augment().scaled(float(params.get("augment", 1.0)))
     train, val = data["train"], data["val"]
-    weights = age_sample_weights(train.rows["age"].to_numpy(), float(params.get("age_weight_power", 0.0))) \
-        if "age" in outputs else None
+    weights = train_sample_weights(train.rows, outputs, params)
     batch_size = int(params["batch_size"])
     train_ds = make_dataset(train.images, train.targets(outputs), batch_size, training=True, augment=augment,
                             sample_weight=weights)
@@ -204,10 +218,7 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
                                               str(params.get("lr_schedule", "plateau")), epochs,
                                               float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))),
                                    *(extra_callbacks or [])])
-    frame = pd.DataFrame(history.history)
-    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
-    frame["seconds"] = timer.seconds[: len(frame)]
-    return frame, float(np.mean(timer.seconds)) if timer.seconds else 0.0
+    return history_frame(history, timer), float(np.mean(timer.seconds)) if timer.seconds else 0.0
 
 
 def predict_split(model, split: SplitData, outputs: list[str], batch_size: int = 128) -> dict[str, np.ndarray]:

@@ -407,7 +407,14 @@ def fit_head_on_features(model, data: dict[str, SplitData], outputs: list[str], 
     import keras
 
     from common.data import make_dataset
-    from common.training import EpochTimer, StopOnSignal, age_sample_weights, callbacks, check_monitor
+    from common.training import (
+        EpochTimer,
+        StopOnSignal,
+        callbacks,
+        check_monitor,
+        history_frame,
+        train_sample_weights,
+    )
 
     start = time.perf_counter()
     pooled = model.get_layer("gap").output
@@ -424,8 +431,7 @@ def fit_head_on_features(model, data: dict[str, SplitData], outputs: list[str], 
     train_targets, val_targets = data["train"].targets(outputs), data["val"].targets(outputs)
     head.evaluate(features["val"][:8], {k: v[:8] for k, v in val_targets.items()}, verbose=0)
     check_monitor(head, MONITOR)
-    weights = age_sample_weights(data["train"].rows["age"].to_numpy(), float(params.get("age_weight_power", 0.0))) \
-        if "age" in outputs else None
+    weights = train_sample_weights(data["train"].rows, outputs, params)
     keras.utils.set_random_seed(SEED)
     timer = EpochTimer()
     history = head.fit(features["train"], train_targets, sample_weight=weights, batch_size=int(params["batch_size"]),
@@ -433,10 +439,7 @@ def fit_head_on_features(model, data: dict[str, SplitData], outputs: list[str], 
                        verbose=verbose, callbacks=[timer, StopOnSignal(),
                                                    *callbacks(MONITOR, "min", HEAD_PATIENCE, None),
                                                    *(extra_callbacks or [])])
-    frame = pd.DataFrame(history.history)
-    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
-    frame["seconds"] = timer.seconds[: len(frame)]
-    return frame, extract_seconds + float(np.sum(timer.seconds))
+    return history_frame(history, timer), extract_seconds + float(np.sum(timer.seconds))
 
 
 def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained",
@@ -482,7 +485,7 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
         seconds.append(total)
         phase_epochs.append(len(history))
         best_val = float(history[MONITOR].min())
-        if phase == 1:
+        if phase == 1 and fine_tune_epochs > 0:
             phase_one = (best_val, model.get_weights())
         elif phase_one is not None and best_val > phase_one[0]:
             # early stopping restores the best epoch of a phase; keep phase 1 when fine-tuning never beat it
