@@ -36,11 +36,13 @@ def prepare_data(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def train_all(session: nox.Session) -> None:
-    """Prepare the data, train every model and compare them (posargs go to each trainer, e.g. --epochs 5)."""
+    """Prepare the data, train every model, export it for fast CPU inference and compare them (posargs go to
+    each trainer, e.g. --epochs 5)."""
     install(session)
     session.run("python", "tasks/prepare_data.py")
-    for task in ("train_gender", "train_age", "train_multitask"):
-        session.run("python", f"tasks/{task}.py", *session.posargs)
+    for task in ("gender", "age", "multitask"):
+        session.run("python", f"tasks/train_{task}.py", *session.posargs)
+        session.run("python", "tasks/export.py", f"results/models/{task}")
     session.run("python", "tasks/compare.py")
 
 

@@ -88,6 +88,10 @@ ParamsOption = Annotated[Path | None, typer.Option(
     help="JSON of parameters: tune's results/tuning/<model>.json or a plain object.")]
 DataDirOption = Annotated[Path, typer.Option(help="Folder prepare_data wrote.")]
 ModelOutOption = Annotated[Path, typer.Option(help="Model folder to write.")]
+PatienceOption = Annotated[int | None, typer.Option(
+    min=1, help="Epochs without a better validation loss before stopping [10 with cosine, 5 with plateau].")]
+InitFromOption = Annotated[Path | None, typer.Option(
+    help="Start from the weights of a saved model folder of the same kind (a warm restart); may equal --out.")]
 
 
 def check_choice(value: str | None, choices: tuple[str, ...], flag: str) -> None:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from common.cli import UserError
-from common.data import resize_face
-from common.modelio import load_model
+from common.data import file_sha256, resize_face
+from common.modelio import MODEL_FILE, TFLITE_FILE, load_model, read_metadata
 
 # Where UTKFace's aligned 200x200 crops put the eyes (measured with MTCNN on 60 of them):
 # eye midpoint at (0.49, 0.289) of the side, eyes 0.389 of the side apart.
@@ -103,26 +104,34 @@ def detect_faces(image: Image.Image, min_confidence: float = MIN_CONFIDENCE) -> 
     return sorted(faces, key=lambda face: face.box[2] * face.box[3], reverse=True)
 
 
-def face_crop(image: Image.Image, face: Face) -> Image.Image:
-    """A CROP_SIDE square crop aligned like UTKFace's: eyes level, at UTKFace's position and distance."""
+def face_crop(image: Image.Image, face: Face, side: int = CROP_SIDE) -> Image.Image:
+    """A side x side crop aligned like UTKFace's: eyes level, at UTKFace's position and distance.
+
+    Warping straight to the model's input side (rather than to UTKFace's 200 px and resizing) is one PIL call
+    instead of two, ~5x less CPU per face; a face more than twice the output's scale is first shrunk with a
+    box filter, since a bilinear warp samples only 4 pixels per output pixel and would alias."""
     if face.left_eye is None or face.right_eye is None:
         x, y, w, h = face.box  # no landmarks: a square around the box centre
-        side = max(w, h) * 1.1
+        half = max(w, h) * 1.1 / 2
         cx, cy = x + w / 2, y + h / 2
-        return image.crop((round(cx - side / 2), round(cy - side / 2), round(cx + side / 2),
-                           round(cy + side / 2))).resize((CROP_SIDE, CROP_SIDE), Image.Resampling.BILINEAR)
+        box = (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
+        return image.crop(box).resize((side, side), Image.Resampling.BILINEAR, reducing_gap=3.0)
     (lx, ly), (rx, ry) = face.left_eye, face.right_eye
-    angle = math.atan2(ry - ly, rx - lx)
     distance = max(math.hypot(rx - lx, ry - ly), 1.0)
-    scale = distance / (EYE_DISTANCE * CROP_SIDE)  # input pixels per output pixel
+    scale = distance / (EYE_DISTANCE * side)  # input pixels per output pixel
+    shrink = int(scale)
+    if shrink >= 2:
+        image = image.reduce(shrink)
+        lx, ly, rx, ry, scale = lx / shrink, ly / shrink, rx / shrink, ry / shrink, scale / shrink
+    angle = math.atan2(ry - ly, rx - lx)
     mx, my = (lx + rx) / 2, (ly + ry) / 2
     cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
-    ox, oy = EYE_CENTRE[0] * CROP_SIDE, EYE_CENTRE[1] * CROP_SIDE
+    ox, oy = EYE_CENTRE[0] * side, EYE_CENTRE[1] * side
     # output (u, v) samples input (a*u + b*v + c, d*u + e*v + f)
     a, b, d, e = cos, -sin, sin, cos
     c = mx - a * ox - b * oy
     f = my - d * ox - e * oy
-    return image.transform((CROP_SIDE, CROP_SIDE), Image.Transform.AFFINE, (a, b, c, d, e, f),
+    return image.transform((side, side), Image.Transform.AFFINE, (a, b, c, d, e, f),
                            resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
 
 
@@ -134,19 +143,64 @@ def to_model_input(faces: list[np.ndarray] | np.ndarray, metadata: dict[str, Any
     return batch.astype(np.float32) / 255.0
 
 
+BACKENDS = ("auto", "keras", "tflite")
+
+
+def tflite_runner(path: Path, threads: int | None = None):
+    """A TFLite (LiteRT) signature runner for model.tflite: LiteRT's own package when installed, else the
+    interpreter bundled with TensorFlow (same XNNPACK kernels)."""
+    import os
+    import warnings
+
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings():  # TF's copy warns that it moved to ai_edge_litert
+        warnings.simplefilter("ignore")
+        interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+    return interpreter.get_signature_runner()
+
+
 @dataclass
 class Predictor:
-    """A saved model ready to predict; build it with Predictor.load(model_dir)."""
+    """A saved model ready to predict; build it with Predictor.load(model_dir).
+
+    backend "keras" runs model.keras; "tflite" runs the model.tflite that tasks/export.py wrote and checked
+    against it (3-4x faster per face on a CPU); "auto" takes the export when it matches model.keras."""
 
     model: Any
     metadata: dict[str, Any]
     folder: Path | None = None
+    backend: str = "keras"
     _compiled: Any = field(default=None, repr=False)
+    _runner: Any = field(default=None, repr=False)
+    _lock: Any = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def load(cls, folder: str | Path) -> Predictor:
-        model, metadata = load_model(Path(folder))
-        return cls(model, metadata, Path(folder))
+    def load(cls, folder: str | Path, backend: str = "auto") -> Predictor:
+        folder = Path(folder)
+        if backend not in BACKENDS:
+            raise UserError(f"Unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}.")
+        if backend != "keras":
+            metadata = read_metadata(folder) if folder.is_dir() else {}
+            export = metadata.get("exports", {}).get("tflite")
+            usable = (export is not None and (folder / TFLITE_FILE).exists() and (folder / MODEL_FILE).exists()
+                      and export.get("model_sha256") == file_sha256(folder / MODEL_FILE))
+            if usable:
+                return cls(None, metadata, folder, "tflite", _runner=tflite_runner(folder / TFLITE_FILE))
+            if backend == "tflite":
+                raise UserError(f"{folder} has no up-to-date {TFLITE_FILE}; run python tasks/export.py {folder}.")
+        model, metadata = load_model(folder)
+        return cls(model, metadata, folder)
+
+    @property
+    def parameters(self) -> int:
+        if self.model is not None:
+            return int(self.model.count_params())
+        return int(self.metadata.get("parameters") or self.metadata["exports"]["tflite"]["parameters"])
 
     @property
     def image_size(self) -> int:
@@ -156,9 +210,17 @@ class Predictor:
     def outputs(self) -> list[str]:
         return list(self.metadata["outputs"])
 
+    @property
+    def _input_name(self) -> str:
+        return next(iter(self._runner.get_input_details()))
+
     def forward(self, batch: np.ndarray) -> Any:
         """The model on a float batch as one compiled graph: an eager model(x) runs layer by layer (~10x slower
         at batch 1) and Model.predict adds its per-call set-up."""
+        if self.backend == "tflite":
+            with self._lock:  # one interpreter, and Gradio may call from several threads
+                found = self._runner(**{self._input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+            return found if len(found) > 1 else {self.outputs[0]: next(iter(found.values()))}
         if self._compiled is None:
             import tensorflow as tf
 
@@ -194,7 +256,7 @@ class Predictor:
             faces = detect_faces(image)
             if not faces:
                 return [{"reason": "no face found"}]
-            crops = [self.prepare_crop(face_crop(image, face)) for face in faces]
+            crops = [self.prepare_crop(face_crop(image, face, self.image_size)) for face in faces]
         else:
             faces = [Face((0, 0, image.width, image.height), 1.0)]
             crops = [self.prepare_crop(image)]

@@ -58,3 +58,33 @@ class BackbonePreprocess(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="agegender")
+class ZoomOut(keras.layers.Layer):
+    """Shrink the image inside its own frame and fill the border by repeating the edge pixels, so a tight
+    UTKFace crop looks like a crop with `margin` of the side added on every side (what a backbone trained on
+    looser face crops expects). Bilinear resize and concatenation only: it exports to TFLite."""
+
+    def __init__(self, margin: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.margin = float(margin)
+
+    def call(self, images):
+        side = images.shape[1]
+        inner = max(1, round(side / (1.0 + 2.0 * self.margin)))
+        before = (side - inner) // 2
+        after = side - inner - before
+        x = ops.image.resize(images, (inner, inner), interpolation="bilinear")
+        for axis in (1, 2):
+            first = ops.take(x, [0], axis=axis)
+            last = ops.take(x, [inner - 1], axis=axis)
+            x = ops.concatenate([ops.repeat(first, before, axis=axis), x, ops.repeat(last, after, axis=axis)],
+                                axis=axis)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "margin": self.margin}

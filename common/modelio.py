@@ -15,6 +15,7 @@ from common.cli import UserError, replace_dir, write_json
 from common.data import AGE_SCALE, GENDER_LABELS
 
 MODEL_FILE = "model.keras"
+TFLITE_FILE = "model.tflite"  # optional, written and checked by tasks/export.py
 METADATA_FILE = "metadata.json"
 METRICS_FILE = "metrics.json"
 TASKS = ("gender", "age", "multitask")

@@ -92,6 +92,12 @@ def age_sample_weights(ages: np.ndarray, power: float) -> np.ndarray | None:
 LR_SCHEDULES = ("plateau", "cosine")
 
 
+def default_patience(schedule: str) -> int:
+    """Epochs without improvement before early stopping: a cosine cycle gains most in its low-rate tail, so
+    it gets more room than plateau (a warm restart stopped after 5 noisy high-rate epochs)."""
+    return 10 if schedule == "cosine" else 5
+
+
 def cosine_rate(epoch: int, epochs: int, base_rate: float, floor: float = 0.01) -> float:
     """Learning rate for `epoch` (0-based): a cosine from base_rate that would reach floor * base_rate one epoch
     after the last, so a 1- or 2-epoch run still learns in every epoch."""
@@ -195,10 +201,14 @@ def check_monitor(model, monitor: str, validation: bool = True) -> None:
 
 
 def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str, Any], epochs: int,
-        monitor: str, mode: str = "min", patience: int = 5, extra_callbacks: list | None = None,
+        monitor: str, mode: str = "min", patience: int | None = None, extra_callbacks: list | None = None,
         checkpoint: Path | None = None, verbose: int | str = "auto") -> tuple[pd.DataFrame, float]:
     """Train with early stopping, LR reduction and checkpointing; returns (history, seconds per epoch)."""
     import keras
+
+    schedule = str(params.get("lr_schedule", "plateau"))
+    if patience is None:
+        patience = default_patience(schedule)
 
     keras.utils.set_random_seed(SEED)
     augment = Augment().scaled(float(params.get("augment", 1.0)))
@@ -214,8 +224,7 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
     timer = EpochTimer()
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose,
                         callbacks=[timer, StopOnSignal(),
-                                   *callbacks(monitor, mode, patience, checkpoint,
-                                              str(params.get("lr_schedule", "plateau")), epochs,
+                                   *callbacks(monitor, mode, patience, checkpoint, schedule, epochs,
                                               float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))),
                                    *(extra_callbacks or [])])
     return history_frame(history, timer), float(np.mean(timer.seconds)) if timer.seconds else 0.0
@@ -256,12 +265,17 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
                 data_dir: Path = DATA_DIR, limit: int | None = None, out_dir: Path | None = None,
                 extra_callbacks: list | None = None, monitor: str = "val_loss", mode: str = "min",
                 evaluate_test: bool = True, verbose: int | str = "auto",
-                metadata_extra: dict[str, Any] | None = None) -> TrainResult:
+                metadata_extra: dict[str, Any] | None = None, init_from: Path | None = None,
+                patience: int | None = None) -> TrainResult:
     """Build, fit, evaluate on validation (and test) and save to out_dir (skipped when it is None)."""
     outputs = TARGETS[task]
     data = load_data(image_size, data_dir, limit)
     model = build_model(image_size, params)
-    history, seconds = fit(model, data, outputs, params, epochs, monitor, mode,
+    metadata_extra = dict(metadata_extra or {})
+    if init_from is not None:
+        metadata_extra["init_from"] = warm_start(model, init_from, task, image_size)
+    patience = patience or default_patience(str(params.get("lr_schedule", "plateau")))
+    history, seconds = fit(model, data, outputs, params, epochs, monitor, mode, patience,
                            extra_callbacks=extra_callbacks, verbose=verbose)
     val_metrics = evaluate(predict_split(model, data["val"], outputs), data["val"].rows)
     result = TrainResult(model, history, val_metrics, None, seconds)
@@ -271,11 +285,33 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
     result.test_metrics = evaluate(predicted, data["test"].rows)
     if out_dir is not None:
         extra = {"epochs_run": len(history), "seconds_per_epoch": seconds, "train_images": len(data["train"].rows),
-                 "parameters": int(model.count_params()), "monitor": monitor, **(metadata_extra or {})}
+                 "parameters": int(model.count_params()), "monitor": monitor, "patience": patience,
+                 **metadata_extra}
         metadata = make_metadata(task, image_size, params, manifest_hash(data_dir), **extra)
         save_run(out_dir, model, metadata, history, result.test_metrics, predicted, data["test"].rows)
         result.out_dir = out_dir
     return result
+
+
+def warm_start(model, folder: Path, task: str, image_size: int) -> dict[str, Any]:
+    """Copy a saved model's weights into a freshly built one of the same architecture; returns what the new
+    metadata records about the start (including the epochs already trained, summed over earlier restarts)."""
+    from common.modelio import load_model
+
+    source, metadata = load_model(folder)
+    if metadata.get("task") != task or int(metadata.get("image_size", 0)) != image_size:
+        raise UserError(f"{folder} holds a {metadata.get('task')} model at {metadata.get('image_size')} px; "
+                        f"--init-from needs a {task} model at {image_size} px.")
+    try:
+        model.set_weights(source.get_weights())
+    except ValueError as error:
+        raise UserError(f"{folder} has a different architecture from the model being trained "
+                        f"(check --age-head and the width): {str(error).splitlines()[0]}") from error
+    earlier = metadata.get("init_from") or {}
+    return {"folder": str(folder), "created": metadata.get("created"),
+            "epochs_before": int(earlier.get("epochs_before", 0)) + int(metadata.get("epochs_run", 0)),
+            "seconds_before": float(earlier.get("seconds_before", 0.0))
+            + float(metadata.get("seconds_per_epoch", 0.0)) * int(metadata.get("epochs_run", 0))}
 
 
 def report(task: str, result: TrainResult) -> None:

@@ -267,12 +267,12 @@ def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
 
     import_s = time.perf_counter() - start
     start = time.perf_counter()
-    predictor = Predictor.load(spec["model_dir"])
+    predictor = Predictor.load(spec["model_dir"], spec.get("backend", "keras"))
     load_s = time.perf_counter() - start
     images = [read_image(path) for path in sample_files(Path(spec["data_dir"]), int(spec["faces"]))]
     faces = [canonical_face(image) for image in images]
     start = time.perf_counter()
-    first = predictor.prepare_crop(face_crop(images[0], faces[0]))
+    first = predictor.prepare_crop(face_crop(images[0], faces[0], predictor.image_size))
     predictor.predict_arrays(first[None])
     first_call_s = time.perf_counter() - start
 
@@ -280,7 +280,7 @@ def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
     cpu_start = time.process_time()
     for image, face in zip(images, faces, strict=True):
         t0 = time.perf_counter()
-        crop = face_crop(image, face)
+        crop = face_crop(image, face, predictor.image_size)
         t1 = time.perf_counter()
         array = predictor.prepare_crop(crop)
         t2 = time.perf_counter()
@@ -292,27 +292,29 @@ def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
         total.append(t3 - t0)
     cpu_per_face = (time.process_time() - cpu_start) / len(images)
 
-    crops = np.stack([predictor.prepare_crop(face_crop(image, face)) for image, face in zip(images, faces,
-                                                                                             strict=True)])
+    crops = np.stack([predictor.prepare_crop(face_crop(image, face, predictor.image_size))
+                      for image, face in zip(images, faces, strict=True)])
     batch = np.resize(crops, (THROUGHPUT_BATCH, *crops.shape[1:]))  # repeats the crops to fill one batch
     repeats = max(2, int(spec["faces"]) // THROUGHPUT_BATCH)
     batched = timed(lambda: predictor.predict_arrays(batch, THROUGHPUT_BATCH), repeats, warmup=1)
     start = time.perf_counter()
     for image, face in zip(images[:THROUGHPUT_BATCH], faces[:THROUGHPUT_BATCH], strict=False):
-        predictor.prepare_crop(face_crop(image, face))
+        predictor.prepare_crop(face_crop(image, face, predictor.image_size))
     prepare_ms = 1000 * (time.perf_counter() - start) / min(len(images), THROUGHPUT_BATCH)
 
     floats = batch.astype(np.float32) / 255.0
-    profile = {"batch1": forward_variants(predictor.model, floats[:1], max(10, int(spec["faces"]) // 4)),
-               f"batch{THROUGHPUT_BATCH}": forward_variants(predictor.model, floats, repeats)}
+    profile = None
+    if predictor.model is not None:  # the three ways to run a Keras model (the TFLite one has one way)
+        profile = {"batch1": forward_variants(predictor.model, floats[:1], max(10, int(spec["faces"]) // 4)),
+                   f"batch{THROUGHPUT_BATCH}": forward_variants(predictor.model, floats, repeats)}
 
     def ms(values):
         return 1000 * float(np.median(values))
 
     return {
-        "model": spec["name"], "task": predictor.metadata.get("task"),
+        "model": spec["name"], "backend": predictor.backend, "task": predictor.metadata.get("task"),
         "backbone": predictor.metadata.get("backbone"),
-        "image_size": predictor.image_size, "parameters": int(predictor.model.count_params()),
+        "image_size": predictor.image_size, "parameters": predictor.parameters,
         "import_s": import_s, "load_s": load_s, "first_call_s": first_call_s,
         "batch1": {"faces": len(total), "ms_per_face": ms(total), "ms_per_face_mean": 1000 * float(np.mean(total)),
                    "cpu_ms_per_face": 1000 * cpu_per_face, "align_ms": ms(align), "resize_ms": ms(resize),
@@ -331,14 +333,15 @@ def measure_predict(spec: dict[str, Any]) -> dict[str, Any]:
     from common.faces import Predictor
     from tasks.predict import collect_images, predict_files
 
-    predictor = Predictor.load(spec["model_dir"])
+    predictor = Predictor.load(spec["model_dir"])  # "auto", as a user's predict call
     files = collect_images([Path(spec["folder"])])
     detect = bool(spec["detect"])
     start, cpu_start = time.perf_counter(), time.process_time()
     frame, skipped = predict_files(predictor, files, detect=detect)
     seconds = time.perf_counter() - start
     found = frame["age" if "age" in frame else "p_female"].notna().sum()
-    return {"model": spec["name"], "detect": detect, "images": len(files), "seconds": seconds,
+    return {"model": spec["name"], "backend": predictor.backend, "detect": detect, "images": len(files),
+            "seconds": seconds,
             "images_per_s": len(files) / seconds, "ms_per_image": 1000 * seconds / len(files),
             "cpu_s": time.process_time() - cpu_start, "rows": len(frame), "faces_predicted": int(found),
             "skipped": len(skipped)}
@@ -417,6 +420,13 @@ def model_folders(models: list[Path] | None, models_dir: Path) -> list[Path]:
     return sorted(p for p in models_dir.iterdir() if (p / "metadata.json").exists())
 
 
+def backends(model_dir: Path) -> list[str]:
+    """keras always; tflite too when tasks/export.py wrote and checked an export for this folder."""
+    metadata = json.loads((Path(model_dir) / "metadata.json").read_text())
+    has_export = (Path(model_dir) / "model.tflite").exists() and "tflite" in metadata.get("exports", {})
+    return ["keras", "tflite"] if has_export else ["keras"]
+
+
 def predict_folder(data_dir: Path, count: int, scratch: Path) -> Path:
     """A folder of `count` test-split images (links, not copies), like a user's folder of face photos."""
     folder = scratch / "predict-images"
@@ -460,7 +470,9 @@ def run_benchmark(families: list[str], models: list[Path], data_dir: Path = DATA
         for model_dir in models:
             name = model_dir.name
             common = {"model_dir": str(model_dir), "name": name, "data_dir": str(data_dir)}
-            plan.append(("inference", f"infer {name}", {**common, "faces": faces}))
+            for backend in backends(model_dir):
+                plan.append(("inference", f"infer {name} ({backend})", {**common, "faces": faces,
+                                                                         "backend": backend}))
             for with_detection in ((False, True) if detect else (False,)):
                 label = f"predict {name} {images} images{' + detection' if with_detection else ''}"
                 plan.append(("predict", label, {**common, "folder": str(folder), "detect": with_detection}))
@@ -510,9 +522,11 @@ def pipeline_table(report: dict[str, Any]) -> list[list[str]]:
 def inference_table(report: dict[str, Any]) -> list[list[str]]:
     rows = []
     for row in report["inference"]:
-        runs = {r["detect"]: r for r in report["predict"] if r["model"] == row["model"]}
+        backend = row.get("backend", "keras")
+        runs = {r["detect"]: r for r in report["predict"]
+                if r["model"] == row["model"] and r.get("backend", "keras") == backend}
         peak = max([row["peak_rss_mb"], *(r["peak_rss_mb"] for r in runs.values())])
-        rows.append([row["model"], f"{row['load_s']:.2f}", f"{row['batch1']['ms_per_face']:.1f}",
+        rows.append([row["model"], backend, f"{row['load_s']:.2f}", f"{row['batch1']['ms_per_face']:.1f}",
                      f"{row['batch1']['cpu_ms_per_face']:.1f}", f"{row['batch64']['model_faces_per_s']:.0f}",
                      f"{runs[False]['images_per_s']:.0f}" if False in runs else "-",
                      f"{runs[True]['images_per_s']:.1f}" if True in runs else "-", f"{peak:.0f}"])
@@ -523,7 +537,9 @@ def forward_table(report: dict[str, Any]) -> list[list[str]]:
     """Where inference time goes: alignment, resize, and three ways to run the same forward pass."""
     rows = []
     for row in report["inference"]:
-        profile = row["forward_profile"]
+        profile = row.get("forward_profile")
+        if not profile:
+            continue
         rows.append([row["model"], f"{row['batch1']['align_ms']:.2f}", f"{row['batch1']['resize_ms']:.2f}",
                      *(f"{profile[batch][way]['median_ms']:.1f}" for batch in ("batch1", "batch64")
                        for way in ("eager_call", "tf_function", "keras_predict"))])
@@ -534,7 +550,7 @@ TRAINING_COLUMNS = ["family", "ours img/s", "in-memory img/s", "naive img/s", "o
                     "ours / naive (CPU)", "peak MB"]
 PIPELINE_COLUMNS = ["family", "ours alone img/s", "ours, no augmentation", "naive alone", "naive, no augmentation",
                     "CPU s/1000 img: ours", "in-memory", "naive"]
-INFERENCE_COLUMNS = ["model", "load s", "ms/face batch 1 (align + model)", "CPU ms/face batch 1",
+INFERENCE_COLUMNS = ["model", "backend", "load s", "ms/face batch 1 (align + model)", "CPU ms/face batch 1",
                      "faces/s batch 64", "predict no-detect img/s", "predict + detection img/s", "peak MB"]
 FORWARD_COLUMNS = ["model", "align ms", "resize ms", "b1 model(x) ms", "b1 tf.function ms", "b1 predict ms",
                    "b64 model(x) ms", "b64 tf.function ms", "b64 predict ms"]
@@ -553,7 +569,7 @@ def print_report(report: dict[str, Any]) -> None:
             continue
         table = Table(title=title)
         for column in columns:
-            table.add_column(column, justify="left" if column in ("family", "model") else "right")
+            table.add_column(column, justify="left" if column in ("family", "model", "backend") else "right")
         for row in rows:
             table.add_row(*row)
         console.print(table)
@@ -568,7 +584,9 @@ def markdown(report: dict[str, Any], json_name: str) -> str:
              f"load average {info['load_average_start'][0]:.1f} at the start (a shared machine: wall figures "
              f"move with the load, CPU figures much less). Full figures: `results/bench/{json_name}`.", ""]
     intro = {
-        "Training throughput": f"Training, {settings['image_size']} px, batch {settings['batch_size']}, "
+        "Training throughput": (f"Measured on {info['training_measured'][:10]} (an inference-only rerun kept "
+                                "them). " if info.get("training_measured") else "")
+        + f"Training, {settings['image_size']} px, batch {settings['batch_size']}, "
         f"images/s after {settings['warmup']} warm-up steps; ratios by wall time (by CPU time). Targets: ours / "
         f"in-memory >= {TARGETS['pipeline_vs_ceiling']}, ours / naive >= {TARGETS['pipeline_vs_naive']:.0f}.",
         "Where training time goes": "Each pipeline alone (no model), images/s, and CPU seconds per 1000 "
@@ -576,7 +594,8 @@ def markdown(report: dict[str, Any], json_name: str) -> str:
         "CPU inference": f"Inference on the CPU; targets {TARGETS['ms_per_face_batch1']} ms per face at batch "
         f"1 with alignment and {TARGETS['faces_per_s_batch64']:.0f} faces/s batched; predict over "
         f"{settings['predict_images']} images:",
-        "Where inference time goes": "Per face at batch 1, and the same forward pass run three ways:",
+        "Where inference time goes": "Per face at batch 1, and the same Keras forward pass run three ways (the "
+        "TFLite rows above run tasks/export.py's model.tflite, checked to predict the same):",
     }
     for title, columns, rows in tables(report):
         if rows:
@@ -588,6 +607,17 @@ def table_markdown(columns: list[str], rows: list[list[str]]) -> list[str]:
     rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
     out = ["| " + " | ".join(columns) + " |", rule]
     return out + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+
+
+def keep_training(report: dict[str, Any], previous_path: Path) -> None:
+    """Copy the training figures (and their date) of the previous report into an inference-only report."""
+    if not previous_path.exists():
+        return
+    previous = json.loads(previous_path.read_text())
+    report["training"], report["ratios"] = previous.get("training", []), previous.get("ratios", {})
+    report["machine"]["training_measured"] = previous.get("machine", {}).get(
+        "training_measured", previous.get("machine", {}).get("date"))
+    report["settings"] = {**previous.get("settings", {}), **report["settings"]}
 
 
 def update_readme(text: str, readme: Path = README) -> None:
@@ -617,6 +647,9 @@ def main(
                                              "--family is given).")] = False,
     family: Annotated[list[str] | None, typer.Option(
         help=f"Model families to train ({', '.join(FAMILIES)}); repeat the flag; default all four.")] = None,
+    training: Annotated[bool, typer.Option(
+        "--training/--no-training", help="Measure training; --no-training measures inference only and keeps "
+        "the training figures of the previous report (with their date).")] = True,
     model: Annotated[list[Path] | None, typer.Option(
         help="Model folders to run inference with; default every folder in results/models/.")] = None,
     models_dir: Annotated[Path, typer.Option(help="Where to find the models when --model is not given.")]
@@ -639,7 +672,7 @@ def main(
     faces = faces or defaults.get("faces", LATENCY_FACES)
     batch_size = batch_size or defaults.get("batch_size", BATCH_SIZE)
     available = [f for f in FAMILIES if (REPO_ROOT / f"{FAMILIES[f].replace('.', '/')}.py").exists()]
-    families = family or (["multitask"] if quick else available)
+    families = (family or (["multitask"] if quick else available)) if training else []
     with user_errors():
         unknown = [f for f in families if f not in FAMILIES]
         if unknown:
@@ -655,6 +688,8 @@ def main(
             report = run_benchmark(families, folders, data_dir, image_size, batch_size, steps, warmup, images,
                                    faces, detect, backbone, progress)
         name = f"{report['machine']['device']}{'-quick' if quick else ''}.json"
+        if not training:
+            keep_training(report, out / name)
         write_json(out / name, report)
         print_report(report)
         if readme:

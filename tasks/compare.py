@@ -70,7 +70,8 @@ GENDER_COLUMNS = [("accuracy", "accuracy", "{:.4f}", "max"), ("precision", "prec
                   ("roc_auc", "ROC AUC", "{:.4f}", "max")]
 AGE_COLUMNS = [("mae", "MAE (years)", "{:.2f}", "min"), ("mse", "MSE", "{:.1f}", "min"),
                ("rmse", "RMSE", "{:.2f}", "min"), ("cs5", "CS@5", "{:.3f}", "max")]
-COST_COLUMNS = [("parameters", "parameters", "{:,.0f}", "min"), ("size_mb", "file MB", "{:.2f}", "min"),
+COST_COLUMNS = [("backend", "runs", "{}", None), ("parameters", "parameters", "{:,.0f}", "min"),
+                ("size_mb", "file MB", "{:.2f}", "min"),
                 ("ms_batch1", "CPU ms/image (batch 1)", "{:.2f}", "min"),
                 ("images_per_s", f"images/s (batch {BATCH})", "{:,.0f}", "max")]
 METRIC_COLUMNS = GENDER_COLUMNS + AGE_COLUMNS
@@ -221,7 +222,8 @@ def predict_model(folder: Path, images: np.ndarray, subset: np.ndarray, advance)
             predictions[f"{condition}/{name}"] = values.astype(np.float32)
         advance()
     cost = measure_cost(predictor, images)
-    cost["parameters"] = int(predictor.model.count_params())
+    cost["parameters"] = predictor.parameters
+    cost["backend"] = predictor.backend
     return predictions, cost
 
 

@@ -80,6 +80,8 @@ def main(
     params: cli.ParamsOption = None,
     data_dir: cli.DataDirOption = DATA_DIR,
     out: cli.ModelOutOption = MODELS_DIR / TASK,
+    init_from: cli.InitFromOption = None,
+    patience: cli.PatienceOption = None,
 ) -> None:
     """Train the age CNN and save it with its metadata and test metrics."""
     cli.check_choice(age_head_kind, AGE_HEADS, "--age-head")
@@ -89,7 +91,7 @@ def main(
                               {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
                                "lr_schedule": lr_schedule,
                                "age_head": age_head_kind, "age_weight_power": age_weight_power})
-        report(TASK, train(chosen, image_size, epochs, data_dir, limit, out))
+        report(TASK, train(chosen, image_size, epochs, data_dir, limit, out, init_from=init_from, patience=patience))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ def main(
     params: cli.ParamsOption = None,
     data_dir: cli.DataDirOption = DATA_DIR,
     out: cli.ModelOutOption = MODELS_DIR / TASK,
+    init_from: cli.InitFromOption = None,
+    patience: cli.PatienceOption = None,
 ) -> None:
     """Train the gender CNN and save it with its metadata and test metrics."""
     cli.check_choice(lr_schedule, LR_SCHEDULES, "--lr-schedule")
@@ -78,7 +80,7 @@ def main(
         chosen = merge_params(DEFAULT_PARAMS, load_params(params),
                               {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
                                "lr_schedule": lr_schedule})
-        report(TASK, train(chosen, image_size, epochs, data_dir, limit, out))
+        report(TASK, train(chosen, image_size, epochs, data_dir, limit, out, init_from=init_from, patience=patience))
 
 
 if __name__ == "__main__":

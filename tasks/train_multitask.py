@@ -85,6 +85,8 @@ def main(
     params: cli.ParamsOption = None,
     data_dir: cli.DataDirOption = DATA_DIR,
     out: cli.ModelOutOption = MODELS_DIR / TASK,
+    init_from: cli.InitFromOption = None,
+    patience: cli.PatienceOption = None,
 ) -> None:
     """Train the multi-task CNN (age + gender) and save it with its metadata and test metrics."""
     cli.check_choice(age_head_kind, AGE_HEADS, "--age-head")
@@ -95,7 +97,7 @@ def main(
                                "lr_schedule": lr_schedule,
                                "age_head": age_head_kind, "age_loss_weight": age_loss_weight,
                                "gender_loss_weight": gender_loss_weight})
-        report(TASK, train(chosen, image_size, epochs, data_dir, limit, out))
+        report(TASK, train(chosen, image_size, epochs, data_dir, limit, out, init_from=init_from, patience=patience))
 
 
 if __name__ == "__main__":

@@ -126,3 +126,30 @@ def test_a_monitor_keras_never_logs_fails_before_training(prepared):
     # multi-output names carry the output's prefix under Keras 3
     with pytest.raises(UserError, match="val_gender_binary_accuracy"):
         train_multitask.train({}, 32, 1, prepared["data_dir"], 32, None, monitor="val_binary_accuracy", verbose=0)
+
+
+def test_init_from_starts_where_a_saved_model_ended(trained_models, prepared, tmp_path):
+    from common.training import warm_start
+    from tasks import train_multitask
+
+    images, _ = load_split("test", TEST_IMAGE_SIZE, prepared["data_dir"])
+    fresh = train_multitask.build_model(TEST_IMAGE_SIZE, train_multitask.DEFAULT_PARAMS)
+    record = warm_start(fresh, trained_models["multitask"], "multitask", TEST_IMAGE_SIZE)
+    saved = Predictor.load(trained_models["multitask"], backend="keras").predict_arrays(images[:8])
+    started = Predictor(fresh, {"outputs": ["age", "gender"]}).predict_arrays(images[:8])
+    np.testing.assert_allclose(started["age"], saved["age"], atol=1e-4)
+    assert record["epochs_before"] == 2 and record["seconds_before"] > 0
+
+    out = tmp_path / "restart"
+    result = runner.invoke(train_multitask.app, ["--init-from", str(trained_models["multitask"]), "--epochs", "1",
+                                                 "--image-size", str(TEST_IMAGE_SIZE), "--limit", "64",
+                                                 "--batch-size", "16", "--data-dir", str(prepared["data_dir"]),
+                                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metadata.json").read_text())["init_from"]["epochs_before"] == 2
+
+    result = runner.invoke(train_multitask.app, ["--init-from", str(trained_models["gender"]),
+                                                 "--image-size", str(TEST_IMAGE_SIZE),
+                                                 "--data-dir", str(prepared["data_dir"]), "--out", str(out)])
+    assert result.exit_code == 1 and "needs a multitask model" in " ".join(result.output.split())
+    assert json.loads((out / "metadata.json").read_text())["init_from"]["epochs_before"] == 2  # kept
