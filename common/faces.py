@@ -160,7 +160,11 @@ def tflite_runner(path: Path, threads: int | None = None):
         Interpreter = tf.lite.Interpreter
     with warnings.catch_warnings():  # TF's copy warns that it moved to ai_edge_litert
         warnings.simplefilter("ignore")
-        interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+        try:
+            interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+        except (ValueError, RuntimeError) as error:  # a truncated or foreign file
+            raise UserError(f"{path} is not a readable TFLite model; run tasks/export.py again or use "
+                            f"--backend keras ({str(error).splitlines()[0]}).") from error
     return interpreter.get_signature_runner()
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from common.cli import UserError
 from common.data import load_split
 from common.faces import Predictor
 from tasks import export, predict
@@ -94,3 +95,11 @@ def test_a_stale_export_is_ignored_and_a_missing_one_is_one_sentence(exported, t
     result = runner.invoke(export.app, [str(tmp_path / "missing")])
     assert result.exit_code == 1 and "does not exist" in said(result)
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_corrupt_export_is_one_sentence(exported, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(exported["gender"], broken)
+    (broken / "model.tflite").write_bytes(b"not a flatbuffer")
+    with pytest.raises(UserError, match="is not a readable TFLite model"):
+        Predictor.load(broken)
