@@ -90,6 +90,10 @@ DataDirOption = Annotated[Path, typer.Option(help="Folder prepare_data wrote.")]
 ModelOutOption = Annotated[Path, typer.Option(help="Model folder to write.")]
 PatienceOption = Annotated[int | None, typer.Option(
     min=1, help="Epochs without a better validation loss before stopping [10 with cosine, 5 with plateau].")]
+AugmentOption = Annotated[float | None, typer.Option(
+    min=0, max=1, help="Strength of the training augmentations (0 none, 1 full) [0.5].")]
+LabelSmoothingOption = Annotated[float | None, typer.Option(
+    "--gender-label-smoothing", min=0, max=0.5, help="Label smoothing of the gender loss [0].")]
 InitFromOption = Annotated[Path | None, typer.Option(
     help="Start from the weights of a saved model folder of the same kind (a warm restart); may equal --out.")]
 

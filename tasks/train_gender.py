@@ -29,6 +29,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "weight_decay": 1e-4,
     "lr_schedule": "cosine",  # or "plateau"
     "augment": 0.5,  # full-strength augmentation slowed learning too much for a ~15-epoch CPU budget
+    "gender_label_smoothing": 0.0,  # 0.1 pulls targets to 0.05/0.95, against an overconfident gender head
 }
 MONITOR = "val_loss"
 
@@ -44,7 +45,8 @@ def build_model(image_size: int, params: dict[str, Any]):
     model = keras.Model(inputs, {"gender": gender_head(features, float(params["dropout"]))}, name="gender_cnn")
     model.compile(
         optimizer=keras.optimizers.AdamW(float(params["learning_rate"]), weight_decay=float(params["weight_decay"])),
-        loss={"gender": "binary_crossentropy"},
+        loss={"gender": keras.losses.BinaryCrossentropy(
+            label_smoothing=float(params["gender_label_smoothing"]))},
         metrics={"gender": ["binary_accuracy", keras.metrics.AUC(name="auc")]},
     )
     return model
@@ -67,6 +69,8 @@ def main(
     learning_rate: cli.LearningRateOption = None,
     dropout: cli.DropoutOption = None,
     lr_schedule: cli.LrScheduleOption = None,
+    augment: cli.AugmentOption = None,
+    gender_label_smoothing: cli.LabelSmoothingOption = None,
     limit: cli.LimitOption = None,
     params: cli.ParamsOption = None,
     data_dir: cli.DataDirOption = DATA_DIR,
@@ -79,7 +83,8 @@ def main(
     with user_errors():
         chosen = merge_params(DEFAULT_PARAMS, load_params(params),
                               {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
-                               "lr_schedule": lr_schedule})
+                               "lr_schedule": lr_schedule, "augment": augment,
+                               "gender_label_smoothing": gender_label_smoothing})
         report(TASK, train(chosen, image_size, epochs, data_dir, limit, out, init_from=init_from, patience=patience))
 
 

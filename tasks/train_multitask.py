@@ -32,6 +32,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "age_head": "regression",
     "age_loss_weight": 4.0,  # age MAE on the /120 scale is ~0.05; this balances it against gender's BCE
     "gender_loss_weight": 1.0,
+    "gender_label_smoothing": 0.0,  # 0.1 pulls targets to 0.05/0.95, against an overconfident gender head
     "age_weight_power": 0.0,
 }
 MONITOR = "val_loss"
@@ -52,7 +53,8 @@ def build_model(image_size: int, params: dict[str, Any]):
     model = keras.Model(inputs, outputs, name="multitask_cnn")
     model.compile(
         optimizer=keras.optimizers.AdamW(float(params["learning_rate"]), weight_decay=float(params["weight_decay"])),
-        loss={"age": "mae", "gender": "binary_crossentropy"},
+        loss={"age": "mae", "gender": keras.losses.BinaryCrossentropy(
+            label_smoothing=float(params["gender_label_smoothing"]))},
         loss_weights={"age": float(params["age_loss_weight"]), "gender": float(params["gender_loss_weight"])},
         metrics={"age": ["mae"], "gender": ["binary_accuracy"]},
     )
@@ -77,6 +79,8 @@ def main(
     learning_rate: cli.LearningRateOption = None,
     dropout: cli.DropoutOption = None,
     lr_schedule: cli.LrScheduleOption = None,
+    augment: cli.AugmentOption = None,
+    gender_label_smoothing: cli.LabelSmoothingOption = None,
     age_head_kind: Annotated[str | None, typer.Option(
         "--age-head", help="regression, or dex (softmax over ages read as its expected value).")] = None,
     age_loss_weight: Annotated[float | None, typer.Option(min=0, help="Weight of the age loss.")] = None,
@@ -95,6 +99,7 @@ def main(
         chosen = merge_params(DEFAULT_PARAMS, load_params(params),
                               {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
                                "lr_schedule": lr_schedule,
+                               "augment": augment, "gender_label_smoothing": gender_label_smoothing,
                                "age_head": age_head_kind, "age_loss_weight": age_loss_weight,
                                "gender_loss_weight": gender_loss_weight})
         report(TASK, train(chosen, image_size, epochs, data_dir, limit, out, init_from=init_from, patience=patience))
