@@ -352,7 +352,9 @@ def open_storage(url: str):
         except sqlalchemy.exc.ArgumentError as error:
             raise UserError(f"{shown_url(url)} is not a storage URL (e.g. sqlite:///results/tuning/optuna.db "
                             f"or postgresql://user:password@host/db).") from error
-        except sqlalchemy.exc.OperationalError as error:  # workers creating the tables at once, or no server
+        # two workers creating the tables of a new database at once (the slower one's insert of the schema
+        # version fails as a duplicate), or no server yet
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as error:
             if attempt == 4:
                 first = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
                 raise UserError(f"Cannot open storage {shown_url(url)}: {first}.") from error

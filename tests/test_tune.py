@@ -142,6 +142,28 @@ def test_two_worker_processes_share_one_sqlite_study(prepared, tmp_path):
     assert summary["best_value"] == min(t.value for t in trials) > 0
 
 
+def test_a_worker_that_loses_the_race_to_create_the_tables_retries(tmp_path, monkeypatch):
+    """Two workers on a new SQLite file: the slower one's schema insert fails as a duplicate (CI saw this
+    once); opening the storage again then finds the tables the other worker made."""
+    import sqlalchemy
+
+    real_storage = optuna.storages.RDBStorage
+    attempts = []
+
+    def racing_storage(url, **kwargs):
+        attempts.append(url)
+        if len(attempts) == 1:
+            real_storage(url, **kwargs)  # the other worker creates the schema first
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE failed"))
+        return real_storage(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing_storage)
+    monkeypatch.setattr(tune.time, "sleep", lambda seconds: None)
+    storage = tune.open_storage(storage_url(tmp_path))
+    assert len(attempts) == 2
+    assert storage.get_all_studies() == []
+
+
 def test_transfer_trials_run_finetune_and_its_params_file_is_accepted(prepared, tmp_path):
     """--model transfer tunes finetune_transfer.finetune() (both phases, pruning callback, no test split)."""
     result = run_tune("--model", "transfer", "--backbone", "mobilenetv2", "--weights", "none", "--trials", "2",
