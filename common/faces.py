@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 from common.cli import UserError
 from common.data import file_sha256, resize_face
-from common.modelio import MODEL_FILE, TFLITE_FILE, load_model, read_metadata
+from common.modelio import EXPORT_FILES, MODEL_FILE, load_model, read_metadata
 
 # Where UTKFace's aligned 200x200 crops put the eyes (measured with MTCNN on 60 of them):
 # eye midpoint at (0.49, 0.289) of the side, eyes 0.389 of the side apart.
@@ -143,7 +143,7 @@ def to_model_input(faces: list[np.ndarray] | np.ndarray, metadata: dict[str, Any
     return batch.astype(np.float32) / 255.0
 
 
-BACKENDS = ("auto", "keras", "tflite")
+BACKENDS = ("auto", "keras", *EXPORT_FILES)
 
 
 def tflite_runner(path: Path, threads: int | None = None):
@@ -168,12 +168,21 @@ def tflite_runner(path: Path, threads: int | None = None):
     return interpreter.get_signature_runner()
 
 
+def export_is_current(folder: Path, metadata: dict[str, Any], kind: str) -> bool:
+    """Whether tasks/export.py wrote and checked this export for the model.keras that is in the folder now."""
+    export = metadata.get("exports", {}).get(kind)
+    return (export is not None and (folder / EXPORT_FILES[kind]).exists() and (folder / MODEL_FILE).exists()
+            and export.get("model_sha256") == file_sha256(folder / MODEL_FILE))
+
+
 @dataclass
 class Predictor:
     """A saved model ready to predict; build it with Predictor.load(model_dir).
 
     backend "keras" runs model.keras; "tflite" runs the model.tflite that tasks/export.py wrote and checked
-    against it (3-4x faster per face on a CPU); "auto" takes the export when it matches model.keras."""
+    against it (3-4x faster per face on a CPU); "tflite-int8" its int8-weight twin model-int8.tflite (about 3x
+    faster again, checked to within small tolerances); "auto" takes the fastest export that matches
+    model.keras, else model.keras."""
 
     model: Any
     metadata: dict[str, Any]
@@ -190,13 +199,12 @@ class Predictor:
             raise UserError(f"Unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}.")
         if backend != "keras":
             metadata = read_metadata(folder) if folder.is_dir() else {}
-            export = metadata.get("exports", {}).get("tflite")
-            usable = (export is not None and (folder / TFLITE_FILE).exists() and (folder / MODEL_FILE).exists()
-                      and export.get("model_sha256") == file_sha256(folder / MODEL_FILE))
-            if usable:
-                return cls(None, metadata, folder, "tflite", _runner=tflite_runner(folder / TFLITE_FILE))
-            if backend == "tflite":
-                raise UserError(f"{folder} has no up-to-date {TFLITE_FILE}; run python tasks/export.py {folder}.")
+            for kind in ("tflite-int8", "tflite") if backend == "auto" else (backend,):
+                if export_is_current(folder, metadata, kind):
+                    return cls(None, metadata, folder, kind, _runner=tflite_runner(folder / EXPORT_FILES[kind]))
+            if backend != "auto":
+                raise UserError(f"{folder} has no up-to-date {EXPORT_FILES[backend]}; "
+                                f"run python tasks/export.py {folder}.")
         model, metadata = load_model(folder)
         return cls(model, metadata, folder)
 
@@ -204,7 +212,7 @@ class Predictor:
     def parameters(self) -> int:
         if self.model is not None:
             return int(self.model.count_params())
-        return int(self.metadata.get("parameters") or self.metadata["exports"]["tflite"]["parameters"])
+        return int(self.metadata.get("parameters") or self.metadata["exports"][self.backend]["parameters"])
 
     @property
     def image_size(self) -> int:
@@ -221,7 +229,7 @@ class Predictor:
     def forward(self, batch: np.ndarray) -> Any:
         """The model on a float batch as one compiled graph: an eager model(x) runs layer by layer (~10x slower
         at batch 1) and Model.predict adds its per-call set-up."""
-        if self.backend == "tflite":
+        if self.backend != "keras":
             with self._lock:  # one interpreter, and Gradio may call from several threads
                 found = self._runner(**{self._input_name: np.ascontiguousarray(batch, dtype=np.float32)})
             return found if len(found) > 1 else {self.outputs[0]: next(iter(found.values()))}

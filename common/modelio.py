@@ -16,6 +16,9 @@ from common.data import AGE_SCALE, GENDER_LABELS
 
 MODEL_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"  # optional, written and checked by tasks/export.py
+TFLITE_INT8_FILE = "model-int8.tflite"  # optional: the same with int8 weights (dynamic-range quantisation)
+# backend name -> file; tasks/export.py records each as metadata["exports"][backend]
+EXPORT_FILES = {"tflite": TFLITE_FILE, "tflite-int8": TFLITE_INT8_FILE}
 METADATA_FILE = "metadata.json"
 METRICS_FILE = "metrics.json"
 TASKS = ("gender", "age", "multitask")
@@ -102,3 +105,17 @@ def load_model(folder: Path) -> tuple[Any, dict[str, Any]]:
     except Exception as error:  # a truncated or foreign file
         raise UserError(f"Could not load {folder / MODEL_FILE}: {error}".split("\n")[0]) from error
     return model, metadata
+
+
+def model_folders(given: list[Path] | None, models_dir: Path) -> list[Path]:
+    """The model folders given (each checked), or every folder of models_dir with a metadata.json."""
+    if given:
+        for folder in given:
+            if not Path(folder).is_dir():
+                raise UserError(f"Model folder {folder} does not exist.")
+            if not (Path(folder) / METADATA_FILE).exists():
+                raise UserError(f"{folder} is not a model folder: it has no {METADATA_FILE}.")
+        return [Path(folder) for folder in given]
+    if not Path(models_dir).is_dir():
+        return []
+    return sorted(p for p in Path(models_dir).iterdir() if (p / METADATA_FILE).exists())

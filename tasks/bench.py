@@ -37,6 +37,7 @@ from rich.table import Table
 
 from common.cli import UserError, console, err_console, user_errors, write_json, write_text
 from common.data import DATA_DIR, MODELS_DIR, REPO_ROOT, RESULTS_DIR, SEED
+from common.modelio import EXPORT_FILES, model_folders
 
 BENCH_DIR = RESULTS_DIR / "bench"
 README = REPO_ROOT / "README.md"
@@ -408,23 +409,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def model_folders(models: list[Path] | None, models_dir: Path) -> list[Path]:
-    """The model folders given, or every folder of models_dir with a metadata.json."""
-    if models:
-        for folder in models:
-            if not (Path(folder) / "metadata.json").exists():
-                raise UserError(f"{folder} is not a model folder: it has no metadata.json.")
-        return [Path(folder) for folder in models]
-    if not models_dir.is_dir():
-        return []
-    return sorted(p for p in models_dir.iterdir() if (p / "metadata.json").exists())
-
-
 def backends(model_dir: Path) -> list[str]:
-    """keras always; tflite too when tasks/export.py wrote and checked an export for this folder."""
+    """keras always, and each export tasks/export.py wrote and checked for the model.keras in the folder."""
+    from common.faces import export_is_current
+
     metadata = json.loads((Path(model_dir) / "metadata.json").read_text())
-    has_export = (Path(model_dir) / "model.tflite").exists() and "tflite" in metadata.get("exports", {})
-    return ["keras", "tflite"] if has_export else ["keras"]
+    return ["keras", *(kind for kind in EXPORT_FILES if export_is_current(Path(model_dir), metadata, kind))]
 
 
 def predict_folder(data_dir: Path, count: int, scratch: Path) -> Path:
@@ -595,7 +585,8 @@ def markdown(report: dict[str, Any], json_name: str) -> str:
         f"1 with alignment and {TARGETS['faces_per_s_batch64']:.0f} faces/s batched; predict over "
         f"{settings['predict_images']} images:",
         "Where inference time goes": "Per face at batch 1, and the same Keras forward pass run three ways (the "
-        "TFLite rows above run tasks/export.py's model.tflite, checked to predict the same):",
+        "tflite rows above run tasks/export.py's model.tflite, checked to predict the same, and tflite-int8 rows its "
+        "model-int8.tflite with int8 weights, checked to within tolerances):",
     }
     for title, columns, rows in tables(report):
         if rows:

@@ -3,7 +3,8 @@
     python tasks/predict.py results/models/multitask photos/ --out predictions.csv
     python tasks/predict.py results/models/gender face_crop.jpg --no-detect
 
-A folder with a model.tflite from tasks/export.py runs it (3-4x faster on a CPU); --backend keras runs model.keras.
+A folder with exports from tasks/export.py runs the fastest that matches model.keras (model-int8.tflite, else
+model.tflite; 3-10x faster than Keras on a CPU); --backend keras|tflite|tflite-int8 chooses.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def main(
     = True,
     batch_size: Annotated[int, typer.Option(min=1, help="Faces per model call.")] = 64,
     backend: Annotated[str, typer.Option(
-        help="auto (the checked TFLite export when the folder has one, else Keras), keras or tflite.")] = "auto",
+        help="auto (the fastest checked export the folder has: tflite-int8, tflite, else keras), keras, tflite "
+             "or tflite-int8.")] = "auto",
 ) -> None:
     """Predict age and/or gender for every face in the given images."""
     check_choice(backend, BACKENDS, "--backend")

@@ -34,7 +34,8 @@ REPO = REPO_ROOT
 SPACES_DIR = REPO / "spaces"
 BUILD_DIR = REPO / "build" / "spaces"
 SPACE_FILES = ("app.py", "README.md", "requirements.txt")
-MODEL_FILES = ("model.keras", "model.tflite", "metadata.json", "metrics.json", "history.csv")  # plus the folder's *.png
+MODEL_FILES = ("model.keras", "model.tflite", "model-int8.tflite", "metadata.json", "metrics.json",
+               "history.csv")  # plus the folder's *.png
 COMBINED = "combined"
 REPO_PREFIX = "agegender"  # Space <namespace>/agegender-<name>
 OWNED_REMOTE = ["*.py", "*.txt", "common/**", "examples/**", "results/**"]  # stale copies deleted on update

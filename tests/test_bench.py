@@ -78,7 +78,7 @@ def test_readme_section_is_replaced_and_nothing_else(quick_report, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--family", "resnet"], "Unknown family"),
     (["--data-dir", "/nonexistent/data"], "No manifest"),
-    (["--model", "/nonexistent/model"], "not a model folder"),
+    (["--model", "/nonexistent/model"], "Model folder /nonexistent/model does not exist"),
 ])
 def test_bad_input_ends_in_one_sentence(args, message, prepared):
     extra = [] if "--data-dir" in args else ["--data-dir", str(prepared["data_dir"])]

@@ -48,41 +48,71 @@ def test_export_writes_a_checked_tflite_next_to_the_model(exported):
         "max_age_diff_years"] < export.MAX_AGE_DIFF_YEARS
 
 
-def test_auto_backend_runs_the_export_and_predicts_what_keras_predicts(exported, prepared):
+def test_the_int8_export_is_a_quarter_of_the_size_and_within_its_tolerances(exported):
+    for name, folder in exported.items():
+        exports = json.loads((folder / "metadata.json").read_text())["exports"]
+        record = exports["tflite-int8"]
+        assert (folder / "model-int8.tflite").stat().st_size == record["bytes"] < exports["tflite"]["bytes"] / 3
+        assert record["mean_p_female_diff"] <= export.INT8_MEAN_P_FEMALE_DIFF
+        assert record["gender_agreement"] >= export.INT8_GENDER_AGREEMENT
+        assert 0 < record["gender_accuracy_export"] <= 1
+        if name == "multitask":
+            assert record["mean_age_diff_years"] <= export.INT8_MEAN_AGE_DIFF_YEARS
+            assert abs(record["age_mae_export"] - record["age_mae_keras"]) <= export.INT8_AGE_MAE_CHANGE_YEARS
+
+
+def test_auto_backend_runs_the_fastest_export_and_predicts_what_keras_predicts(exported, prepared):
     images, _ = load_split("test", TEST_IMAGE_SIZE, prepared["data_dir"], 40)
     for name, folder in exported.items():
-        lite, keras_model = Predictor.load(folder), Predictor.load(folder, backend="keras")
-        assert (lite.backend, lite.model) == ("tflite", None)
-        assert keras_model.backend == "keras"
-        assert lite.parameters == keras_model.parameters
-        got, want = lite.predict_arrays(images, batch_size=16), keras_model.predict_arrays(images)
-        assert set(got) == set(want) == ({"p_female"} if name == "gender" else {"age", "p_female"})
-        np.testing.assert_allclose(got["p_female"], want["p_female"], atol=1e-4)
-        if "age" in want:
-            np.testing.assert_allclose(got["age"], want["age"], atol=0.01)
+        keras_model = Predictor.load(folder, backend="keras")
+        lite, int8 = Predictor.load(folder, backend="tflite"), Predictor.load(folder)
+        assert (int8.backend, int8.model, lite.backend, keras_model.backend) == ("tflite-int8", None, "tflite", "keras")
+        assert lite.parameters == int8.parameters == keras_model.parameters
+        want = keras_model.predict_arrays(images)
+        for predictor, p_tolerance, age_tolerance in ((lite, 1e-4, 0.01), (int8, 0.05, 2.0)):
+            got = predictor.predict_arrays(images, batch_size=16)
+            assert set(got) == set(want) == ({"p_female"} if name == "gender" else {"age", "p_female"})
+            np.testing.assert_allclose(got["p_female"], want["p_female"], atol=p_tolerance)
+            if "age" in want:
+                np.testing.assert_allclose(got["age"], want["age"], atol=age_tolerance)
         single = lite.predict_arrays(images[:1])  # batch 1 after batch 16: the runner resizes its input
         np.testing.assert_allclose(single["p_female"], want["p_female"][:1], atol=1e-4)
+
+
+def test_an_int8_export_outside_tolerance_is_not_kept(exported, prepared, tmp_path, monkeypatch):
+    folder = tmp_path / "strict"
+    shutil.copytree(exported["gender"], folder)
+    monkeypatch.setattr(export, "INT8_GENDER_AGREEMENT", 1.01)  # no export can agree more than always
+    result = runner.invoke(export.app, [str(folder), "--data-dir", str(prepared["data_dir"]), "--faces", "64"])
+    assert result.exit_code == 0, result.output
+    assert "not kept" in said(result) and "agreement" in said(result)
+    assert not (folder / "model-int8.tflite").exists()
+    assert set(json.loads((folder / "metadata.json").read_text())["exports"]) == {"tflite"}
+    assert Predictor.load(folder).backend == "tflite"
 
 
 def test_predict_cli_gives_the_same_rows_with_either_backend(exported, prepared, tmp_path):
     rows = pd.read_csv(prepared["data_dir"] / "manifest.csv").query("split == 'test'").head(5)
     paths = [str(prepared["images"] / name) for name in rows["file"]]
     frames = {}
-    for backend in ("auto", "keras"):
+    for backend in ("auto", "tflite", "keras"):
         out = tmp_path / f"{backend}.csv"
         result = runner.invoke(predict.app, [str(exported["multitask"]), *paths, "--no-detect", "--out", str(out),
                                              "--backend", backend])
         assert result.exit_code == 0, result.output
         frames[backend] = pd.read_csv(out)
-    np.testing.assert_allclose(frames["auto"]["age"], frames["keras"]["age"], atol=0.01)
-    assert list(frames["auto"]["gender"]) == list(frames["keras"]["gender"])
+    np.testing.assert_allclose(frames["tflite"]["age"], frames["keras"]["age"], atol=0.01)
+    assert list(frames["tflite"]["gender"]) == list(frames["keras"]["gender"])
+    np.testing.assert_allclose(frames["auto"]["age"], frames["keras"]["age"], atol=2.0)  # int8 weights
+    np.testing.assert_allclose(frames["auto"]["p_female"], frames["keras"]["p_female"], atol=0.05)
 
 
 def test_a_stale_export_is_ignored_and_a_missing_one_is_one_sentence(exported, trained_models, tmp_path):
     stale = tmp_path / "stale"
     shutil.copytree(exported["gender"], stale)
     metadata = json.loads((stale / "metadata.json").read_text())
-    metadata["exports"]["tflite"]["model_sha256"] = "0" * 64  # as if model.keras were replaced after export
+    for kind in ("tflite", "tflite-int8"):
+        metadata["exports"][kind]["model_sha256"] = "0" * 64  # as if model.keras were replaced after export
     (stale / "metadata.json").write_text(json.dumps(metadata))
     assert Predictor.load(stale).backend == "keras"
 
@@ -91,7 +121,7 @@ def test_a_stale_export_is_ignored_and_a_missing_one_is_one_sentence(exported, t
     assert result.exit_code == 1
     assert "has no up-to-date model.tflite; run python tasks/export.py" in said(result)
     result = runner.invoke(predict.app, [str(trained_models["age"]), str(stale), "--backend", "onnx"])
-    assert result.exit_code == 2 and "must be one of auto, keras, tflite" in said(result)
+    assert result.exit_code == 2 and "must be one of auto, keras, tflite, tflite-int8" in said(result)
     result = runner.invoke(export.app, [str(tmp_path / "missing")])
     assert result.exit_code == 1 and "does not exist" in said(result)
     assert not (tmp_path / "missing").exists()
@@ -100,6 +130,7 @@ def test_a_stale_export_is_ignored_and_a_missing_one_is_one_sentence(exported, t
 def test_a_corrupt_export_is_one_sentence(exported, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(exported["gender"], broken)
-    (broken / "model.tflite").write_bytes(b"not a flatbuffer")
-    with pytest.raises(UserError, match="is not a readable TFLite model"):
-        Predictor.load(broken)
+    for name, backend in (("model-int8.tflite", "auto"), ("model.tflite", "tflite")):
+        (broken / name).write_bytes(b"not a flatbuffer")
+        with pytest.raises(UserError, match=f"{name} is not a readable TFLite model"):
+            Predictor.load(broken, backend)
