@@ -166,14 +166,15 @@ def export_model(folder: Path, data_dir: Path = DATA_DIR, faces: int = CHECK_FAC
 
 
 def describe(record: dict[str, Any]) -> list[str]:
-    """A table row's cells for one export: size, how it differs from Keras, the figures it was checked on."""
+    """A table row's cells for one export: size, how it differs from Keras, the faces it was checked on."""
     if "rejected" in record:
-        return ["not kept", "; ".join(record["rejected"]), "", ""]
+        return ["not kept: " + "; ".join(record["rejected"]), "", "", "", ""]
     age = (f"{record['mean_age_diff_years']:.3f} / {record['max_age_diff_years']:.2f}"
            if "max_age_diff_years" in record else "-")
-    gender = (f"{record['mean_p_female_diff']:.4f} / {record['max_p_female_diff']:.3f}, "
-              f"{record['gender_agreement']:.1%} same" if "max_p_female_diff" in record else "-")
-    return [f"{record['bytes'] / 1e6:.1f} MB", age, gender, record["checked_on"]]
+    gender = (f"{record['mean_p_female_diff']:.4f} / {record['max_p_female_diff']:.3f}"
+              if "max_p_female_diff" in record else "-")
+    same = f"{record['gender_agreement']:.1%}" if "gender_agreement" in record else "-"
+    return [f"{record['bytes'] / 1e6:.1f} MB", age, gender, same, record["checked_on"]]
 
 
 @app.command()
@@ -190,14 +191,14 @@ def main(
         if not found:
             raise UserError(f"No model folders in {MODELS_DIR}; train a model first.")
         table = Table(title="TFLite exports (differences from model.keras)")
-        for column in ("model", "export", "size", "age diff mean / max (years)", "p_female diff mean / max",
-                       "checked on"):
+        for column in ("model", "backend", "size", "age diff mean / max (y)", "p_female diff mean / max",
+                       "same gender", "checked on"):
             table.add_column(column)
         for folder in found:
             with console.status(f"exporting {folder}"):
                 results = export_model(folder, data_dir, faces, int8)
             for kind, record in results.items():
-                table.add_row(folder.name, EXPORT_FILES[kind], *describe(record))
+                table.add_row(folder.name, kind, *describe(record))
         console.print(table)
 
 
