@@ -594,10 +594,10 @@ def write_results(study, model: str, out_dir: Path) -> dict[str, Any]:
                         f"nothing to write.")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = study.study_name
-    tmp = out_dir / f".tmp-{stem}_history.png"
+    tmp = out_dir / f".tmp-{os.getpid()}-{stem}_history.png"  # workers finishing at once must not share one
     plot_history(study, tmp)
     tmp.replace(out_dir / f"{stem}_history.png")
-    tmp = out_dir / f".tmp-{stem}_importances.png"
+    tmp = out_dir / f".tmp-{os.getpid()}-{stem}_importances.png"
     if plot_importances(study, tmp):
         tmp.replace(out_dir / f"{stem}_importances.png")
         summary["plots"] = [f"{stem}_history.png", f"{stem}_importances.png"]

@@ -132,7 +132,7 @@ def test_two_worker_processes_share_one_sqlite_study(prepared, tmp_path):
     finally:
         for worker in workers:
             worker.kill()
-    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    assert [worker.returncode for worker in workers] == [0, 0], [output[-2000:] for output in outputs]
     trials = optuna.load_study(study_name="shared", storage=url).trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # one trial from each process
