@@ -180,9 +180,9 @@ class Predictor:
     """A saved model ready to predict; build it with Predictor.load(model_dir).
 
     backend "keras" runs model.keras; "tflite" runs the model.tflite that tasks/export.py wrote and checked
-    against it (3-4x faster per face on a CPU); "tflite-int8" its int8-weight twin model-int8.tflite (about 3x
-    faster again, checked to within small tolerances); "auto" takes the fastest export that matches
-    model.keras, else model.keras."""
+    against it (about 2x faster per face than Keras on the benchmark's 2-core CPU); "tflite-int8" its
+    int8-weight twin model-int8.tflite (about 2x faster again at batch 1 and 3x at batch 64, checked to within
+    small tolerances); "auto" takes the fastest export that matches model.keras, else model.keras."""
 
     model: Any
     metadata: dict[str, Any]

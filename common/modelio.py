@@ -15,10 +15,9 @@ from common.cli import UserError, replace_dir, write_json
 from common.data import AGE_SCALE, GENDER_LABELS
 
 MODEL_FILE = "model.keras"
-TFLITE_FILE = "model.tflite"  # optional, written and checked by tasks/export.py
-TFLITE_INT8_FILE = "model-int8.tflite"  # optional: the same with int8 weights (dynamic-range quantisation)
-# backend name -> file; tasks/export.py records each as metadata["exports"][backend]
-EXPORT_FILES = {"tflite": TFLITE_FILE, "tflite-int8": TFLITE_INT8_FILE}
+# optional exports, backend name -> file: float32 TFLite and the same with int8 weights (dynamic-range
+# quantisation); tasks/export.py writes and checks each and records it as metadata["exports"][backend]
+EXPORT_FILES = {"tflite": "model.tflite", "tflite-int8": "model-int8.tflite"}
 METADATA_FILE = "metadata.json"
 METRICS_FILE = "metrics.json"
 TASKS = ("gender", "age", "multitask")

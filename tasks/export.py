@@ -7,7 +7,7 @@ Writes two files next to model.keras and records in metadata.json how far each o
 Keras model's on real test faces:
 - model.tflite, float32 like the Keras model (only summation order differs; checked to tight tolerances);
 - model-int8.tflite, the same with int8 weights (dynamic-range quantisation: activations are quantised on the
-  fly, no calibration data), about 3x faster again on a CPU. It is kept only when it stays within the INT8_
+  fly, no calibration data), 2-3x faster again on a CPU. It is kept only when it stays within the INT8_
   tolerances below; else the table says why and the float export serves.
 `predict`, `compare`, the benchmark and the Spaces take the fastest export that matches model.keras (Predictor
 backend "auto"); `--backend keras|tflite|tflite-int8` in predict chooses.
@@ -109,7 +109,7 @@ def out_of_tolerance(kind: str, gaps: dict[str, float]) -> list[str]:
 
 
 def export_one(folder: Path, keras_predictor, kind: str, images: np.ndarray, rows: pd.DataFrame | None,
-               keras_out: dict[str, np.ndarray]) -> tuple[dict[str, Any] | None, list[str]]:
+               keras_out: dict[str, np.ndarray], model_sha256: str) -> tuple[dict[str, Any] | None, list[str]]:
     """Convert, check and (when within tolerance) save one export; returns (its record or None, problems)."""
     from common.faces import Predictor, tflite_runner
 
@@ -127,7 +127,7 @@ def export_one(folder: Path, keras_predictor, kind: str, images: np.ndarray, row
         tmp.unlink(missing_ok=True)
     import tensorflow as tf
 
-    record = {"file": EXPORT_FILES[kind], "bytes": len(blob), "model_sha256": file_sha256(folder / MODEL_FILE),
+    record = {"file": EXPORT_FILES[kind], "bytes": len(blob), "model_sha256": model_sha256,
               "parameters": keras_predictor.parameters, "checked_on": f"{len(images)} {source_of(rows)}",
               **gaps, "tensorflow": tf.__version__, "created": datetime.now(UTC).isoformat(timespec="seconds")}
     return record, []
@@ -148,10 +148,11 @@ def export_model(folder: Path, data_dir: Path = DATA_DIR, faces: int = CHECK_FAC
     keras_predictor = Predictor.load(folder, backend="keras")
     images, rows = check_faces(keras_predictor.image_size, data_dir, faces)
     keras_out = keras_predictor.predict_arrays(images)
+    model_sha256 = file_sha256(folder / MODEL_FILE)
     exports = {k: v for k, v in keras_predictor.metadata.get("exports", {}).items() if k in EXPORT_FILES}
     results: dict[str, dict[str, Any]] = {}
     for kind in ("tflite", "tflite-int8") if int8 else ("tflite",):
-        record, problems = export_one(folder, keras_predictor, kind, images, rows, keras_out)
+        record, problems = export_one(folder, keras_predictor, kind, images, rows, keras_out, model_sha256)
         if kind == "tflite" and problems:
             raise UserError(f"The TFLite export of {folder} predicts differently from model.keras "
                             f"({'; '.join(problems)}); it was not saved.")

@@ -4,7 +4,7 @@
     python tasks/predict.py results/models/gender face_crop.jpg --no-detect
 
 A folder with exports from tasks/export.py runs the fastest that matches model.keras (model-int8.tflite, else
-model.tflite; 3-10x faster than Keras on a CPU); --backend keras|tflite|tflite-int8 chooses.
+model.tflite; int8 is about 4x faster per face than Keras on a 2-core CPU); --backend keras|tflite|tflite-int8 chooses.
 """
 
 from __future__ import annotations
