@@ -103,13 +103,16 @@ def test_saved_model_reloads_and_predicts_the_same(trained, prepared, name):
     assert any(isinstance(layer, BackbonePreprocess) for layer in model._flatten_layers())
 
 
-@pytest.mark.parametrize("task, outputs", [("gender", ["gender"]), ("age", ["age"])])
-def test_single_task_head(prepared, tmp_path, task, outputs):
-    result = ft.finetune("mobilenetv2", task, "none", {"batch_size": LIMIT}, SIZE, 1, 0,
+def test_single_task_heads(prepared, tmp_path):
+    """An age-only model trains, saves and evaluates end to end; a gender-only one builds with its one output
+    (training it end to end again would trace MobileNetV2's train step for another ~40 s of CI)."""
+    result = ft.finetune("mobilenetv2", "age", "none", {"batch_size": LIMIT}, SIZE, 1, 0,
                          prepared["data_dir"], LIMIT, tmp_path, verbose=0)
     meta = json.loads((tmp_path / "transfer-mobilenetv2-scratch" / "metadata.json").read_text())
-    assert meta["task"] == task and meta["outputs"] == outputs
-    assert set(result.test_metrics) == set(outputs)
+    assert meta["task"] == "age" and meta["outputs"] == ["age"]
+    assert set(result.test_metrics) == {"age"}
+    gender = ft.build_model(ft.BACKBONES["mobilenetv2"], SIZE, ft.DEFAULT_PARAMS, "gender", weights="none")
+    assert gender.output_names == ["gender"] and gender.output_shape == (None, 1)
 
 
 def test_backbone_preprocessing_modes():
