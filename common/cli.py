@@ -92,6 +92,9 @@ PatienceOption = Annotated[int | None, typer.Option(
     min=1, help="Epochs without a better validation loss before stopping [10 with cosine, 5 with plateau].")]
 AugmentOption = Annotated[float | None, typer.Option(
     min=0, max=1, help="Strength of the training augmentations (0 none, 1 full) [0.5].")]
+NoiseAugmentOption = Annotated[float | None, typer.Option(
+    min=0, max=0.3, help="Largest sigma of Gaussian pixel noise added in training, on the [0, 1] scale (0 off; "
+    "0.08 ~ 20 grey levels); each image draws its own sigma up to it [0].")]
 LabelSmoothingOption = Annotated[float | None, typer.Option(
     "--gender-label-smoothing", min=0, max=0.5, help="Label smoothing of the gender loss [0].")]
 InitFromOption = Annotated[Path | None, typer.Option(

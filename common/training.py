@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -211,7 +211,8 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
         patience = default_patience(schedule)
 
     keras.utils.set_random_seed(SEED)
-    augment = Augment().scaled(float(params.get("augment", 1.0)))
+    augment = replace(Augment().scaled(float(params.get("augment", 1.0))),
+                      noise=float(params.get("noise_augment", 0.0)))
     train, val = data["train"], data["val"]
     weights = train_sample_weights(train.rows, outputs, params)
     batch_size = int(params["batch_size"])

@@ -30,6 +30,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "weight_decay": 1e-4,
     "lr_schedule": "cosine",  # or "plateau"
     "augment": 0.5,  # full-strength augmentation slowed learning too much for a ~15-epoch CPU budget
+    "noise_augment": 0.0,  # off: the committed models were trained without it
     "age_head": "regression",
     "age_weight_power": 0.0,  # >0 up-weights rare ages: weight ~ frequency ** -power
 }
@@ -72,6 +73,8 @@ def main(
     learning_rate: cli.LearningRateOption = None,
     dropout: cli.DropoutOption = None,
     lr_schedule: cli.LrScheduleOption = None,
+    augment: cli.AugmentOption = None,
+    noise_augment: cli.NoiseAugmentOption = None,
     age_head_kind: Annotated[str | None, typer.Option(
         "--age-head", help="regression, or dex (softmax over ages read as its expected value).")] = None,
     age_weight_power: Annotated[float | None, typer.Option(
@@ -89,7 +92,7 @@ def main(
     with user_errors():
         chosen = merge_params(DEFAULT_PARAMS, load_params(params),
                               {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
-                               "lr_schedule": lr_schedule,
+                               "lr_schedule": lr_schedule, "augment": augment, "noise_augment": noise_augment,
                                "age_head": age_head_kind, "age_weight_power": age_weight_power})
         report(TASK, train(chosen, image_size, epochs, data_dir, limit, out, init_from=init_from, patience=patience))
 

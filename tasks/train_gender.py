@@ -29,6 +29,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "weight_decay": 1e-4,
     "lr_schedule": "cosine",  # or "plateau"
     "augment": 0.5,  # full-strength augmentation slowed learning too much for a ~15-epoch CPU budget
+    "noise_augment": 0.0,  # off: the committed models were trained without it
     "gender_label_smoothing": 0.0,  # 0.1 pulls targets to 0.05/0.95, against an overconfident gender head
 }
 MONITOR = "val_loss"
@@ -70,6 +71,7 @@ def main(
     dropout: cli.DropoutOption = None,
     lr_schedule: cli.LrScheduleOption = None,
     augment: cli.AugmentOption = None,
+    noise_augment: cli.NoiseAugmentOption = None,
     gender_label_smoothing: cli.LabelSmoothingOption = None,
     limit: cli.LimitOption = None,
     params: cli.ParamsOption = None,
@@ -83,7 +85,7 @@ def main(
     with user_errors():
         chosen = merge_params(DEFAULT_PARAMS, load_params(params),
                               {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
-                               "lr_schedule": lr_schedule, "augment": augment,
+                               "lr_schedule": lr_schedule, "augment": augment, "noise_augment": noise_augment,
                                "gender_label_smoothing": gender_label_smoothing})
         report(TASK, train(chosen, image_size, epochs, data_dir, limit, out, init_from=init_from, patience=patience))
 

@@ -29,6 +29,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "weight_decay": 1e-4,
     "lr_schedule": "cosine",  # or "plateau"
     "augment": 0.5,  # full-strength augmentation slowed learning too much for a ~15-epoch CPU budget
+    "noise_augment": 0.0,  # off: the committed models were trained without it
     "age_head": "regression",
     "age_loss_weight": 4.0,  # age MAE on the /120 scale is ~0.05; this balances it against gender's BCE
     "gender_loss_weight": 1.0,
@@ -80,6 +81,7 @@ def main(
     dropout: cli.DropoutOption = None,
     lr_schedule: cli.LrScheduleOption = None,
     augment: cli.AugmentOption = None,
+    noise_augment: cli.NoiseAugmentOption = None,
     gender_label_smoothing: cli.LabelSmoothingOption = None,
     age_head_kind: Annotated[str | None, typer.Option(
         "--age-head", help="regression, or dex (softmax over ages read as its expected value).")] = None,
@@ -99,7 +101,8 @@ def main(
         chosen = merge_params(DEFAULT_PARAMS, load_params(params),
                               {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
                                "lr_schedule": lr_schedule,
-                               "augment": augment, "gender_label_smoothing": gender_label_smoothing,
+                               "augment": augment, "noise_augment": noise_augment,
+                               "gender_label_smoothing": gender_label_smoothing,
                                "age_head": age_head_kind, "age_loss_weight": age_loss_weight,
                                "gender_loss_weight": gender_loss_weight})
         report(TASK, train(chosen, image_size, epochs, data_dir, limit, out, init_from=init_from, patience=patience))

@@ -36,3 +36,20 @@ def test_training_batches_are_augmented_and_evaluation_batches_are_not(prepared)
     assert batch.shape == (16, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3) and batch.min() >= 0.0 and batch.max() <= 1.0
     np.testing.assert_allclose(batch, second[0].numpy(), atol=1e-6)  # same seed, same augmented batch
     assert not np.allclose(np.sort(batch.mean(axis=(1, 2, 3))), np.sort(images[:16].mean(axis=(1, 2, 3)) / 255))
+
+
+def test_noise_augmentation_adds_seeded_noise_of_a_random_strength_per_image(prepared):
+    images, rows = load_split("val", TEST_IMAGE_SIZE, prepared["data_dir"])
+    targets = {"gender": rows["gender"].to_numpy()}
+    no_colour = Augment(crop=0, flip=False, rotation=0, zoom=0, brightness=0, contrast=0, saturation=0)
+
+    def first_batch(augment: Augment) -> np.ndarray:
+        return next(iter(make_dataset(images, targets, 16, training=True, augment=augment)))[0].numpy()
+
+    clean = first_batch(no_colour)
+    noisy = first_batch(Augment(**{**no_colour.__dict__, "noise": 0.1}))
+    np.testing.assert_allclose(noisy, first_batch(Augment(**{**no_colour.__dict__, "noise": 0.1})), atol=1e-6)
+    assert noisy.min() >= 0.0 and noisy.max() <= 1.0
+    spread = (noisy - clean).std(axis=(1, 2, 3))  # per image, under 0.1 and not all alike
+    assert 0.0 < spread.max() <= 0.1 and spread.max() - spread.min() > 0.02
+    assert Augment(noise=0.1).scaled(0.5).noise == 0.1  # --augment scales the rest, not the noise

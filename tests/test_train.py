@@ -75,7 +75,7 @@ def test_cli_trains_with_a_params_file_and_flags(prepared, tmp_path):
     out = tmp_path / "age-dex"
     result = runner.invoke(train_age.app, ["--epochs", "1", "--image-size", "48", "--limit", "64",
                                            "--params", str(params), "--batch-size", "32", "--age-head", "dex",
-                                           "--lr-schedule", "plateau",
+                                           "--lr-schedule", "plateau", "--augment", "0.3", "--noise-augment", "0.05",
                                            "--data-dir", str(prepared["data_dir"]), "--out", str(out)])
     assert result.exit_code == 0, result.output
     metadata = json.loads((out / "metadata.json").read_text())
@@ -83,6 +83,7 @@ def test_cli_trains_with_a_params_file_and_flags(prepared, tmp_path):
     assert metadata["params"]["batch_size"] == 32  # the flag wins over the file
     assert metadata["age_head"] == "dex" and metadata["image_size"] == 48
     assert metadata["params"]["lr_schedule"] == "plateau"
+    assert metadata["params"]["augment"] == 0.3 and metadata["params"]["noise_augment"] == 0.05
     assert metadata["train_images"] == 64
     age = Predictor.load(out).predict_arrays(load_split("test", 48, prepared["data_dir"])[0][:8])["age"]
     assert ((age >= 0) & (age <= 116.01)).all()  # DEX reads out an expected age in 0..116
