@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import tensorflow as tf
 
@@ -47,8 +49,8 @@ def test_noise_augmentation_adds_seeded_noise_of_a_random_strength_per_image(pre
         return next(iter(make_dataset(images, targets, 16, training=True, augment=augment)))[0].numpy()
 
     clean = first_batch(no_colour)
-    noisy = first_batch(Augment(**{**no_colour.__dict__, "noise": 0.1}))
-    np.testing.assert_allclose(noisy, first_batch(Augment(**{**no_colour.__dict__, "noise": 0.1})), atol=1e-6)
+    noisy = first_batch(replace(no_colour, noise=0.1))
+    np.testing.assert_allclose(noisy, first_batch(replace(no_colour, noise=0.1)), atol=1e-6)
     assert noisy.min() >= 0.0 and noisy.max() <= 1.0
     spread = (noisy - clean).std(axis=(1, 2, 3))  # per image, under 0.1 and not all alike
     assert 0.0 < spread.max() <= 0.1 and spread.max() - spread.min() > 0.02

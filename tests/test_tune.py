@@ -166,8 +166,10 @@ def test_a_worker_that_loses_the_race_to_create_the_tables_retries(tmp_path, mon
 
 def test_transfer_trials_run_finetune_and_its_params_file_is_accepted(prepared, tmp_path):
     """--model transfer tunes finetune_transfer.finetune() (both phases, pruning callback, no test split).
-    One trial: each traces MobileNetV2's train step twice, the slowest thing in the suite."""
+    One trial, drawn from the search space rather than the defaults (which the finetune tests already train):
+    each trial traces MobileNetV2's train step twice, the slowest thing in the suite."""
     result = run_tune("--model", "transfer", "--backbone", "mobilenetv2", "--weights", "none", "--trials", "1",
+                      "--no-defaults-first",
                       "--epochs", "2", "--limit", "64", "--image-size", "32", "--data-dir",
                       str(prepared["data_dir"]), "--out-dir", str(tmp_path))
     assert result.exit_code == 0, result.output
