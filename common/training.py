@@ -105,6 +105,15 @@ def cosine_rate(epoch: int, epochs: int, base_rate: float, floor: float = 0.01) 
     return float(base_rate * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * progress))))
 
 
+def swa_rate_for(epoch: int, epochs: int, base_rate: float, swa_epochs: int, swa_rate: float) -> float:
+    """Learning rate with weight averaging: a cosine from base_rate down to swa_rate over the epochs before the
+    averaging window, then swa_rate held through the last swa_epochs (Izmailov et al.'s SWA schedule)."""
+    anneal = epochs - swa_epochs
+    if epoch >= anneal:
+        return float(swa_rate)
+    return float(swa_rate + (base_rate - swa_rate) * 0.5 * (1 + np.cos(np.pi * epoch / anneal)))
+
+
 def train_sample_weights(rows: pd.DataFrame, outputs: list[str], params: dict[str, Any]) -> np.ndarray | None:
     """Rare-age weights for the training images (params["age_weight_power"]); None without an age output."""
     if "age" not in outputs:
@@ -121,11 +130,12 @@ def history_frame(history, timer) -> pd.DataFrame:
 
 
 def callbacks(monitor: str, mode: str, patience: int, checkpoint: Path | None, schedule: str = "plateau",
-              epochs: int = 1, base_rate: float = 1e-3) -> list:
+              epochs: int = 1, base_rate: float = 1e-3, swa_epochs: int = 0, swa_rate: float = 0.0) -> list:
     """Early stopping (best weights restored), the learning-rate schedule and best-checkpoint saving.
 
     "plateau" halves the rate when the monitor stalls; "cosine" anneals it over the planned epochs, which
-    suits a fixed CPU budget better (the rate is still high when plateau would first cut it)."""
+    suits a fixed CPU budget better (the rate is still high when plateau would first cut it). With weight
+    averaging (swa_epochs > 0), cosine anneals to swa_rate instead and holds it for the averaged epochs."""
     import keras
 
     if schedule not in LR_SCHEDULES:
@@ -135,6 +145,9 @@ def callbacks(monitor: str, mode: str, patience: int, checkpoint: Path | None, s
     if schedule == "plateau":
         found.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5,
                                                        patience=max(1, patience // 2), min_lr=1e-6, verbose=1))
+    elif swa_epochs > 0:
+        found.append(keras.callbacks.LearningRateScheduler(
+            lambda epoch: swa_rate_for(epoch, epochs, base_rate, swa_epochs, swa_rate)))
     else:
         found.append(keras.callbacks.LearningRateScheduler(lambda epoch: cosine_rate(epoch, epochs, base_rate)))
     if checkpoint is not None:
@@ -190,6 +203,81 @@ class StopOnSignal:
         return _Stop()
 
 
+class WeightAverager:
+    """Keras callback: the running mean of the weights at the end of each of the last `swa_epochs` planned
+    epochs (stochastic weight averaging); `average()` gives them as a list for set_weights."""
+
+    def __new__(cls, epochs: int, swa_epochs: int):
+        import keras
+
+        class _Averager(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.total, self.epochs = None, []
+
+            def on_epoch_end(self, epoch, logs=None):
+                if epoch < epochs - swa_epochs:
+                    return
+                weights = [np.asarray(w, dtype=np.float64) for w in self.model.get_weights()]
+                self.total = weights if self.total is None else [t + w for t, w in zip(self.total, weights,
+                                                                                     strict=True)]
+                self.epochs.append(epoch + 1)
+
+            def average(self) -> list[np.ndarray]:
+                return [(t / len(self.epochs)).astype(np.float32) for t in self.total]
+
+        return _Averager()
+
+
+def update_batchnorm(model, batches, max_batches: int = 64) -> None:
+    """Re-estimate every BatchNorm layer's moving statistics on training batches: averaged weights need
+    statistics of their own. Each batch enters with weight 1/(k+1), an exact mean over batches.
+
+    The batches should be augmented as in training: the heads learned on activations normalised by the
+    augmented population's statistics (statistics of clean training faces raised the validation age MAE by
+    0.75 years). Dropout is switched off meanwhile, so the statistics are those of the inference path."""
+    import keras
+
+    def walk(layer):
+        yield layer
+        for inner in getattr(layer, "layers", []):  # nested models, e.g. a transfer backbone
+            yield from walk(inner)
+
+    layers = list(walk(model))
+    norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    dropouts = [layer for layer in layers if isinstance(layer, keras.layers.Dropout)]
+    momenta, rates = [layer.momentum for layer in norms], [layer.rate for layer in dropouts]
+    try:
+        for layer in dropouts:
+            layer.rate = 0.0
+        for step, batch in enumerate(batches.take(max_batches)):
+            for layer in norms:
+                layer.momentum = step / (step + 1)
+            model(batch[0], training=True)
+    finally:
+        for layer, momentum in zip(norms, momenta, strict=True):
+            layer.momentum = momentum
+        for layer, rate in zip(dropouts, rates, strict=True):
+            layer.rate = rate
+
+
+def average_weights(model, averager, train_ds, val_ds, monitor: str, mode: str) -> dict[str, Any]:
+    """Swap in the averaged weights when they beat the best epoch's on validation; returns what was done."""
+    key = monitor.removeprefix("val_")
+    best_weights = model.get_weights()
+    best_value = float(model.evaluate(val_ds, return_dict=True, verbose=0)[key])
+    model.set_weights(averager.average())
+    update_batchnorm(model, train_ds)
+    averaged_value = float(model.evaluate(val_ds, return_dict=True, verbose=0)[key])
+    used = averaged_value < best_value if mode == "min" else averaged_value > best_value
+    if not used:
+        model.set_weights(best_weights)
+    console.print(f"Weight average of epochs {averager.epochs[0]}-{averager.epochs[-1]}: {monitor} "
+                  f"{averaged_value:.4f} against the best epoch's {best_value:.4f} -> "
+                  f"{'averaged weights kept' if used else 'best epoch kept'}.")
+    return {"epochs": averager.epochs, "monitor": monitor, "averaged": averaged_value, "best_epoch": best_value,
+            "used": used}
+
+
 def check_monitor(model, monitor: str, validation: bool = True) -> None:
     """Fail loudly when a callback would watch a metric that Keras will never log.
 
@@ -202,8 +290,12 @@ def check_monitor(model, monitor: str, validation: bool = True) -> None:
 
 def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str, Any], epochs: int,
         monitor: str, mode: str = "min", patience: int | None = None, extra_callbacks: list | None = None,
-        checkpoint: Path | None = None, verbose: int | str = "auto") -> tuple[pd.DataFrame, float]:
-    """Train with early stopping, LR reduction and checkpointing; returns (history, seconds per epoch)."""
+        checkpoint: Path | None = None, verbose: int | str = "auto",
+        summary: dict[str, Any] | None = None) -> tuple[pd.DataFrame, float]:
+    """Train with early stopping, LR reduction and checkpointing; returns (history, seconds per epoch).
+
+    params["swa_epochs"] > 0 averages the weights of that many last epochs; what came of it goes into
+    summary["swa"] when a summary dict is given."""
     import keras
 
     schedule = str(params.get("lr_schedule", "plateau"))
@@ -223,11 +315,19 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
     model.evaluate(val_ds.take(1), verbose=0)
     check_monitor(model, monitor)
     timer = EpochTimer()
+    base_rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+    swa_epochs = min(int(params.get("swa_epochs", 0)), epochs)
+    swa_rate = float(params.get("swa_learning_rate") or base_rate / 2)
+    averager = WeightAverager(epochs, swa_epochs) if swa_epochs > 0 else None
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose,
                         callbacks=[timer, StopOnSignal(),
-                                   *callbacks(monitor, mode, patience, checkpoint, schedule, epochs,
-                                              float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))),
-                                   *(extra_callbacks or [])])
+                                   *callbacks(monitor, mode, patience, checkpoint, schedule, epochs, base_rate,
+                                              swa_epochs, swa_rate),
+                                   *([averager] if averager else []), *(extra_callbacks or [])])
+    if averager is not None and averager.epochs:
+        swa = {**average_weights(model, averager, train_ds, val_ds, monitor, mode), "learning_rate": swa_rate}
+        if summary is not None:
+            summary["swa"] = swa
     return history_frame(history, timer), float(np.mean(timer.seconds)) if timer.seconds else 0.0
 
 
@@ -276,8 +376,10 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
     if init_from is not None:
         metadata_extra["init_from"] = warm_start(model, init_from, task, image_size)
     patience = patience or default_patience(str(params.get("lr_schedule", "plateau")))
+    summary: dict[str, Any] = {}
     history, seconds = fit(model, data, outputs, params, epochs, monitor, mode, patience,
-                           extra_callbacks=extra_callbacks, verbose=verbose)
+                           extra_callbacks=extra_callbacks, verbose=verbose, summary=summary)
+    metadata_extra.update(summary)
     val_metrics = evaluate(predict_split(model, data["val"], outputs), data["val"].rows)
     result = TrainResult(model, history, val_metrics, None, seconds)
     if not evaluate_test:

@@ -31,6 +31,8 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "lr_schedule": "cosine",  # or "plateau"
     "augment": 0.5,  # full-strength augmentation slowed learning too much for a ~15-epoch CPU budget
     "noise_augment": 0.0,  # off: the committed models were trained without it
+    "swa_epochs": 0,  # weight averaging off
+    "swa_learning_rate": None,  # None: half the learning rate
     "age_head": "regression",
     "age_weight_power": 0.0,  # >0 up-weights rare ages: weight ~ frequency ** -power
 }
@@ -75,6 +77,8 @@ def main(
     lr_schedule: cli.LrScheduleOption = None,
     augment: cli.AugmentOption = None,
     noise_augment: cli.NoiseAugmentOption = None,
+    swa: cli.SwaOption = None,
+    swa_learning_rate: cli.SwaRateOption = None,
     age_head_kind: Annotated[str | None, typer.Option(
         "--age-head", help="regression, or dex (softmax over ages read as its expected value).")] = None,
     age_weight_power: Annotated[float | None, typer.Option(
@@ -93,6 +97,7 @@ def main(
         chosen = merge_params(DEFAULT_PARAMS, load_params(params),
                               {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
                                "lr_schedule": lr_schedule, "augment": augment, "noise_augment": noise_augment,
+                               "swa_epochs": swa, "swa_learning_rate": swa_learning_rate,
                                "age_head": age_head_kind, "age_weight_power": age_weight_power})
         report(TASK, train(chosen, image_size, epochs, data_dir, limit, out, init_from=init_from, patience=patience))
 

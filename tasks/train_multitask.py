@@ -30,6 +30,8 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "lr_schedule": "cosine",  # or "plateau"
     "augment": 0.5,  # full-strength augmentation slowed learning too much for a ~15-epoch CPU budget
     "noise_augment": 0.0,  # off: the committed models were trained without it
+    "swa_epochs": 0,  # weight averaging off
+    "swa_learning_rate": None,  # None: half the learning rate
     "age_head": "regression",
     "age_loss_weight": 4.0,  # age MAE on the /120 scale is ~0.05; this balances it against gender's BCE
     "gender_loss_weight": 1.0,
@@ -82,6 +84,8 @@ def main(
     lr_schedule: cli.LrScheduleOption = None,
     augment: cli.AugmentOption = None,
     noise_augment: cli.NoiseAugmentOption = None,
+    swa: cli.SwaOption = None,
+    swa_learning_rate: cli.SwaRateOption = None,
     gender_label_smoothing: cli.LabelSmoothingOption = None,
     age_head_kind: Annotated[str | None, typer.Option(
         "--age-head", help="regression, or dex (softmax over ages read as its expected value).")] = None,
@@ -102,6 +106,7 @@ def main(
                               {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
                                "lr_schedule": lr_schedule,
                                "augment": augment, "noise_augment": noise_augment,
+                               "swa_epochs": swa, "swa_learning_rate": swa_learning_rate,
                                "gender_label_smoothing": gender_label_smoothing,
                                "age_head": age_head_kind, "age_loss_weight": age_loss_weight,
                                "gender_loss_weight": gender_loss_weight})

@@ -154,3 +154,65 @@ def test_init_from_starts_where_a_saved_model_ended(trained_models, prepared, tm
                                                  "--data-dir", str(prepared["data_dir"]), "--out", str(out)])
     assert result.exit_code == 1 and "needs a multitask model" in " ".join(result.output.split())
     assert json.loads((out / "metadata.json").read_text())["init_from"]["epochs_before"] == 2  # kept
+
+
+def test_weight_averaging_schedule_mean_and_batchnorm_statistics(prepared):
+    import keras
+
+    from common.training import WeightAverager, swa_rate_for, update_batchnorm
+
+    # cosine down to the averaging rate, then held through the averaged epochs
+    assert [swa_rate_for(e, 4, 1e-3, 2, 5e-4) for e in range(4)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 5e-4])
+
+    class Snapshots(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.weights = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.weights.append(self.model.get_weights())
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    averager, snapshots = WeightAverager(epochs=3, swa_epochs=2), Snapshots()
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+    model.fit(x, x[:, :1], epochs=3, batch_size=8, verbose=0, callbacks=[snapshots, averager])
+    assert averager.epochs == [2, 3]
+    for averaged, second, third in zip(averager.average(), snapshots.weights[1], snapshots.weights[2], strict=True):
+        np.testing.assert_allclose(averaged, (second + third) / 2, rtol=1e-6)
+
+    # re-estimated BatchNorm statistics are the mean over batches of what the layer sees, dropout switched off
+    import tensorflow as tf
+
+    images = load_split("train", TEST_IMAGE_SIZE, prepared["data_dir"])[0][:64].astype(np.float32) / 255.0
+    inputs = keras.Input((TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3))
+    conv = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    dropped = keras.layers.SpatialDropout2D(0.5, name="dropout")(conv)
+    net = keras.Model(inputs, keras.layers.BatchNormalization(momentum=0.9, name="bn")(dropped))
+    update_batchnorm(net, tf.data.Dataset.from_tensor_slices((images, np.zeros(64))).batch(16))
+    features = keras.Model(inputs, conv).predict(images, verbose=0).reshape(4, 16, -1, 4)  # 4 batches
+    bn = net.get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), features.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), features.var(axis=(1, 2)).mean(axis=0), rtol=1e-3)
+    assert bn.momentum == 0.9 and net.get_layer("dropout").rate == 0.5  # restored
+
+
+def test_cli_swa_averages_the_last_epochs_and_records_the_choice(prepared, tmp_path):
+    from tasks import train_gender
+
+    out = tmp_path / "gender-swa"
+    result = runner.invoke(train_gender.app, ["--epochs", "3", "--swa", "2", "--learning-rate", "0.002",
+                                              "--image-size", str(TEST_IMAGE_SIZE), "--limit", "64",
+                                              "--batch-size", "16", "--data-dir", str(prepared["data_dir"]),
+                                              "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metadata = json.loads((out / "metadata.json").read_text())
+    swa = metadata["swa"]
+    assert metadata["params"]["swa_epochs"] == 2 and swa["epochs"] == [2, 3]
+    assert swa["learning_rate"] == pytest.approx(0.001)  # half the learning rate by default
+    assert swa["used"] == (swa["averaged"] < swa["best_epoch"])
+    history = pd.read_csv(out / "history.csv")
+    assert history["learning_rate"].tolist() == pytest.approx([0.002, 0.001, 0.001], rel=1e-5)
+    assert "weight average of epochs 2-3" in " ".join(result.output.split()).lower()
+    p_female = Predictor.load(out).predict_arrays(load_split("test", TEST_IMAGE_SIZE, prepared["data_dir"])[0][:8])
+    assert ((p_female["p_female"] >= 0) & (p_female["p_female"] <= 1)).all()
