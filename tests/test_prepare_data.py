@@ -106,7 +106,7 @@ def test_missing_source_is_one_clear_error(tmp_path):
     result = runner.invoke(prepare_data.app, ["--source", str(tmp_path / "nowhere.tar.gz"),
                                               "--data-dir", str(tmp_path / "data")])
     assert result.exit_code != 0
-    assert "does not exist" in result.output
+    assert "does not exist" in " ".join(result.output.split())  # rich wraps at 80 columns
     assert "Traceback" not in result.output
     assert not (tmp_path / "data" / "manifest.csv").exists()
 
