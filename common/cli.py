@@ -99,7 +99,8 @@ SwaOption = Annotated[int | None, typer.Option(
     "--swa", min=0, help="Average the weights of the last N epochs (stochastic weight averaging, BatchNorm "
     "statistics re-estimated); kept only if it beats the best epoch on validation (0 off) [0].")]
 SwaRateOption = Annotated[float | None, typer.Option(
-    min=0, help="Learning rate held through the averaged epochs [half of --learning-rate].")]
+    min=0, help="Learning rate held through the averaged epochs with the cosine schedule [half of "
+    "--learning-rate].")]
 LabelSmoothingOption = Annotated[float | None, typer.Option(
     "--gender-label-smoothing", min=0, max=0.5, help="Label smoothing of the gender loss [0].")]
 InitFromOption = Annotated[Path | None, typer.Option(

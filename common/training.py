@@ -325,7 +325,8 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
                                               swa_epochs, swa_rate),
                                    *([averager] if averager else []), *(extra_callbacks or [])])
     if averager is not None and averager.epochs:
-        swa = {**average_weights(model, averager, train_ds, val_ds, monitor, mode), "learning_rate": swa_rate}
+        swa = {**average_weights(model, averager, train_ds, val_ds, monitor, mode),
+               "learning_rate": swa_rate if schedule == "cosine" else None}  # plateau sets its own rates
         if summary is not None:
             summary["swa"] = swa
     return history_frame(history, timer), float(np.mean(timer.seconds)) if timer.seconds else 0.0

@@ -23,6 +23,13 @@ def said(result) -> str:
     return " ".join(result.output.split())
 
 
+# The int8 tolerances are set for trained models; the two-epoch test models sit near them (a 0.40-year mean
+# age difference against 0.5 here, and over them in one CI run, which then kept no int8 export), so the
+# fixture exports with these looser ones. test_an_int8_export_outside_tolerance_is_not_kept covers rejection.
+LOOSE_INT8 = {"INT8_MEAN_AGE_DIFF_YEARS": 1.0, "INT8_AGE_MAE_CHANGE_YEARS": 0.5, "INT8_MEAN_P_FEMALE_DIFF": 0.02,
+              "INT8_GENDER_AGREEMENT": 0.95}
+
+
 @pytest.fixture(scope="module")
 def exported(trained_models, prepared, tmp_path_factory) -> dict:
     """Copies of the two-epoch gender and multitask models, exported through the CLI."""
@@ -30,8 +37,11 @@ def exported(trained_models, prepared, tmp_path_factory) -> dict:
     folders = {name: root / name for name in ("gender", "multitask")}
     for name, folder in folders.items():
         shutil.copytree(trained_models[name], folder)
-    result = runner.invoke(export.app, [*map(str, folders.values()), "--data-dir", str(prepared["data_dir"]),
-                                        "--faces", "64"])
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in LOOSE_INT8.items():
+            patch.setattr(export, name, value)
+        result = runner.invoke(export.app, [*map(str, folders.values()), "--data-dir", str(prepared["data_dir"]),
+                                            "--faces", "64"])
     assert result.exit_code == 0, result.output
     return folders
 
@@ -53,12 +63,12 @@ def test_the_int8_export_is_a_quarter_of_the_size_and_within_its_tolerances(expo
         exports = json.loads((folder / "metadata.json").read_text())["exports"]
         record = exports["tflite-int8"]
         assert (folder / "model-int8.tflite").stat().st_size == record["bytes"] < exports["tflite"]["bytes"] / 3
-        assert record["mean_p_female_diff"] <= export.INT8_MEAN_P_FEMALE_DIFF
-        assert record["gender_agreement"] >= export.INT8_GENDER_AGREEMENT
+        assert record["mean_p_female_diff"] <= LOOSE_INT8["INT8_MEAN_P_FEMALE_DIFF"]
+        assert record["gender_agreement"] >= LOOSE_INT8["INT8_GENDER_AGREEMENT"]
         assert 0 < record["gender_accuracy_export"] <= 1
         if name == "multitask":
-            assert record["mean_age_diff_years"] <= export.INT8_MEAN_AGE_DIFF_YEARS
-            assert abs(record["age_mae_export"] - record["age_mae_keras"]) <= export.INT8_AGE_MAE_CHANGE_YEARS
+            assert 0 < record["mean_age_diff_years"] <= LOOSE_INT8["INT8_MEAN_AGE_DIFF_YEARS"]
+            assert abs(record["age_mae_export"] - record["age_mae_keras"]) <= LOOSE_INT8["INT8_AGE_MAE_CHANGE_YEARS"]
 
 
 def test_auto_backend_runs_the_fastest_export_and_predicts_what_keras_predicts(exported, prepared):
@@ -69,12 +79,13 @@ def test_auto_backend_runs_the_fastest_export_and_predicts_what_keras_predicts(e
         assert (int8.backend, int8.model, lite.backend, keras_model.backend) == ("tflite-int8", None, "tflite", "keras")
         assert lite.parameters == int8.parameters == keras_model.parameters
         want = keras_model.predict_arrays(images)
-        for predictor, p_tolerance, age_tolerance in ((lite, 1e-4, 0.01), (int8, 0.05, 2.0)):
+        for predictor, p_tolerance, age_tolerance in ((lite, 1e-4, 0.01), (int8, 0.05, 1.0)):
             got = predictor.predict_arrays(images, batch_size=16)
             assert set(got) == set(want) == ({"p_female"} if name == "gender" else {"age", "p_female"})
             np.testing.assert_allclose(got["p_female"], want["p_female"], atol=p_tolerance)
-            if "age" in want:
-                np.testing.assert_allclose(got["age"], want["age"], atol=age_tolerance)
+            if "age" in want:  # float: every face; int8: the mean difference the export was checked against
+                gaps = np.abs(got["age"] - want["age"])
+                assert (gaps.max() if predictor is lite else gaps.mean()) <= age_tolerance
         single = lite.predict_arrays(images[:1])  # batch 1 after batch 16: the runner resizes its input
         np.testing.assert_allclose(single["p_female"], want["p_female"][:1], atol=1e-4)
 
