@@ -212,7 +212,7 @@ class WeightAverager:
 
         class _Averager(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
-                self.total, self.epochs = None, []
+                self.total, self.averaged_epochs = None, []
 
             def on_epoch_end(self, epoch, logs=None):
                 if epoch < epochs - swa_epochs:
@@ -220,10 +220,10 @@ class WeightAverager:
                 weights = [np.asarray(w, dtype=np.float64) for w in self.model.get_weights()]
                 self.total = weights if self.total is None else [t + w for t, w in zip(self.total, weights,
                                                                                      strict=True)]
-                self.epochs.append(epoch + 1)
+                self.averaged_epochs.append(epoch + 1)
 
             def average(self) -> list[np.ndarray]:
-                return [(t / len(self.epochs)).astype(np.float32) for t in self.total]
+                return [(t / len(self.averaged_epochs)).astype(np.float32) for t in self.total]
 
         return _Averager()
 
@@ -260,22 +260,22 @@ def update_batchnorm(model, batches, max_batches: int = 64) -> None:
             layer.rate = rate
 
 
-def average_weights(model, averager, train_ds, val_ds, monitor: str, mode: str) -> dict[str, Any]:
-    """Swap in the averaged weights when they beat the best epoch's on validation; returns what was done."""
-    key = monitor.removeprefix("val_")
+def average_weights(model, averager, train_ds, val_ds, monitor: str, mode: str, best_value: float) -> dict[str, Any]:
+    """Swap in the averaged weights when they beat the best epoch's (`best_value`, the monitor as logged at the
+    epoch early stopping restored) on validation; returns what was done."""
     best_weights = model.get_weights()
-    best_value = float(model.evaluate(val_ds, return_dict=True, verbose=0)[key])
     model.set_weights(averager.average())
     update_batchnorm(model, train_ds)
-    averaged_value = float(model.evaluate(val_ds, return_dict=True, verbose=0)[key])
+    averaged_value = float(model.evaluate(val_ds, return_dict=True, verbose=0)[monitor.removeprefix("val_")])
     used = averaged_value < best_value if mode == "min" else averaged_value > best_value
     if not used:
         model.set_weights(best_weights)
-    console.print(f"Weight average of epochs {averager.epochs[0]}-{averager.epochs[-1]}: {monitor} "
+    first, last = averager.averaged_epochs[0], averager.averaged_epochs[-1]
+    console.print(f"Weight average of epochs {first}-{last}: {monitor} "
                   f"{averaged_value:.4f} against the best epoch's {best_value:.4f} -> "
                   f"{'averaged weights kept' if used else 'best epoch kept'}.")
-    return {"epochs": averager.epochs, "monitor": monitor, "averaged": averaged_value, "best_epoch": best_value,
-            "used": used}
+    return {"epochs": averager.averaged_epochs, "monitor": monitor, "averaged": averaged_value,
+            "best_epoch": best_value, "used": used}
 
 
 def check_monitor(model, monitor: str, validation: bool = True) -> None:
@@ -324,8 +324,10 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
                                    *callbacks(monitor, mode, patience, checkpoint, schedule, epochs, base_rate,
                                               swa_epochs, swa_rate),
                                    *([averager] if averager else []), *(extra_callbacks or [])])
-    if averager is not None and averager.epochs:
-        swa = {**average_weights(model, averager, train_ds, val_ds, monitor, mode),
+    if averager is not None and averager.averaged_epochs:
+        logged = history.history[monitor]
+        best_value = float(min(logged) if mode == "min" else max(logged))  # the epoch early stopping restored
+        swa = {**average_weights(model, averager, train_ds, val_ds, monitor, mode, best_value),
                "learning_rate": swa_rate if schedule == "cosine" else None}  # plateau sets its own rates
         if summary is not None:
             summary["swa"] = swa

@@ -177,7 +177,7 @@ def test_weight_averaging_schedule_mean_and_batchnorm_statistics(prepared):
     averager, snapshots = WeightAverager(epochs=3, swa_epochs=2), Snapshots()
     x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
     model.fit(x, x[:, :1], epochs=3, batch_size=8, verbose=0, callbacks=[snapshots, averager])
-    assert averager.epochs == [2, 3]
+    assert averager.averaged_epochs == [2, 3]
     for averaged, second, third in zip(averager.average(), snapshots.weights[1], snapshots.weights[2], strict=True):
         np.testing.assert_allclose(averaged, (second + third) / 2, rtol=1e-6)
 
