@@ -88,3 +88,14 @@ class ZoomOut(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "margin": self.margin}
+
+
+@keras.saving.register_keras_serializable(package="agegender")
+class HorizontalFlip(keras.layers.Layer):
+    """The image mirrored left to right (test-time averaging with the mirror image)."""
+
+    def call(self, images):
+        return ops.flip(images, axis=2)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape

@@ -67,14 +67,57 @@ def staging_dir(final_dir: Path) -> Iterator[Path]:
     replace_dir(tmp, final_dir)
 
 
+# a float32 model.keras above this size is stored with float16 weights (Keras casts them back on loading)
+FLOAT16_ABOVE_BYTES = 25_000_000
+
+
 def save_model(model, folder: Path, metadata: dict[str, Any]) -> None:
-    """model.keras and metadata.json into folder (normally a staging_dir)."""
+    """model.keras and metadata.json into folder (normally a staging_dir); metadata["stored_weights"] says
+    whether the file holds float32 or, for models over FLOAT16_ABOVE_BYTES, float16 weights."""
     import keras
 
     folder.mkdir(parents=True, exist_ok=True)
     # an uncompiled twin sharing the weights: no optimizer state in the file (a third of the size)
     keras.Model(model.input, model.output, name=model.name).save(folder / MODEL_FILE)  # .output keeps the dict
-    write_json(folder / METADATA_FILE, metadata)
+    stored = "float32"
+    if (folder / MODEL_FILE).stat().st_size > FLOAT16_ABOVE_BYTES:
+        store_float16(folder / MODEL_FILE)
+        stored = "float16"
+    write_json(folder / METADATA_FILE, {**metadata, "stored_weights": stored})
+
+
+def store_float16(path: Path) -> None:
+    """Rewrite a .keras file with its float32 weights stored as float16: half the size, loaded by plain
+    keras.saving.load_model into float32 variables (values rounded to float16's 11-bit mantissa)."""
+    import io
+    import zipfile
+
+    import h5py
+    import numpy as np
+
+    with zipfile.ZipFile(path) as archive:
+        members = {info.filename: archive.read(info.filename) for info in archive.infolist()}
+    source, target = io.BytesIO(members["model.weights.h5"]), io.BytesIO()
+    with h5py.File(source, "r") as old, h5py.File(target, "w") as new:  # a new file: h5py never shrinks one
+
+        def copy(group, into):
+            into.attrs.update(group.attrs)
+            for name, item in group.items():
+                if isinstance(item, h5py.Group):
+                    copy(item, into.create_group(name))
+                else:
+                    values = item[()]
+                    stored = into.create_dataset(
+                        name, data=values.astype(np.float16) if item.dtype == np.float32 else values)
+                    stored.attrs.update(item.attrs)
+
+        copy(old, new)
+    members["model.weights.h5"] = target.getvalue()
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with zipfile.ZipFile(tmp, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    tmp.replace(path)
 
 
 def read_metadata(folder: Path) -> dict[str, Any]:

@@ -351,14 +351,16 @@ def evaluate(predicted: dict[str, np.ndarray], rows: pd.DataFrame) -> dict[str, 
     return metrics
 
 
-def save_run(out_dir: Path, model, metadata: dict[str, Any], history: pd.DataFrame, test_metrics: dict,
+def save_run(out_dir: Path, model, metadata: dict[str, Any], history: pd.DataFrame | None, test_metrics: dict,
              predicted: dict[str, np.ndarray], rows: pd.DataFrame) -> None:
-    """model.keras, metadata.json, metrics.json, history.csv and the plots, swapped in atomically."""
+    """model.keras, metadata.json, metrics.json, history.csv and the plots, swapped in atomically (no history
+    for a model that was assembled rather than trained, such as the ensemble)."""
     with staging_dir(out_dir) as folder:
         save_model(model, folder, metadata)
         write_json(folder / METRICS_FILE, {"split": "test", **test_metrics})
-        history.to_csv(folder / "history.csv", index=False)
-        plot_history(history, folder / "learning_curves.png")
+        if history is not None:
+            history.to_csv(folder / "history.csv", index=False)
+            plot_history(history, folder / "learning_curves.png")
         if "p_female" in predicted:
             plot_confusion(np.array(test_metrics["gender"]["confusion_matrix"]), folder / "confusion_matrix.png")
         if "age" in predicted:

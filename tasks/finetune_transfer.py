@@ -81,6 +81,11 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "age_loss_weight": 4.0,
     "gender_loss_weight": 1.0,
     "age_weight_power": 0.0,
+    # backbones with known residual blocks (the WideResNet): phase 2 trains the top `unfreeze_blocks` blocks
+    # on activations of the blocks below, computed once per image and view (0: the `unfreeze` share instead)
+    "unfreeze_blocks": 1,
+    "views": 2,  # cached views per training image: clean, mirrored, then augmented ones
+    "patience": 10,  # phase 2 epochs without a better validation loss before stopping
 }
 MONITOR = "val_loss"
 HEAD_PATIENCE = 8  # head epochs on cached features take seconds: let early stopping decide
@@ -448,6 +453,252 @@ def fit_head_on_features(model, data: dict[str, SplitData], outputs: list[str], 
     return history_frame(history, timer), extract_seconds + float(np.sum(timer.seconds))
 
 
+# ---------------------------------------------------------------- fine-tuning the top blocks on cached activations
+
+
+def block_cut(backbone: Backbone, base, blocks: int) -> str | None:
+    """Name of the backbone layer whose output enters its top `blocks` residual blocks, or None when this
+    backbone has no known block boundaries (only the WideResNet does: its blocks end in add_1 .. add_6)."""
+    if backbone.application is not None or blocks <= 0:
+        return None
+    adds = [layer.name for layer in base.layers if layer.name.startswith("add_")]
+    if blocks >= len(adds):
+        raise UserError(f"--unfreeze-blocks {blocks} is too many: {backbone.name} has {len(adds)} blocks and "
+                        "the one below them must stay frozen.")
+    return adds[-blocks - 1]
+
+
+@dataclass
+class SplitModel:
+    """The model cut below its top blocks: `lower` maps [0, 1] images to the activations entering them
+    (frozen, run once per image and view), `upper` maps those activations to the outputs. Both share their
+    layers with the full model, so training `upper` trains the model."""
+
+    lower: Any
+    upper: Any
+    pooled: Any  # upper's input -> pooled backbone features (phase 1's head input)
+    head: Any  # pooled features -> outputs
+    cut: str
+
+    @classmethod
+    def build(cls, model, base, cut: str) -> SplitModel:
+        import keras
+
+        cut_tensor = base.get_layer(cut).output
+        base_lower = keras.Model(base.input, cut_tensor, name="backbone_lower")
+        base_upper = keras.Model(cut_tensor, base.output, name="backbone_upper")
+        # everything of the full model before the backbone (margin, the backbone's own scaling)
+        stem = keras.Model(model.input, model.get_layer("backbone_preprocess").output, name="stem")
+        lower = keras.Model(model.input, base_lower(stem(model.input)), name="lower")
+        head = keras.Model(model.get_layer("gap").output, model.output, name="head")
+        upper_input = keras.Input(cut_tensor.shape[1:], name="activations")
+        pooled_features = model.get_layer("gap")(base_upper(upper_input))
+        pooled = keras.Model(upper_input, pooled_features, name="pooled")
+        upper = keras.Model(upper_input, head(pooled_features), name="upper")
+        return cls(lower, upper, pooled, head, cut)
+
+    def set_trainable(self, base) -> int:
+        """Only the top blocks' convolutions and the head train; every BatchNorm keeps its pretrained
+        statistics (a frozen Keras 3 BatchNormalization also runs in inference mode)."""
+        import keras
+
+        top = {layer.name for layer in self.upper.get_layer("backbone_upper").layers}
+        trained = 0
+        for layer in base.layers:
+            layer.trainable = layer.name in top and not isinstance(layer, keras.layers.BatchNormalization)
+            trained += int(layer.trainable and bool(layer.weights))
+        return trained
+
+
+ACTIVATION_VIEWS = ("clean", "flip", "augment-1", "augment-2", "augment-3", "augment-4")
+
+
+def activation_views(count: int) -> list[str]:
+    if not 1 <= count <= len(ACTIVATION_VIEWS):
+        raise UserError(f"--views must be between 1 and {len(ACTIVATION_VIEWS)}.")
+    return list(ACTIVATION_VIEWS[:count])
+
+
+def view_batch(images, view: str, augment_strength: float, batch_seed: int):
+    """A [0, 1] float batch as one cached view sees it: as is, mirrored, or augmented like training batches
+    (random crop, flip, rotation, zoom, colour) with a seed fixed per view and batch."""
+    import tensorflow as tf
+
+    from common.data import Augment, augment_batch
+
+    batch = tf.cast(images, tf.float32) / 255.0
+    if view == "flip":
+        return tf.reverse(batch, axis=[2])
+    if view.startswith("augment"):
+        seed = tf.constant([SEED + int(view.split("-")[1]), batch_seed], dtype=tf.int64)
+        return augment_batch(batch, Augment().scaled(augment_strength), seed)
+    return batch
+
+
+def activation_cache_key(split: SplitModel, images: np.ndarray, view: str, augment: float) -> str:
+    """What a cached view depends on: the lower model's weights and cut, the images and the view."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update(f"{split.cut}|{view}|{augment if view.startswith('augment') else ''}|{images.shape}".encode())
+    for weight in split.lower.weights:
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes()[:1 << 16])
+    digest.update(np.ascontiguousarray(images[:: max(1, len(images) // 256)]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_activations(split: SplitModel, images: np.ndarray, view: str, augment: float, folder: Path,
+                       batch_size: int = 64) -> np.ndarray:
+    """The lower model's float16 activations for every image in one view, as a read-only memory map under
+    `folder` (computed once; a finished file is reused, an interrupted one is recomputed)."""
+    import tensorflow as tf
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    key = activation_cache_key(split, images, view, augment)
+    path = folder / f"{key}.npy"
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = (len(images), *split.lower.output.shape[1:])
+    tmp = folder / f".tmp-{os.getpid()}-{key}.npy"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+    forward = tf.function(lambda x: split.lower(x, training=False))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=not console.is_terminal) as progress:
+        task = progress.add_task(f"activations ({view})", total=len(images))
+        for start in range(0, len(images), batch_size):
+            batch = view_batch(images[start:start + batch_size], view, augment, start)
+            out[start:start + len(batch)] = forward(batch).numpy().astype(np.float16)
+            progress.advance(task, len(batch))
+    out.flush()
+    del out
+    tmp.replace(path)
+    return np.load(path, mmap_mode="r")
+
+
+def activations_dataset(views: list[np.ndarray], targets: dict[str, np.ndarray], batch_size: int,
+                        weights: np.ndarray | None = None, seed: int = SEED):
+    """Shuffled batches of cached activations as a tf.data pipeline: each image is seen once an epoch, in one
+    of its views drawn afresh every epoch (reproducible from `seed`)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    count, shape = len(views[0]), tuple(views[0].shape[1:])
+
+    def batches():
+        order, chosen_view = rng.permutation(count), rng.integers(0, len(views), count)
+        for start in range(0, count, batch_size):
+            rows = np.sort(order[start:start + batch_size])
+            batch = np.empty((len(rows), *shape), dtype=np.float32)
+            chosen = chosen_view[rows]
+            for index, source in enumerate(views):
+                picked = np.flatnonzero(chosen == index)
+                if len(picked):
+                    batch[picked] = source[rows[picked]]
+            labels = {name: value[rows].reshape(-1, 1).astype(np.float32) for name, value in targets.items()}
+            yield (batch, labels) if weights is None else (batch, labels, weights[rows].astype(np.float32))
+
+    signature = (tf.TensorSpec((None, *shape), tf.float32),
+                 {name: tf.TensorSpec((None, 1), tf.float32) for name in targets})
+    if weights is not None:
+        signature = (*signature, tf.TensorSpec((None,), tf.float32))
+    return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
+
+
+def fit_on_activations(model, base, backbone: Backbone, data: dict[str, SplitData], outputs: list[str],
+                       params: dict[str, Any], head_epochs: int, epochs: int, task: str, cache_root: Path,
+                       verbose: int | str = "auto", extra_callbacks: list | None = None) -> dict[str, Any]:
+    """Both phases on activations computed once: the frozen lower backbone runs once per training image and
+    view (and once per validation image); phase 1 trains the head on pooled features of those activations,
+    phase 2 the top `unfreeze_blocks` blocks and the head on the activations themselves, with a cosine
+    schedule and early stopping. Returns the phase histories, seconds and what the cache held."""
+    import keras
+
+    from common.training import (
+        EpochTimer,
+        StopOnSignal,
+        callbacks,
+        check_monitor,
+        history_frame,
+        train_sample_weights,
+    )
+
+    split = SplitModel.build(model, base, block_cut(backbone, base, int(params["unfreeze_blocks"])))
+    views = activation_views(int(params["views"]))
+    augment = float(params["augment"])
+    start = time.perf_counter()
+    train_views = [cached_activations(split, data["train"].images, view, augment, cache_root) for view in views]
+    val_activations = cached_activations(split, data["val"].images, "clean", augment, cache_root)
+    extract_seconds = time.perf_counter() - start
+    console.print(f"Activations below the top {params['unfreeze_blocks']} block(s) ({split.cut}) of "
+                  f"{len(data['train'].rows)} training images x {len(views)} view(s) and "
+                  f"{len(data['val'].rows)} validation images ready in {extract_seconds:.0f} s.")
+    train_targets, val_targets = data["train"].targets(outputs), data["val"].targets(outputs)
+    weights = train_sample_weights(data["train"].rows, outputs, params)
+    batch_size = int(params["batch_size"])
+    histories, seconds = [], []
+
+    def val_batches():
+        return activations_dataset([val_activations], val_targets, 128, seed=SEED)
+
+    # phase 1: the head on pooled features of every view (the backbone's top is still frozen)
+    if head_epochs > 0:
+        base.trainable = False
+        pool = tf_function(split.pooled)
+        train_pooled = np.concatenate([pooled_features(pool, v) for v in train_views])
+        val_pooled = pooled_features(pool, val_activations)
+        repeat = len(train_views)
+        compile_heads(split.head, float(params["learning_rate"]), params, task)
+        split.head.evaluate(val_pooled[:8], {k: v[:8] for k, v in val_targets.items()}, verbose=0)
+        check_monitor(split.head, MONITOR)
+        keras.utils.set_random_seed(SEED)
+        timer = EpochTimer()
+        history = split.head.fit(
+            train_pooled, {k: np.tile(v, repeat) for k, v in train_targets.items()},
+            sample_weight=None if weights is None else np.tile(weights, repeat), batch_size=batch_size,
+            epochs=head_epochs, validation_data=(val_pooled, val_targets), shuffle=True, verbose=verbose,
+            callbacks=[timer, StopOnSignal(), *callbacks(MONITOR, "min", HEAD_PATIENCE, None),
+                       *(extra_callbacks or [])])
+        histories.append(history_frame(history, timer))
+        seconds.append(float(np.sum(timer.seconds)))
+    phase_one = (float(histories[0][MONITOR].min()), model.get_weights()) if histories else None
+
+    # phase 2: the top blocks and the head on the cached activations
+    trained = 0
+    if epochs > 0:
+        trained = split.set_trainable(base)
+        rate = float(params["fine_tune_learning_rate"])
+        compile_heads(split.upper, rate, params, task)
+        split.upper.evaluate(val_batches().take(1), verbose=0)  # the same shapes as fit's, so no retracing
+        check_monitor(split.upper, MONITOR)
+        keras.utils.set_random_seed(SEED)
+        timer = EpochTimer()
+        patience = int(params["patience"])
+        history = split.upper.fit(
+            activations_dataset(train_views, train_targets, batch_size, weights), epochs=epochs,
+            validation_data=val_batches(), verbose=verbose,
+            callbacks=[timer, StopOnSignal(), *callbacks(MONITOR, "min", patience, None, "cosine", epochs, rate),
+                       *(extra_callbacks or [])])
+        histories.append(history_frame(history, timer))
+        seconds.append(float(np.sum(timer.seconds)))
+    return {"histories": histories, "seconds": seconds, "extract_seconds": extract_seconds,
+            "phase_one": phase_one, "trained_layers": trained,
+            "cache": {"cut": split.cut, "blocks": int(params["unfreeze_blocks"]), "views": views,
+                      "extract_seconds": round(extract_seconds, 1)}}
+
+
+def tf_function(model):
+    import tensorflow as tf
+
+    return tf.function(lambda x: model(x, training=False))
+
+
+def pooled_features(pool, activations: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    parts = [np.asarray(pool(np.asarray(activations[i:i + batch_size], dtype=np.float32)))
+             for i in range(0, len(activations), batch_size)]
+    return np.concatenate(parts)
+
+
 def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained",
              params: dict[str, Any] | None = None, image_size: int = IMAGE_SIZE, epochs: int = 5,
              fine_tune_epochs: int = 5, data_dir: Path = DATA_DIR, limit: int | None = None,
@@ -472,7 +723,27 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
     base = backbone_of(model)
     histories, seconds, phase_epochs, unfrozen = [], [], [], len([x for x in base.layers if x.weights])
     phase_one, kept_phase = None, 2 if fine_tune_epochs > 0 else 1
+    on_activations = None
+    if pretrained and cache_features and block_cut(spec, base, int(params["unfreeze_blocks"])) is not None:
+        console.print(f"[bold]{spec.name}[/]: head for {epochs} epoch(s), then the top "
+                      f"{params['unfreeze_blocks']} block(s) and the head for {fine_tune_epochs} epoch(s) at "
+                      f"learning rate {params['fine_tune_learning_rate']}, on activations computed once.")
+        on_activations = fit_on_activations(model, base, spec, data, outputs, params, epochs, fine_tune_epochs,
+                                            task, Path(data_dir) / "activations" / spec.name, verbose,
+                                            extra_callbacks)
+        histories, seconds = on_activations["histories"], on_activations["seconds"]
+        seconds[0] += on_activations["extract_seconds"]
+        phase_epochs = [len(h) for h in histories] + [0] * (2 - len(histories))
+        unfrozen = on_activations["trained_layers"] or unfrozen
+        phase_one = on_activations["phase_one"]
+        if phase_one is not None and len(histories) == 2 and float(histories[1][MONITOR].min()) > phase_one[0]:
+            console.print(f"Fine-tuning did not beat phase 1 on {MONITOR} ({histories[1][MONITOR].min():.4f} vs "
+                          f"{phase_one[0]:.4f}): keeping the phase 1 weights.")
+            model.set_weights(phase_one[1])
+            kept_phase = 1
     for phase, count in ((1, epochs), (2, fine_tune_epochs)):
+        if on_activations is not None:
+            break
         if count <= 0:
             phase_epochs.append(0)
             continue
@@ -520,6 +791,7 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
                  "backbone_layers_fine_tuned": unfrozen, "preprocessing": spec.preprocess,
                  "input_margin": spec.margin,
                  "phase1_on_cached_features": bool(pretrained and cache_features and epochs > 0),
+                 "on_cached_activations": None if on_activations is None else on_activations["cache"],
                  "kept_phase": kept_phase,
                  "cpu_ms_per_image": result.extra["cpu_ms_per_image"], "monitor": MONITOR,
                  "age_head": params["age_head"] if "age" in outputs else None}
@@ -614,6 +886,17 @@ def main(
         min=0, help="Phase 2 learning rate.")] = None,
     unfreeze: Annotated[float | None, typer.Option(
         min=0, max=1, help="Share of the backbone's layers, from the top, trained in phase 2.")] = None,
+    unfreeze_blocks: Annotated[int | None, typer.Option(
+        min=0, help="WideResNet: residual blocks from the top trained in phase 2, on activations of the blocks "
+                    "below computed once (0: the --unfreeze share, recomputing the backbone each epoch) [1].")]
+    = None,
+    views: Annotated[int | None, typer.Option(
+        min=1, max=6, help="With --unfreeze-blocks: cached views of each training image (1 as is, 2 adds its "
+                           "mirror image, more add augmented copies); each epoch sees one per image [2].")]
+    = None,
+    patience: Annotated[int | None, typer.Option(
+        min=1, help="With --unfreeze-blocks: phase 2 epochs without a better validation loss before "
+                    "stopping [10].")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Batch size.")] = None,
     age_head_kind: Annotated[str | None, typer.Option(
         "--age-head", help="regression, or dex (softmax over ages read as its expected value).")] = None,
@@ -649,6 +932,7 @@ def main(
             raise UserError("Nothing to train: --epochs and --fine-tune-epochs are both 0.")
         chosen = merge_params(DEFAULT_PARAMS, load_params(params),
                               {"learning_rate": learning_rate, "unfreeze": unfreeze, "batch_size": batch_size,
+                               "unfreeze_blocks": unfreeze_blocks, "views": views, "patience": patience,
                                "fine_tune_learning_rate": fine_tune_learning_rate, "age_head": age_head_kind})
         data: dict[str, SplitData] = {}
         for name in dict.fromkeys(names):

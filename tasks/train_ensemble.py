@@ -1,0 +1,282 @@
+"""The ensemble family: one saved model holding several trained models (by default the multi-task CNN and the
+fine-tuned face-pretrained WideResNet) that averages their ages and gender probabilities.
+
+    python tasks/train_ensemble.py
+    python tasks/train_ensemble.py --member results/models/multitask --member results/models/gender --tta off
+
+Nothing is trained: the members are frozen, and what is chosen on the validation split is the weight of each
+member per output (a grid over the simplex, lowest age MAE and lowest gender log loss) and whether to also
+average each member with its view of the mirror image (`--tta auto` keeps it only if it improves both outputs
+on validation). The ensemble takes the largest member's input size and shrinks the image inside the model for
+smaller members, so predict, compare, export and the Spaces use it like any other model folder.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import typer
+
+from common.cli import UserError, check_choice, console, user_errors
+from common.data import DATA_DIR, MODELS_DIR
+from common.metrics import age_metrics, gender_metrics
+from common.modelio import load_model, make_metadata
+from common.training import SplitData, evaluate, load_data, manifest_hash, print_metrics, save_run
+
+TASK = "ensemble"
+DEFAULT_MEMBERS = (MODELS_DIR / "multitask", MODELS_DIR / "transfer-wrn16-8-imdbwiki")
+WEIGHT_STEP = 0.05  # grid step of the member weights
+TTA_CHOICES = ("auto", "on", "off")
+OUTPUTS = ("age", "gender")
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def load_members(folders: list[Path]) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(name, Keras model, metadata) per member folder; members must predict in the same units."""
+    if len(folders) < 2:
+        raise UserError("An ensemble needs at least two --member model folders.")
+    members = []
+    for folder in folders:
+        model, metadata = load_model(folder)
+        if metadata.get("backbone") == "ensemble":
+            raise UserError(f"{folder} is an ensemble itself; give its members instead.")
+        if metadata.get("pixel_scaling") != "divide_by_255" or float(metadata.get("age_scale", 120)) != 120.0:
+            raise UserError(f"{folder} takes other inputs or age units than this project's models.")
+        members.append((Path(folder).name, model, metadata))
+    names = [name for name, _, _ in members]
+    if len(set(names)) != len(names):
+        raise UserError(f"The same member is given twice: {', '.join(names)}.")
+    return members
+
+
+def member_outputs(inputs, model, metadata: dict[str, Any], index: int, flip: bool) -> dict[str, Any]:
+    """The member applied to input_size images (optionally mirrored), shrunk to its own input size first
+    (box filter when the size divides, else bilinear); one nesting level, so the saved file loads."""
+    from keras import layers
+
+    from common.layers import HorizontalFlip
+
+    member_size, input_size = int(metadata["image_size"]), int(inputs.shape[1])
+    view = "mirror" if flip else "plain"
+    x = HorizontalFlip(name=f"member{index}_mirror")(inputs) if flip else inputs
+    if member_size != input_size:
+        if input_size % member_size == 0:
+            x = layers.AveragePooling2D(input_size // member_size, name=f"member{index}_{view}_shrink")(x)
+        else:
+            x = layers.Resizing(member_size, member_size, interpolation="bilinear",
+                                name=f"member{index}_{view}_shrink")(x)
+    outputs = model(x)
+    return outputs if isinstance(outputs, dict) else {metadata["outputs"][0]: outputs}
+
+
+def member_branch(model, metadata: dict[str, Any], input_size: int, flip: bool, index: int = 0):
+    import keras
+
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    return keras.Model(inputs, member_outputs(inputs, model, metadata, index, flip))
+
+
+def member_predictions(members, images: np.ndarray, input_size: int, flip: bool,
+                       batch_size: int = 128) -> list[dict[str, np.ndarray]]:
+    """Each member's outputs on the images (scaled ages, p_female), through its ensemble branch."""
+    import tensorflow as tf
+
+    found = []
+    for _, model, metadata in members:
+        branch = member_branch(model, metadata, input_size, flip)
+        forward = tf.function(lambda x, branch=branch: branch(x, training=False))
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(images), batch_size):
+            batch = np.asarray(images[start:start + batch_size], dtype=np.float32) / 255.0
+            for name, value in forward(batch).items():
+                parts.setdefault(name, []).append(np.asarray(value).reshape(-1))
+        found.append({name: np.concatenate(values) for name, values in parts.items()})
+    return found
+
+
+def simplex(count: int, step: float = WEIGHT_STEP) -> list[tuple[float, ...]]:
+    """Every weight vector of `count` non-negative multiples of `step` that sum to 1."""
+    units = round(1 / step)
+    return [tuple(c / units for c in combo) + ((units - sum(combo)) / units,)
+            for combo in itertools.product(range(units + 1), repeat=count - 1) if sum(combo) <= units]
+
+
+def log_loss(labels: np.ndarray, p_female: np.ndarray) -> float:
+    p = np.clip(p_female, 1e-6, 1 - 1e-6)
+    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+
+
+def choose_weights(predictions: list[dict[str, np.ndarray]], rows) -> dict[str, dict[str, Any]]:
+    """Per output, the member weights with the lowest validation error (age MAE in years, gender log loss)
+    among the members that have the output, and that error."""
+    chosen = {}
+    for output in OUTPUTS:
+        having = [i for i, p in enumerate(predictions) if output in p]
+        if not having:
+            continue
+        stacked = np.stack([predictions[i][output] for i in having])
+        best = None
+        for weights in simplex(len(having)):
+            mixed = np.tensordot(np.array(weights), stacked, axes=1)
+            if output == "age":
+                error = float(np.mean(np.abs(mixed * 120.0 - rows["age"].to_numpy())))
+            else:
+                error = log_loss(rows["gender"].to_numpy(), mixed)
+            if best is None or error < best[1] - 1e-12:
+                best = (weights, error)
+        chosen[output] = {"members": having, "weights": list(best[0]), "error": best[1]}
+    return chosen
+
+
+def mixed(predictions: list[dict[str, np.ndarray]], chosen: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+    return {output: np.tensordot(np.array(spec["weights"]), np.stack([predictions[i][output]
+                                                                       for i in spec["members"]]), axes=1)
+            for output, spec in chosen.items()}
+
+
+def averaged(first: list[dict[str, np.ndarray]], second: list[dict[str, np.ndarray]]):
+    return [{name: (a[name] + b[name]) / 2 for name in a} for a, b in zip(first, second, strict=True)]
+
+
+def build_ensemble(members, chosen: dict[str, dict[str, Any]], input_size: int, tta: bool):
+    """One Keras model: every member (and, with TTA, the same member on the mirror image, averaged), mixed
+    per output with the chosen weights."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    outputs_by_member = []
+    for index, (_, model, metadata) in enumerate(members):
+        model.name = f"member{index}_{model.name}"
+        found = member_outputs(inputs, model, metadata, index, flip=False)
+        if tta:
+            mirrored = member_outputs(inputs, model, metadata, index, flip=True)
+            found = {name: layers.Average(name=f"member{index}_{name}_tta")([found[name], mirrored[name]])
+                     for name in found}
+        outputs_by_member.append(found)
+    outputs = {}
+    for output, spec in chosen.items():
+        terms = [layers.Rescaling(weight, name=f"{output}_weight{i}")(outputs_by_member[i][output])
+                 for i, weight in zip(spec["members"], spec["weights"], strict=True) if weight > 0]
+        mixed_output = terms[0] if len(terms) == 1 else layers.Add(name=f"{output}_sum")(terms)
+        outputs[output] = layers.Identity(name=output)(mixed_output)
+    return keras.Model(inputs, outputs, name="ensemble")
+
+
+def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_DIR, limit: int | None = None,
+          out: Path | None = MODELS_DIR / TASK) -> dict[str, Any]:
+    """Choose the weights (and TTA) on validation, report validation and test, save to `out`."""
+    check_choice(tta, TTA_CHOICES, "--tta")
+    members = load_members(member_folders)
+    input_size = max(int(metadata["image_size"]) for _, _, metadata in members)
+    data = load_data(input_size, data_dir, limit)
+    val, test = data["val"], data["test"]
+    plain = member_predictions(members, val.images, input_size, flip=False)
+    candidates = {"off": plain}
+    if tta != "off":
+        candidates["on"] = averaged(plain, member_predictions(members, val.images, input_size, flip=True))
+    chosen = {name: choose_weights(preds, val.rows) for name, preds in candidates.items()}
+    if tta == "auto" and "on" in chosen:
+        better = all(chosen["on"][o]["error"] < chosen["off"][o]["error"] for o in chosen["off"])
+        use_tta = better
+    else:
+        use_tta = tta == "on"
+    weights = chosen["on" if use_tta else "off"]
+    report = {"members": [str(folder) for folder in member_folders], "tta": use_tta,
+              "validation": {}, "test": {}, "choice": chosen}
+    for split_name, split in (("validation", val), ("test", test)):
+        preds = member_predictions(members, split.images, input_size, flip=False)
+        if use_tta:
+            preds = averaged(preds, member_predictions(members, split.images, input_size, flip=True))
+        for (name, _, _), member in zip(members, preds, strict=True):
+            report[split_name][name] = summary(member, split.rows)
+        report[split_name]["ensemble"] = summary(mixed(preds, weights), split.rows)
+    model = build_ensemble(members, weights, input_size, use_tta)
+    predicted = predict_with(model, test)
+    test_metrics = evaluate(predicted, test.rows)
+    if out is not None:
+        params = {"members": [str(folder) for folder in member_folders], "tta": use_tta,
+                  "weights": {o: {members[i][0]: w for i, w in zip(s["members"], s["weights"], strict=True)}
+                              for o, s in weights.items()}}
+        metadata = make_metadata("multitask", input_size, params, manifest_hash(data_dir), backbone="ensemble",
+                                 weights="members",
+                                 members=[{"folder": str(folder), "name": name, "created": meta.get("created"),
+                                           "backbone": meta.get("backbone"), "image_size": meta["image_size"]}
+                                          for folder, (name, _, meta) in zip(member_folders, members,
+                                                                              strict=True)],
+                                 selection=report, parameters=int(model.count_params()),
+                                 train_images=0, age_head="ensemble")
+        save_run(Path(out), model, metadata, None, test_metrics, predicted, test.rows)
+    report["model"] = model
+    report["test_metrics"] = test_metrics
+    return report
+
+
+def summary(predictions: dict[str, np.ndarray], rows) -> dict[str, float]:
+    found = {}
+    if "age" in predictions:
+        found["age_mae"] = age_metrics(rows["age"].to_numpy(), predictions["age"] * 120.0)["mae"]
+    if "gender" in predictions:
+        found["gender_accuracy"] = gender_metrics(rows["gender"].to_numpy(), predictions["gender"])["accuracy"]
+    return found
+
+
+def predict_with(model, split: SplitData) -> dict[str, np.ndarray]:
+    from common.faces import Predictor
+
+    predictor = Predictor(model, {"outputs": list(model.output.keys()), "age_scale": 120.0,
+                                  "pixel_scaling": "divide_by_255"})
+    return predictor.predict_arrays(split.images)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    mirror = "on" if report["tta"] else "off"
+    table = Table(title=f"Ensemble members and the ensemble (mirror-image averaging {mirror})")
+    for column in ("model", "val age MAE", "val gender acc", "test age MAE", "test gender acc"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name in report["validation"]:
+        v, t = report["validation"][name], report["test"][name]
+        table.add_row(name, *(f"{d[k]:.3f}" if k in d else "-" for d in (v, t)
+                              for k in ("age_mae", "gender_accuracy")))
+    console.print(table)
+    for output, spec in report["choice"]["on" if report["tta"] else "off"].items():
+        names = [Path(report["members"][i]).name for i in spec["members"]]
+        console.print(f"{output}: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(names, spec["weights"], strict=True)))
+
+
+@app.command()
+def main(
+    member: Annotated[list[Path] | None, typer.Option(
+        help="A saved model folder to include (repeatable) [results/models/multitask and "
+             "results/models/transfer-wrn16-8-imdbwiki].")] = None,
+    tta: Annotated[str, typer.Option(
+        help="Average each member with its view of the mirror image: auto (only if validation improves), on "
+             "or off.")] = "auto",
+    limit: Annotated[int | None, typer.Option(min=16, help="Choose on a subset (for quick checks).")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
+    out: Annotated[Path, typer.Option(help="Model folder to write.")] = MODELS_DIR / TASK,
+) -> None:
+    """Combine saved models into one ensemble model, with weights chosen on the validation split."""
+    check_choice(tta, TTA_CHOICES, "--tta")
+    with user_errors():
+        folders = list(member or DEFAULT_MEMBERS)
+        for folder in folders:
+            if not Path(folder).is_dir():
+                raise UserError(f"Model folder {folder} does not exist.")
+        report = build(folders, tta, data_dir, limit, out)
+        print_report(report)
+        print_metrics("ensemble: test split", report["test_metrics"])
+        console.print(f"Saved to {out}.")
+
+
+if __name__ == "__main__":
+    app()

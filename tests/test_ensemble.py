@@ -1,0 +1,93 @@
+"""The ensemble family: built from saved models through its CLI, it saves, reloads and predicts what its
+members predict, mixed with the weights it recorded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tasks import train_ensemble
+
+
+def said(result) -> str:
+    return " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def ensemble(trained_models, prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ensemble") / "ensemble"
+    result = CliRunner().invoke(train_ensemble.app, [
+        "--member", str(trained_models["multitask"]), "--member", str(trained_models["gender"]),
+        "--member", str(trained_models["age"]), "--tta", "on", "--data-dir", str(prepared["data_dir"]),
+        "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_the_ensemble_records_its_members_and_weights_chosen_on_validation(ensemble, trained_models):
+    meta = json.loads((ensemble / "metadata.json").read_text())
+    assert meta["backbone"] == "ensemble" and meta["task"] == "multitask" and meta["outputs"] == ["age", "gender"]
+    assert [m["name"] for m in meta["members"]] == ["multitask", "gender", "age"]
+    weights = meta["params"]["weights"]
+    assert set(weights["age"]) == {"multitask", "age"}  # the gender-only model has no say in the age
+    assert set(weights["gender"]) == {"multitask", "gender"}
+    for output in ("age", "gender"):
+        assert sum(weights[output].values()) == pytest.approx(1.0)
+    assert meta["params"]["tta"] is True
+    metrics = json.loads((ensemble / "metrics.json").read_text())
+    assert {"age", "gender"} <= set(metrics)
+
+
+def test_the_saved_ensemble_predicts_its_members_mixed_with_the_recorded_weights(ensemble, trained_models, prepared):
+    from common.data import load_split
+    from common.faces import Predictor
+
+    meta = json.loads((ensemble / "metadata.json").read_text())
+    images, _ = load_split("val", meta["image_size"], prepared["data_dir"])
+    images = images[:24]
+    predicted = Predictor.load(ensemble, "keras").predict_arrays(images)
+
+    def with_mirror(name):  # each member averaged with its view of the mirror image, as recorded
+        member = Predictor.load(trained_models[name], "keras")
+        plain, mirrored = member.predict_arrays(images), member.predict_arrays(images[:, :, ::-1])
+        return {key: (plain[key] + mirrored[key]) / 2 for key in plain}
+
+    members = {name: with_mirror(name) for name in ("multitask", "gender", "age")}
+    weights = meta["params"]["weights"]
+    expected_age = sum(w * members[name]["age"] for name, w in weights["age"].items())
+    expected_p = sum(w * members[name]["p_female"] for name, w in weights["gender"].items())
+    np.testing.assert_allclose(predicted["age"], expected_age, atol=0.05)
+    np.testing.assert_allclose(predicted["p_female"], expected_p, atol=2e-3)
+
+
+def test_predict_runs_the_ensemble_like_any_model(ensemble, prepared, tmp_path):
+    image = next(prepared["images"].glob("*.jpg"))
+    out = tmp_path / "rows.csv"
+    result = CliRunner().invoke(__import__("tasks.predict", fromlist=["app"]).app,
+                                [str(ensemble), str(image), "--no-detect", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    rows = pd.read_csv(out)
+    assert len(rows) == 1 and 0 <= rows["p_female"][0] <= 1 and 0 < rows["age"][0] < 117
+
+
+@pytest.mark.parametrize("members, words", [
+    (["one"], "at least two"),
+    (["missing-a", "missing-b"], "does not exist"),
+])
+def test_bad_members_are_one_sentence(members, words, trained_models, tmp_path):
+    paths = [str(trained_models["multitask"]) if m == "one" else str(tmp_path / m) for m in members]
+    args = [arg for path in paths for arg in ("--member", path)] + ["--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(train_ensemble.app, args)
+    assert result.exit_code != 0 and words in said(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_ensemble_is_not_a_member(ensemble, trained_models, tmp_path):
+    result = CliRunner().invoke(train_ensemble.app, ["--member", str(ensemble), "--member",
+                                                     str(trained_models["age"]), "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "is an ensemble itself" in said(result)
