@@ -95,6 +95,9 @@ AugmentOption = Annotated[float | None, typer.Option(
 NoiseAugmentOption = Annotated[float | None, typer.Option(
     min=0, max=0.3, help="Largest sigma of Gaussian pixel noise added in training, on the [0, 1] scale (0 off; "
     "0.08 ~ 20 grey levels); each image draws its own sigma up to it [0].")]
+PhotoAugmentOption = Annotated[float | None, typer.Option(
+    min=0, max=1, help="Chance of each photo degradation in training (grey, blur, low-quality JPEG, "
+    "down-then-up scaling), drawn per image (0 off) [0].")]
 SwaOption = Annotated[int | None, typer.Option(
     "--swa", min=0, help="Average the weights of the last N epochs (stochastic weight averaging, BatchNorm "
     "statistics re-estimated); kept only if it beats the best epoch on validation (0 off) [0].")]

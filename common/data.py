@@ -200,12 +200,21 @@ class Augment:
     contrast: float = 0.2
     saturation: float = 0.25
     noise: float = 0.0  # largest sigma of Gaussian pixel noise on the [0, 1] scale (0.08 ~ 20 grey levels)
+    photo: float = 0.0  # chance of each photo degradation (grey, blur, low-quality JPEG, down-then-up scaling)
 
     def scaled(self, strength: float) -> Augment:
-        """Every geometric and colour strength times `strength`; noise has its own flag and is kept."""
+        """Every geometric and colour strength times `strength`; noise and photo have their own flags and
+        are kept."""
         return Augment(self.crop * strength, self.flip and strength > 0, self.rotation * strength,
                        self.zoom * strength, self.brightness * strength, self.contrast * strength,
-                       self.saturation * strength, self.noise)
+                       self.saturation * strength, self.noise, self.photo)
+
+
+# What --photo-augment draws, each degradation with its own chance per image (what real photos bring that
+# UTKFace's studio-like crops lack: old grey prints, soft focus, heavy compression, small faces blown up)
+PHOTO_BLUR_SIGMA = (0.5, 2.0)  # Gaussian blur, in pixels of a 128 px crop (scaled with the side)
+PHOTO_JPEG_QUALITY = (10, 50)
+PHOTO_DOWNSCALE = (0.2, 0.6)  # shrunk to this share of the side, then enlarged back
 
 
 def augment_draws(batch, size, augment: Augment, seed):
@@ -303,9 +312,55 @@ def add_noise(images, sigma, seed):
     return tf.clip_by_value(images + noise, 0.0, 1.0)
 
 
+def photo_degrade(images, chance: float, seed):
+    """Each image independently: grey with probability `chance`, blurred, shrunk and enlarged back, and
+    JPEG-compressed at a low quality, each with the same probability (strengths drawn from the PHOTO_ ranges).
+    `seed` is a shape-[2] int tensor; a float batch in [0, 1] comes out."""
+    import tensorflow as tf
+
+    shape = tf.shape(images)
+    batch, side = shape[0], tf.cast(shape[1], tf.float32)
+
+    def picked(offset):
+        return tf.reshape(tf.random.stateless_uniform([batch], seed + offset) < chance, [-1, 1, 1, 1])
+
+    def uniform(offset, low, high, count=None):
+        return tf.random.stateless_uniform([batch] if count is None else count, seed + offset, low, high)
+
+    grey = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(images))
+    images = tf.where(picked(201), grey, images)
+    # blur: every image with one kernel at the largest sigma, each picked image blended towards it by its own
+    # share, which reads as a blur of its own strength
+    sigma = PHOTO_BLUR_SIGMA[1] * side / 128.0
+    radius = tf.cast(tf.math.ceil(2.0 * sigma), tf.int32)
+    taps = tf.cast(tf.range(-radius, radius + 1), tf.float32)
+    kernel = tf.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / tf.reduce_sum(kernel)
+    rows = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, 3, 1])
+    blurred = tf.nn.depthwise_conv2d(images, rows, [1, 1, 1, 1], "SAME")
+    blurred = tf.nn.depthwise_conv2d(blurred, tf.transpose(rows, [1, 0, 2, 3]), [1, 1, 1, 1], "SAME")
+    share = tf.reshape(uniform(202, PHOTO_BLUR_SIGMA[0] / PHOTO_BLUR_SIGMA[1], 1.0), [-1, 1, 1, 1])
+    images = tf.where(picked(203), images + share * (blurred - images), images)
+    # down then up: one scale per batch (a resize takes one output size)
+    small = tf.cast(tf.round(side * uniform(204, PHOTO_DOWNSCALE[0], PHOTO_DOWNSCALE[1], count=[])), tf.int32)
+    resized = tf.image.resize(tf.image.resize(images, [small, small], method="area"), shape[1:3], "bilinear")
+    images = tf.where(picked(205), resized, images)
+    # JPEG: one image at a time (the codec takes single images)
+    quality = tf.cast(uniform(206, PHOTO_JPEG_QUALITY[0], PHOTO_JPEG_QUALITY[1] + 1), tf.int32)
+    compress = tf.reshape(picked(207), [-1])
+
+    def jpeg(item):
+        image, level, chosen = item
+        return tf.cond(chosen, lambda: tf.image.adjust_jpeg_quality(image, level), lambda: image)
+
+    images = tf.map_fn(jpeg, (images, quality, compress), fn_output_signature=tf.float32)
+    return tf.clip_by_value(images, 0.0, 1.0)
+
+
 def augment_batch(images, augment: Augment, seed):
-    """Random crop, flip, rotation and zoom as one affine warp, then colour jitter, then (when augment.noise
-    is set) Gaussian noise of a random strength per image; a float batch in [0, 1].
+    """Random crop, flip, rotation and zoom as one affine warp, then colour jitter, then (when augment.photo
+    is set) photo degradations, then (when augment.noise is set) Gaussian noise of a random strength per
+    image; a float batch in [0, 1].
 
     `seed` is a shape-[2] int tensor; the draws are stateless, so parallel calls are safe and repeatable.
     The pixel work runs as two XLA functions: ~1/4 of the CPU time of ImageProjectiveTransformV3 + plain ops."""
@@ -314,6 +369,8 @@ def augment_batch(images, augment: Augment, seed):
     batch = tf.shape(images)[0]
     transform, colour = augment_draws(batch, tf.cast(tf.shape(images)[1], tf.float32), augment, seed)
     images = xla(colour_jitter)(xla(affine_warp)(images, transform), colour)
+    if augment.photo > 0:
+        images = photo_degrade(images, augment.photo, seed)
     if augment.noise > 0:
         sigma = tf.random.stateless_uniform([batch], seed + 100, 0.0, augment.noise)
         images = add_noise(images, sigma, seed + 101)

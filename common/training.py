@@ -304,7 +304,7 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
 
     keras.utils.set_random_seed(SEED)
     augment = replace(Augment().scaled(float(params.get("augment", 1.0))),
-                      noise=float(params.get("noise_augment", 0.0)))
+                      noise=float(params.get("noise_augment", 0.0)), photo=float(params.get("photo_augment", 0.0)))
     train, val = data["train"], data["val"]
     weights = train_sample_weights(train.rows, outputs, params)
     batch_size = int(params["batch_size"])

@@ -31,6 +31,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "lr_schedule": "cosine",  # or "plateau"
     "augment": 0.5,  # full-strength augmentation slowed learning too much for a ~15-epoch CPU budget
     "noise_augment": 0.0,  # off: the committed models were trained without it
+    "photo_augment": 0.0,  # off: the committed models were trained without it
     "swa_epochs": 0,  # weight averaging off
     "swa_learning_rate": None,  # None: half the learning rate
     "age_head": "regression",
@@ -77,6 +78,7 @@ def main(
     lr_schedule: cli.LrScheduleOption = None,
     augment: cli.AugmentOption = None,
     noise_augment: cli.NoiseAugmentOption = None,
+    photo_augment: cli.PhotoAugmentOption = None,
     swa: cli.SwaOption = None,
     swa_learning_rate: cli.SwaRateOption = None,
     age_head_kind: Annotated[str | None, typer.Option(
@@ -97,6 +99,7 @@ def main(
         chosen = merge_params(DEFAULT_PARAMS, load_params(params),
                               {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
                                "lr_schedule": lr_schedule, "augment": augment, "noise_augment": noise_augment,
+                               "photo_augment": photo_augment,
                                "swa_epochs": swa, "swa_learning_rate": swa_learning_rate,
                                "age_head": age_head_kind, "age_weight_power": age_weight_power})
         report(TASK, train(chosen, image_size, epochs, data_dir, limit, out, init_from=init_from, patience=patience))

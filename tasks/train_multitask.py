@@ -30,6 +30,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "lr_schedule": "cosine",  # or "plateau"
     "augment": 0.5,  # full-strength augmentation slowed learning too much for a ~15-epoch CPU budget
     "noise_augment": 0.0,  # off: the committed models were trained without it
+    "photo_augment": 0.0,  # off: the committed models were trained without it
     "swa_epochs": 0,  # weight averaging off
     "swa_learning_rate": None,  # None: half the learning rate
     "age_head": "regression",
@@ -84,6 +85,7 @@ def main(
     lr_schedule: cli.LrScheduleOption = None,
     augment: cli.AugmentOption = None,
     noise_augment: cli.NoiseAugmentOption = None,
+    photo_augment: cli.PhotoAugmentOption = None,
     swa: cli.SwaOption = None,
     swa_learning_rate: cli.SwaRateOption = None,
     gender_label_smoothing: cli.LabelSmoothingOption = None,
@@ -105,7 +107,7 @@ def main(
         chosen = merge_params(DEFAULT_PARAMS, load_params(params),
                               {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
                                "lr_schedule": lr_schedule,
-                               "augment": augment, "noise_augment": noise_augment,
+                               "augment": augment, "noise_augment": noise_augment, "photo_augment": photo_augment,
                                "swa_epochs": swa, "swa_learning_rate": swa_learning_rate,
                                "gender_label_smoothing": gender_label_smoothing,
                                "age_head": age_head_kind, "age_loss_weight": age_loss_weight,
