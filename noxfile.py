@@ -1,4 +1,5 @@
-"""Task runner: `nox -s train_all` trains and compares every model; `nox -s tests` runs the suite."""
+"""Task runner: `nox -s train_all` trains and compares every model; `nox -s tests` runs the fast tier of the
+test suite and `nox -s tests_full` all of it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import nox
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
 PYTHON = "3.11"
+TEST_ENV = {"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
 
 
 def install(session: nox.Session, extras: str = "") -> None:
@@ -15,9 +17,17 @@ def install(session: nox.Session, extras: str = "") -> None:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """Run the test suite on a few hundred real UTKFace images (needs UTKFACE_SOURCE or ../shared)."""
+    """The fast tier: every task's command line on a few hundred real UTKFace images, no slow tests (needs
+    UTKFACE_SOURCE or ../shared)."""
     install(session, "dev")
-    session.run("pytest", *session.posargs, env={"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
+    session.run("pytest", "-m", "not slow", *session.posargs, env=TEST_ENV)
+
+
+@nox.session(python=PYTHON)
+def tests_full(session: nox.Session) -> None:
+    """Every test, the slow ones too: real training, every backbone, the Spaces in a browser."""
+    install(session, "dev")
+    session.run("pytest", *session.posargs, env=TEST_ENV)
 
 
 @nox.session(python=PYTHON)
@@ -44,6 +54,7 @@ def train_all(session: nox.Session) -> None:
         session.run("python", f"tasks/train_{task}.py", *session.posargs)
         session.run("python", "tasks/export.py", f"results/models/{task}")
     session.run("python", "tasks/compare.py")
+    session.run("python", "tasks/readme.py")
 
 
 @nox.session(python=PYTHON)
@@ -56,14 +67,15 @@ def tune(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def compare(session: nox.Session) -> None:
-    """Evaluate every saved model on the test split, with bias and robustness tables."""
+    """Evaluate every saved model on the test split, with bias and robustness tables; refresh the README's table."""
     install(session)
     session.run("python", "tasks/compare.py", *session.posargs)
+    session.run("python", "tasks/readme.py")
 
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmark training and inference speed; writes results/bench/*.json."""
+    """Benchmark training and inference speed; writes results/bench/cpu.json and cpu.md."""
     install(session)
     session.run("python", "tasks/bench.py", *session.posargs)
 

@@ -1,7 +1,7 @@
 """Speed benchmark: training throughput through three input pipelines, and CPU inference for every saved model
 
-    python tasks/bench.py                        # full run: results/bench/cpu.json and the README table
-    python tasks/bench.py --quick --no-readme    # a smoke test on tiny sizes
+    python tasks/bench.py            # full run: results/bench/cpu.json and its tables in results/bench/cpu.md
+    python tasks/bench.py --quick    # a smoke test on tiny sizes (cpu-quick.json and cpu-quick.md)
 
 Training (per model family, after warm-up steps): images/s through our pipeline (`common.data.make_dataset`
 with augmentation), the same model fed one batch already in memory (the ceiling), and a "naive" pipeline
@@ -40,7 +40,6 @@ from common.data import DATA_DIR, MODELS_DIR, REPO_ROOT, RESULTS_DIR, SEED
 from common.modelio import EXPORT_FILES, model_folders
 
 BENCH_DIR = RESULTS_DIR / "bench"
-README = REPO_ROOT / "README.md"
 FAMILIES = {  # model family -> trainer module with DEFAULT_PARAMS and build_model
     "gender": "tasks.train_gender",
     "age": "tasks.train_age",
@@ -566,9 +565,9 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def markdown(report: dict[str, Any], json_name: str) -> str:
-    """The README `bench` section: machine, the tables and the targets."""
+    """The report as markdown (written next to its JSON): machine, the tables and the targets."""
     info, settings = report["machine"], report["settings"]
-    lines = ["## Speed", "",
+    lines = ["# Speed benchmark", "",
              f"`nox -s bench` (tasks/bench.py) on {info['cpu_model']}, {info['cores']} cores, TensorFlow "
              f"{info['versions']['tensorflow']}, Keras {info['versions']['keras']}, {info['date'][:10]}; "
              f"load average {info['load_average_start'][0]:.1f} at the start (a shared machine: wall figures "
@@ -611,17 +610,6 @@ def keep_training(report: dict[str, Any], previous_path: Path) -> None:
     report["settings"] = {**previous.get("settings", {}), **report["settings"]}
 
 
-def update_readme(text: str, readme: Path = README) -> None:
-    """Replace what lies between the `bench` section markers, and nothing else."""
-    start, end = "<!-- section: bench -->", "<!-- /section: bench -->"
-    content = readme.read_text()
-    if start not in content or end not in content:
-        raise UserError(f"{readme} has no `bench` section markers.")
-    head, rest = content.split(start, 1)
-    _, tail = rest.split(end, 1)
-    write_text(readme, f"{head}{start}\n{text.rstrip()}\n{end}{tail}")
-
-
 @app.command()
 def main(
     steps: Annotated[int | None, typer.Option(
@@ -651,9 +639,7 @@ def main(
     detect: Annotated[bool, typer.Option("--detect/--no-detect",
                                          help="Also time predict with face detection.")] = True,
     data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
-    out: Annotated[Path, typer.Option(help="Folder for the JSON report.")] = BENCH_DIR,
-    readme: Annotated[bool, typer.Option(
-        "--readme/--no-readme", help="Fill the README `bench` section.")] = True,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON report and its markdown tables.")] = BENCH_DIR,
 ) -> None:
     """Benchmark training throughput per input pipeline and CPU inference per saved model."""
     defaults = QUICK if quick else {}
@@ -682,10 +668,9 @@ def main(
         if not training:
             keep_training(report, out / name)
         write_json(out / name, report)
+        write_text((out / name).with_suffix(".md"), markdown(report, name).rstrip() + "\n")
         print_report(report)
-        if readme:
-            update_readme(markdown(report, name))
-        console.print(f"Wrote {out / name}{' and the README bench section' if readme else ''} "
+        console.print(f"Wrote {out / name} and {(out / name).with_suffix('.md').name} "
                       f"({report['machine']['seconds']:.0f} s).")
 
 

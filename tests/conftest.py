@@ -1,4 +1,7 @@
-"""Shared fixtures: a few hundred real UTKFace images, prepared once per test session."""
+"""Shared fixtures: a few hundred real UTKFace images, prepared once per test session.
+
+Two tiers: `pytest -m "not slow"` (nox -s tests) is the fast one; tests marked `slow` (real training beyond a few
+batches, Spaces servers, worker processes, every backbone) run only in the full tier (nox -s tests_full)."""
 
 from __future__ import annotations
 
@@ -50,14 +53,19 @@ def prepared(utkface_subset, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def trained_models(prepared, tmp_path_factory) -> dict[str, Path]:
-    """Two-epoch gender, age and multitask models on the prepared subset (shared by several test files)."""
+def trained_runs(prepared, tmp_path_factory) -> dict:
+    """Two-epoch gender, age and multitask models on the prepared subset: {name: TrainResult}, each with the
+    model still in memory as it was saved to its out_dir."""
     from tasks import train_age, train_gender, train_multitask
 
     root = tmp_path_factory.mktemp("models")
-    folders = {}
-    for name, module in (("gender", train_gender), ("age", train_age), ("multitask", train_multitask)):
-        folders[name] = root / name
-        module.train({"batch_size": 16}, TEST_IMAGE_SIZE, 2, prepared["data_dir"], None, folders[name],
-                     verbose=0)
-    return folders
+    return {name: module.train({"batch_size": 16}, TEST_IMAGE_SIZE, 2, prepared["data_dir"], None, root / name,
+                               verbose=0)
+            for name, module in (("gender", train_gender), ("age", train_age), ("multitask", train_multitask))}
+
+
+@pytest.fixture(scope="session")
+def trained_models(trained_runs) -> dict[str, Path]:
+    """The folders of the two-epoch models (shared by several test files)."""
+    return {name: run.out_dir for name, run in trained_runs.items()}
+

@@ -90,6 +90,7 @@ def test_auto_backend_runs_the_fastest_export_and_predicts_what_keras_predicts(e
         np.testing.assert_allclose(single["p_female"], want["p_female"][:1], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_an_int8_export_outside_tolerance_is_not_kept(exported, prepared, tmp_path, monkeypatch):
     folder = tmp_path / "strict"
     shutil.copytree(exported["gender"], folder)

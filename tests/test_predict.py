@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from common.faces import Predictor, read_image
+from common.data import load_split
+from common.faces import Predictor
 from tasks import predict
+from tests.conftest import TEST_IMAGE_SIZE
 
 runner = CliRunner()
 
@@ -52,10 +56,13 @@ def test_no_detect_treats_each_image_as_a_crop_and_matches_the_cache(trained_mod
     frame = pd.read_csv(out)
     assert list(frame.columns) == ["file", "gender", "p_female"]  # only what the model predicts
     assert len(frame) == 6
-    # the same numbers as the model gives on the training cache: one preprocessing path
-    predictor = Predictor.load(trained_models["gender"])
-    crops = np.stack([predictor.prepare_crop(read_image(path)) for path in frame["file"]])
-    np.testing.assert_allclose(frame["p_female"], predictor.predict_arrays(crops)["p_female"], atol=1e-4)
+    # the same numbers as the model gives on prepare_data's cache of the test split (the arrays training and
+    # evaluation read): one preprocessing path from file to model input
+    cached, rows = load_split("test", TEST_IMAGE_SIZE, prepared["data_dir"])
+    position = {name: index for index, name in enumerate(rows["file"])}
+    from_cache = cached[[position[Path(path).name] for path in frame["file"]]]
+    expected = Predictor.load(trained_models["gender"]).predict_arrays(from_cache)["p_female"]
+    np.testing.assert_allclose(frame["p_female"], expected, atol=1e-4)
 
 
 def test_any_image_mode_and_size_works(trained_models, faces, tmp_path):

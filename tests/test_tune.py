@@ -41,6 +41,7 @@ def two_trials(prepared, tmp_path_factory) -> tuple[Path, str]:
     return folder, result.output
 
 
+@pytest.mark.slow
 def test_two_trials_write_the_best_parameter_file(two_trials):
     folder, output = two_trials
     summary = json.loads((folder / "gender.json").read_text())
@@ -56,11 +57,14 @@ def test_two_trials_write_the_best_parameter_file(two_trials):
     assert study.trials[0].user_attrs["defaults"] is True
     assert study.trials[0].params == {k: train_gender.DEFAULT_PARAMS[k] for k in study.trials[0].params}
     assert summary["defaults_value"] == values[0]
-    assert summary["improvement_over_defaults"] == pytest.approx(summary["best_value"] - values[0])
+    # accuracy is maximised: the best trial is never below the defaults, and beats them only if it is another
+    assert summary["improvement_over_defaults"] >= 0
+    assert (summary["improvement_over_defaults"] > 0) == (summary["best_value"] > values[0])
     assert (folder / "gender_history.png").stat().st_size > 1000
     assert "best trials" in output
 
 
+@pytest.mark.slow
 def test_the_best_parameter_file_is_accepted_by_a_trainer(two_trials, prepared, tmp_path):
     folder, _ = two_trials
     best = json.loads((folder / "gender.json").read_text())["best_params"]
@@ -72,6 +76,7 @@ def test_the_best_parameter_file_is_accepted_by_a_trainer(two_trials, prepared, 
     assert {k: metadata["params"][k] for k in best} == best
 
 
+@pytest.mark.slow
 def test_a_second_call_resumes_the_study(two_trials, prepared):
     folder, _ = two_trials
     again = run_tune("--model", "gender", "--trials", "1", *budget(prepared["data_dir"], folder))
@@ -88,6 +93,7 @@ def test_a_second_call_resumes_the_study(two_trials, prepared):
     assert "was run with epochs=1" in " ".join(changed.output.split())
 
 
+@pytest.mark.slow
 def test_a_pruned_trial_is_recorded_as_pruned(prepared, tmp_path):
     # accuracy never reaches 2, so this pruner stops every trial after its first epoch
     study = tune.tune("gender", trials=1, epochs=2, limit=100, image_size=SIZE, data_dir=prepared["data_dir"],
@@ -119,6 +125,7 @@ def test_bad_inputs_fail_with_one_sentence(prepared, tmp_path):
     assert url.exit_code == 1 and "is not a storage URL" in " ".join(url.output.split())
 
 
+@pytest.mark.slow
 def test_two_worker_processes_share_one_sqlite_study(prepared, tmp_path):
     url = storage_url(tmp_path)
     command = [sys.executable, str(REPO / "tasks/tune.py"), "--model", "age", "--study-name", "shared",
@@ -164,6 +171,7 @@ def test_a_worker_that_loses_the_race_to_create_the_tables_retries(tmp_path, mon
     assert storage.get_all_studies() == []
 
 
+@pytest.mark.slow
 def test_transfer_trials_run_finetune_and_its_params_file_is_accepted(prepared, tmp_path):
     """--model transfer tunes finetune_transfer.finetune() (both phases, pruning callback, no test split).
     One trial, drawn from the search space rather than the defaults (which the finetune tests already train):
