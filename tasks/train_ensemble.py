@@ -73,7 +73,10 @@ def member_outputs(inputs, model, metadata: dict[str, Any], index: int, flip: bo
             x = layers.Resizing(member_size, member_size, interpolation="bilinear",
                                 name=f"member{index}_{view}_shrink")(x)
     outputs = model(x)
-    return outputs if isinstance(outputs, dict) else {metadata["outputs"][0]: outputs}
+    outputs = outputs if isinstance(outputs, dict) else {metadata["outputs"][0]: outputs}
+    if "age" in outputs:  # a regression head can go below zero; each member alone is read as at least 0
+        outputs = {**outputs, "age": layers.ReLU(name=f"member{index}_{view}_age_floor")(outputs["age"])}
+    return outputs
 
 
 def member_branch(model, metadata: dict[str, Any], input_size: int, flip: bool, index: int = 0):
