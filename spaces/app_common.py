@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 
 from common.cli import UserError  # noqa: E402
 from common.data import AGE_BANDS, MODELS_DIR, RACE_LABELS, RESULTS_DIR  # noqa: E402
-from common.faces import MIN_CONFIDENCE  # noqa: E402
+from common.faces import DEFAULT_DETECTOR, DETECTORS, available_detectors  # noqa: E402
 from common.modelio import METADATA_FILE, METRICS_FILE, MODEL_FILE  # noqa: E402
 
 MODEL_NAMES = ("gender", "age", "multitask", "transfer")
@@ -204,9 +204,9 @@ def about_markdown(entry: ModelEntry, comparison: dict[str, Any] | None = None) 
         "binary label UTKFace's annotators gave from appearance.",
         "- Age is an estimate: expect errors of several years (see the MAE above), larger for the young, the "
         f"old and groups with few training faces (age bands used above: {bands}).",
-        "- It works best on frontal, well-lit faces like UTKFace's. Faces are found by MTCNN (confidence "
-        f"{MIN_CONFIDENCE} or more), aligned on the eyes and cropped like UTKFace's crops; small, turned or "
-        "covered faces may be missed or predicted badly.",
+        f"- It works best on frontal, well-lit faces like UTKFace's. Faces are found by {detector_text()}, "
+        "aligned on the eyes and cropped like UTKFace's crops; small, turned or covered faces may be missed or "
+        "predicted badly. The Predict tab offers the other detectors.",
         "- Photos sent to this demo are not stored by the app; Gradio's temporary copies are deleted within "
         "about two hours.",
     ])
@@ -290,12 +290,18 @@ def summary_message(rows: list[dict[str, Any]], size: tuple[int, int]) -> str:
     return "\n".join(lines)
 
 
-def predict_photo(predictor, source) -> tuple[Any, str, list[dict[str, Any]]]:
+def detector_text(name: str = DEFAULT_DETECTOR) -> str:
+    spec = DETECTORS[name]
+    threshold = "" if spec.min_confidence is None else f", confidence {spec.min_confidence} or more"
+    return f"`{name}` ({spec.description}{threshold})"
+
+
+def predict_photo(predictor, source, detector: str = DEFAULT_DETECTOR) -> tuple[Any, str, list[dict[str, Any]]]:
     """(photo with boxes, message, one row per face) for a file path, array or PIL image of any mode/size."""
     from common.faces import read_image
 
     image = read_image(source)
-    rows = [row for row in predictor.predict_image(image) if "box" in row]
+    rows = [row for row in predictor.predict_image(image, detector=detector) if "box" in row]
     return (draw_faces(image, rows) if rows else image), summary_message(rows, image.size), rows
 
 
@@ -313,11 +319,11 @@ def model_panel(entry: ModelEntry, suffix: str = "") -> tuple[Any, Any]:
     predictor = Predictor.load(entry.folder)
     headers = table_headers(predictor.outputs)
 
-    def predict(path: str | None):
+    def predict(path: str | None, detector: str = DEFAULT_DETECTOR):
         if not path:
             raise gr.Error("Upload, paste or take a photo first.")
         try:
-            image, message, rows = predict_photo(predictor, path)
+            image, message, rows = predict_photo(predictor, path, detector or DEFAULT_DETECTOR)
         except UserError as error:
             raise gr.Error(str(error)) from error
         return image, message, pd.DataFrame(table_rows(rows), columns=headers)
@@ -330,6 +336,8 @@ def model_panel(entry: ModelEntry, suffix: str = "") -> tuple[Any, Any]:
             with gr.Column():
                 photo = gr.Image(type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
                                  label="Photo (upload, webcam or paste)", elem_id=f"photo{suffix}")
+                detector = gr.Dropdown(available_detectors(), value=DEFAULT_DETECTOR, label="Face detector",
+                                       elem_id=f"detector{suffix}")
                 button = gr.Button("Find faces and predict", variant="primary", elem_id=f"predict{suffix}")
                 examples = [[str(EXAMPLES_DIR / name)] for name in EXAMPLES if (EXAMPLES_DIR / name).exists()]
                 gr.Examples(examples, inputs=[photo], label="Public-domain examples (not UTKFace)",
@@ -341,7 +349,8 @@ def model_panel(entry: ModelEntry, suffix: str = "") -> tuple[Any, Any]:
                                      interactive=False)
         with gr.Tab("About this model"):
             about_text = gr.Markdown(about(), elem_id=f"about{suffix}")
-    button.click(predict, inputs=[photo], outputs=[annotated, message, table], api_name=f"predict{suffix}")
+    button.click(predict, inputs=[photo, detector], outputs=[annotated, message, table],
+                 api_name=f"predict{suffix}")
     return about, about_text
 
 

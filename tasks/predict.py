@@ -2,6 +2,7 @@
 
     python tasks/predict.py results/models/multitask photos/ --out predictions.csv
     python tasks/predict.py results/models/gender face_crop.jpg --no-detect
+    python tasks/predict.py results/models/multitask photos/ --detector mtcnn
 
 A folder with exports from tasks/export.py runs the fastest that matches model.keras (model-int8.tflite, else
 model.tflite; int8 is about 4x faster per face than Keras on a 2-core CPU); --backend keras|tflite|tflite-int8 chooses.
@@ -23,7 +24,7 @@ from rich.table import Table
 
 from common.cli import UserError, check_choice, console, err_console, user_errors, write_text
 from common.data import IMAGE_SUFFIXES
-from common.faces import BACKENDS, Predictor, UnreadableImage, read_image
+from common.faces import BACKENDS, DEFAULT_DETECTOR, DETECTORS, Predictor, UnreadableImage, read_image
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -44,8 +45,9 @@ def collect_images(paths: list[Path]) -> list[Path]:
     return found
 
 
-def predict_files(predictor: Predictor, files: list[Path], detect: bool = True,
-                  batch_size: int = 64, progress: Progress | None = None) -> tuple[pd.DataFrame, list[str]]:
+def predict_files(predictor: Predictor, files: list[Path], detect: bool = True, batch_size: int = 64,
+                  progress: Progress | None = None,
+                  detector: str = DEFAULT_DETECTOR) -> tuple[pd.DataFrame, list[str]]:
     """One row per face (or per image with --no-detect); returns (rows, unreadable-file messages)."""
     rows, skipped = [], []
     task = progress.add_task("predicting", total=len(files)) if progress else None
@@ -66,7 +68,7 @@ def predict_files(predictor: Predictor, files: list[Path], detect: bool = True,
             skipped.append(str(error))
         else:
             if detect:
-                for face_index, face in enumerate(predictor.predict_image(image, detect=True)):
+                for face_index, face in enumerate(predictor.predict_image(image, detect=True, detector=detector)):
                     box = face.get("box")
                     rows.append({"file": str(path), "face": face_index if box else None,
                                  **_box_columns(box), "confidence": face.get("confidence"),
@@ -146,15 +148,19 @@ def main(
     backend: Annotated[str, typer.Option(
         help="auto (the fastest checked export the folder has: tflite-int8, tflite, else keras), keras, tflite "
              "or tflite-int8.")] = "auto",
+    detector: Annotated[str, typer.Option(
+        help=f"Face detector: {', '.join(DETECTORS)} (tasks/bench_detectors.py compares them).")]
+    = DEFAULT_DETECTOR,
 ) -> None:
     """Predict age and/or gender for every face in the given images."""
     check_choice(backend, BACKENDS, "--backend")
+    check_choice(detector, tuple(DETECTORS), "--detector")
     with user_errors():
         files = collect_images(paths)
         predictor = Predictor.load(model_dir, backend)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, transient=True) as progress:
-            frame, skipped = predict_files(predictor, files, detect, batch_size, progress)
+            frame, skipped = predict_files(predictor, files, detect, batch_size, progress, detector)
         for message in skipped:
             err_console.print(f"[yellow]skipped[/] {message}")
         if frame.empty:

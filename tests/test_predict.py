@@ -119,3 +119,24 @@ def test_bad_inputs_end_in_one_sentence(trained_models, faces, tmp_path):
     assert result.exit_code == 1 and "not a model folder" in said(result)
     for output in (result.output,):
         assert "Traceback" not in output
+
+
+def test_detector_choice_finds_the_faces_and_a_wrong_name_fails(trained_models, faces, tmp_path):
+    model = str(trained_models["multitask"])
+    boxes = {}
+    for detector in ("mtcnn", "blazeface-short"):
+        out = tmp_path / f"{detector}.csv"
+        result = runner.invoke(predict.app, [model, str(faces), "--detector", detector, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        frame = pd.read_csv(out).dropna(subset=["age"])
+        assert frame["file"].nunique() >= 5 and (frame["width"] > 60).all()
+        boxes[detector] = frame.groupby("file")[["x", "y", "width", "height"]].first()
+    # two different detectors, the same faces: their boxes' centres agree within a fifth of the face
+    both = boxes["mtcnn"].join(boxes["blazeface-short"], rsuffix="_other", how="inner")
+    centre = both[["x", "y"]].to_numpy() + both[["width", "height"]].to_numpy() / 2
+    other = both[["x_other", "y_other"]].to_numpy() + both[["width_other", "height_other"]].to_numpy() / 2
+    assert len(both) >= 4 and (np.abs(centre - other) < both[["width"]].to_numpy() / 5).all()
+
+    result = runner.invoke(predict.app, [model, str(faces), "--detector", "retina"])
+    assert result.exit_code == 2 and "--detector" in said(result) and "must be one of" in said(result)
+    assert "Traceback" not in result.output

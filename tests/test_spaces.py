@@ -217,6 +217,23 @@ def test_combined_space_has_a_tab_and_endpoints_per_model(clients):
 
 
 @pytest.mark.slow
+def test_the_detector_chosen_in_the_space_finds_the_face(clients, trained_models):
+    from gradio_client import handle_file
+
+    from common.faces import Predictor, read_image
+
+    client = clients["multitask"]
+    predictor = Predictor.load(trained_models["multitask"])
+    for detector in ("mtcnn", "blazeface-short"):
+        _, message, table = client.predict(handle_file(str(ASTRONAUT)), detector, api_name="/predict")
+        [expected] = predictor.predict_image(read_image(ASTRONAUT), detector=detector)
+        assert message.startswith("**Found 1 face.**")
+        assert rows_of(table)[0]["box (x, y, width, height)"] == ", ".join(str(v) for v in expected["box"])
+    with pytest.raises(Exception, match="(?i)choices|retina"):
+        client.predict(handle_file(str(ASTRONAUT)), "retina", api_name="/predict")
+
+
+@pytest.mark.slow
 def test_about_page_reads_metrics_and_bias_from_the_published_files(clients, staged, results_dir):
     import json
 
