@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from common.cli import UserError
+from agegender.cli import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("AGEGENDER_DATA_DIR", REPO_ROOT / "data"))

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from common.cli import UserError
-from common.data import file_sha256, resize_face
-from common.modelio import EXPORT_FILES, MODEL_FILE, load_model, read_metadata
+from agegender.cli import UserError
+from agegender.data import file_sha256, resize_face
+from agegender.modelio import EXPORT_FILES, MODEL_FILE, load_model, read_metadata
 
 # Where UTKFace's aligned 200x200 crops put the eyes (measured with MTCNN on 60 of them):
 # eye midpoint at (0.49, 0.289) of the side, eyes 0.389 of the side apart.
@@ -432,6 +432,9 @@ def tflite_interpreter(path: Path, threads: int | None = None):
     TensorFlow (same XNNPACK kernels); threads defaults to every core."""
     import os
     import warnings
+    from contextlib import nullcontext
+
+    from agegender import silenced_stderr
 
     try:
         from ai_edge_litert.interpreter import Interpreter
@@ -441,7 +444,11 @@ def tflite_interpreter(path: Path, threads: int | None = None):
         Interpreter = tf.lite.Interpreter
     with warnings.catch_warnings():  # TF's copy warns that it moved to ai_edge_litert
         warnings.simplefilter("ignore")
-        return Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+        interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+    # the first allocation applies the XNNPACK delegate, which announces itself on stderr
+    with nullcontext() if os.environ.get("AGEGENDER_TF_LOGS") == "1" else silenced_stderr():
+        interpreter.allocate_tensors()
+    return interpreter
 
 
 def tflite_runner(path: Path, threads: int | None = None):

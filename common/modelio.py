@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.cli import UserError, replace_dir, write_json
-from common.data import AGE_SCALE, GENDER_LABELS
+from agegender.cli import UserError, replace_dir, write_json
+from agegender.data import AGE_SCALE, GENDER_LABELS
 
 MODEL_FILE = "model.keras"
 # optional exports, backend name -> file: float32 TFLite and the same with int8 weights (dynamic-range
@@ -140,7 +140,7 @@ def load_model(folder: Path) -> tuple[Any, dict[str, Any]]:
         raise UserError(f"{folder} has no {MODEL_FILE}.")
     import keras
 
-    import common.layers  # noqa: F401  (registers the custom layers)
+    import agegender.layers  # noqa: F401  (registers the custom layers)
 
     try:
         model = keras.saving.load_model(folder / MODEL_FILE, compile=False)

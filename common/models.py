@@ -5,8 +5,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from common.data import AGE_SCALE
-from common.layers import AgeExpectation
+from agegender.data import AGE_SCALE
+from agegender.layers import AgeExpectation
 
 AGE_HEADS = ("regression", "dex")
 BN_MOMENTUM = 0.9  # moving statistics settle within a few dozen steps (Keras's 0.99 needs hundreds)

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common.cli import UserError, console, write_json
-from common.data import AGE_SCALE, DATA_DIR, SEED, Augment, data_state, load_split, make_dataset
-from common.metrics import age_metrics, gender_metrics
-from common.modelio import METRICS_FILE, make_metadata, save_model, staging_dir
+from agegender.cli import UserError, console, write_json
+from agegender.data import AGE_SCALE, DATA_DIR, SEED, Augment, data_state, load_split, make_dataset
+from agegender.metrics import age_metrics, gender_metrics
+from agegender.modelio import METRICS_FILE, make_metadata, save_model, staging_dir
 
 TARGETS = {"gender": ["gender"], "age": ["age"], "multitask": ["age", "gender"]}
 
@@ -336,7 +336,7 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
 
 def predict_split(model, split: SplitData, outputs: list[str], batch_size: int = 128) -> dict[str, np.ndarray]:
     """Predictions in user units: age in years, p_female."""
-    from common.faces import Predictor
+    from agegender.faces import Predictor
 
     predictor = Predictor(model, {"outputs": outputs, "age_scale": AGE_SCALE, "pixel_scaling": "divide_by_255"})
     return predictor.predict_arrays(split.images, batch_size=batch_size)
@@ -404,7 +404,7 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
 def warm_start(model, folder: Path, task: str, image_size: int) -> dict[str, Any]:
     """Copy a saved model's weights into a freshly built one of the same architecture; returns what the new
     metadata records about the start (including the epochs already trained, summed over earlier restarts)."""
-    from common.modelio import load_model
+    from agegender.modelio import load_model
 
     source, metadata = load_model(folder)
     if metadata.get("task") != task or int(metadata.get("image_size", 0)) != image_size:

@@ -2,12 +2,14 @@
 
 Each `spaces/<name>/app.py` is a few lines over `launch_app()`. This file runs in two layouts:
 
-- in the repository: `spaces/app_common.py`, with `common/` and `results/` one folder up;
-- in a Space staged by `tasks/publish.py`: `app_common.py`, `common/`, `examples/`, `results/` side by side.
+- in the repository: `spaces/app_common.py`, with the project installed (`pip install -e .`, which installs
+  `common/` as the package `agegender`) and `results/` one folder up;
+- in a Space staged by `tasks/publish.py`: `app_common.py`, `agegender/` (a copy of `common/`), `examples/`,
+  `results/` side by side.
 
 Either way the model lives in `results/models/<name>/` (or the best of `results/models/<name>/*/`) and the
-bias analysis in `results/comparison.json`, found through `common.data` (`AGEGENDER_RESULTS_DIR` moves both).
-Faces are found and prepared by `common.faces.Predictor`: the same code as `tasks/predict.py`.
+bias analysis in `results/comparison.json`, found through `agegender.data` (`AGEGENDER_RESULTS_DIR` moves both).
+Faces are found and prepared by `agegender.faces.Predictor`: the same code as `tasks/predict.py`.
 
 Importing this module loads neither Gradio nor TensorFlow; `build_demo()` does.
 """
@@ -21,15 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE if (HERE / "common").is_dir() else HERE.parent  # staged Space: common/ is beside this file
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from agegender.cli import UserError
+from agegender.data import AGE_BANDS, MODELS_DIR, RACE_LABELS, RESULTS_DIR
+from agegender.faces import DEFAULT_DETECTOR, DETECTORS, available_detectors
+from agegender.modelio import METADATA_FILE, METRICS_FILE, MODEL_FILE
 
-from common.cli import UserError  # noqa: E402
-from common.data import AGE_BANDS, MODELS_DIR, RACE_LABELS, RESULTS_DIR  # noqa: E402
-from common.faces import DEFAULT_DETECTOR, DETECTORS, available_detectors  # noqa: E402
-from common.modelio import METADATA_FILE, METRICS_FILE, MODEL_FILE  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 MODEL_NAMES = ("gender", "age", "multitask", "transfer")
 TITLES = {
@@ -298,7 +297,7 @@ def detector_text(name: str = DEFAULT_DETECTOR) -> str:
 
 def predict_photo(predictor, source, detector: str = DEFAULT_DETECTOR) -> tuple[Any, str, list[dict[str, Any]]]:
     """(photo with boxes, message, one row per face) for a file path, array or PIL image of any mode/size."""
-    from common.faces import read_image
+    from agegender.faces import read_image
 
     image = read_image(source)
     rows = [row for row in predictor.predict_image(image, detector=detector) if "box" in row]
@@ -314,7 +313,7 @@ def model_panel(entry: ModelEntry, suffix: str = "") -> tuple[Any, Any]:
     import gradio as gr
     import pandas as pd
 
-    from common.faces import Predictor
+    from agegender.faces import Predictor
 
     predictor = Predictor.load(entry.folder)
     headers = table_headers(predictor.outputs)

@@ -3,7 +3,7 @@
     python tasks/bench.py            # full run: results/bench/cpu.json and its tables in results/bench/cpu.md
     python tasks/bench.py --quick    # a smoke test on tiny sizes (cpu-quick.json and cpu-quick.md)
 
-Training (per model family, after warm-up steps): images/s through our pipeline (`common.data.make_dataset`
+Training (per model family, after warm-up steps): images/s through our pipeline (`agegender.data.make_dataset`
 with augmentation), the same model fed one batch already in memory (the ceiling), and a "naive" pipeline
 that reads, decodes and resizes every JPEG at every step the way `keras.utils.image_dataset_from_directory`
 does, with Keras augmentation layers, as most notebooks do.
@@ -35,9 +35,9 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.cli import UserError, console, err_console, user_errors, write_json, write_text
-from common.data import DATA_DIR, MODELS_DIR, REPO_ROOT, RESULTS_DIR, SEED
-from common.modelio import EXPORT_FILES, model_folders
+from agegender.cli import UserError, console, err_console, user_errors, write_json, write_text
+from agegender.data import DATA_DIR, MODELS_DIR, REPO_ROOT, RESULTS_DIR, SEED
+from agegender.modelio import EXPORT_FILES, model_folders
 
 BENCH_DIR = RESULTS_DIR / "bench"
 FAMILIES = {  # model family -> trainer module with DEFAULT_PARAMS and build_model
@@ -153,8 +153,8 @@ def in_memory_dataset(images: np.ndarray, targets: dict[str, np.ndarray], batch_
 
 def training_datasets(pipeline: str, spec: dict[str, Any], outputs: list[str], params: dict[str, Any]):
     """(dataset for training, {name: dataset} to time without a model) for one pipeline."""
-    from common.data import Augment, image_root, load_split, make_dataset
-    from common.training import SplitData
+    from agegender.data import Augment, image_root, load_split, make_dataset
+    from agegender.training import SplitData
 
     data_dir, size, batch = Path(spec["data_dir"]), int(spec["image_size"]), int(spec["batch_size"])
     count = batch * (spec["warmup"] + spec["steps"])  # one epoch of distinct images covers the run
@@ -177,7 +177,7 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
     """Train `warmup + steps` steps of a fresh model through one pipeline; time the steps after warm-up."""
     import keras
 
-    from common.training import TARGETS as OUTPUTS
+    from agegender.training import TARGETS as OUTPUTS
 
     keras.utils.set_random_seed(SEED)
     family, pipeline, batch = spec["family"], spec["pipeline"], int(spec["batch_size"])
@@ -214,7 +214,7 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
 
 def sample_files(data_dir: Path, count: int, split: str = "test") -> list[Path]:
     """`count` seeded-random image files of a split (repeated when the split is smaller)."""
-    from common.data import image_root, load_manifest
+    from agegender.data import image_root, load_manifest
 
     manifest = load_manifest(data_dir)
     files = manifest.loc[manifest["split"] == split, "file"].tolist()
@@ -227,7 +227,7 @@ def sample_files(data_dir: Path, count: int, split: str = "test") -> list[Path]:
 
 def canonical_face(image):
     """A Face with UTKFace's eye positions, so face_crop does its real affine warp without a detector."""
-    from common.faces import CROP_SIDE, EYE_CENTRE, EYE_DISTANCE, Face
+    from agegender.faces import CROP_SIDE, EYE_CENTRE, EYE_DISTANCE, Face
 
     sx, sy = image.width / CROP_SIDE, image.height / CROP_SIDE
     half = EYE_DISTANCE * CROP_SIDE / 2
@@ -243,7 +243,7 @@ def forward_variants(model, batch: np.ndarray, repeats: int) -> dict[str, Any]:
     compiled = tf.function(lambda x: model(x, training=False), reduce_retracing=True,
                            input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)])
     variants = {
-        "eager_call": lambda: model(batch, training=False),  # what common.faces.Predictor does today
+        "eager_call": lambda: model(batch, training=False),  # what agegender.faces.Predictor does today
         "tf_function": lambda: compiled(batch),
         "keras_predict": lambda: model.predict(batch, verbose=0, batch_size=len(batch)),
     }
@@ -263,7 +263,7 @@ def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
     import keras  # noqa: F401
     import tensorflow  # noqa: F401
 
-    from common.faces import Predictor, face_crop, read_image
+    from agegender.faces import Predictor, face_crop, read_image
 
     import_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -330,7 +330,7 @@ def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure_predict(spec: dict[str, Any]) -> dict[str, Any]:
     """tasks/predict.py's predict_files over a folder, as `python tasks/predict.py MODEL FOLDER` runs it."""
-    from common.faces import Predictor
+    from agegender.faces import Predictor
     from tasks.predict import collect_images, predict_files
 
     predictor = Predictor.load(spec["model_dir"])  # "auto", as a user's predict call
@@ -410,7 +410,7 @@ def machine_info() -> dict[str, Any]:
 
 def backends(model_dir: Path) -> list[str]:
     """keras always, and each export tasks/export.py wrote and checked for the model.keras in the folder."""
-    from common.faces import export_is_current
+    from agegender.faces import export_is_current
 
     metadata = json.loads((Path(model_dir) / "metadata.json").read_text())
     return ["keras", *(kind for kind in EXPORT_FILES if export_is_current(Path(model_dir), metadata, kind))]

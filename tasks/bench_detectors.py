@@ -7,7 +7,7 @@ Each canvas (250-600 px, built in memory, never written) holds one held-out UTKF
 the test split; --split val for choosing detector settings) or one CelebA face, pasted with a soft edge onto a
 photo-like background at a given scale, grey or turned; some canvases hold no face at all. Every canvas is
 JPEG-encoded once, and each detector then runs the one inference path on it as predict does: decode + detect +
-align + model (common.faces.Predictor). A face is found when a returned box holds the pasted face's eye
+align + model (agegender.faces.Predictor). A face is found when a returned box holds the pasted face's eye
 midpoint and is 1-4.5 eye distances wide; other boxes count as false faces. Writes
 results/bench/detectors.{json,md}.
 """
@@ -33,9 +33,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.cli import UserError, console, err_console, user_errors, write_json, write_text
-from common.data import DATA_DIR, MODELS_DIR, REPO_ROOT, RESULTS_DIR, SEED, image_root, load_manifest
-from common.faces import CROP_SIDE, DETECTORS, EYE_CENTRE, EYE_DISTANCE
+from agegender.cli import UserError, console, err_console, user_errors, write_json, write_text
+from agegender.data import DATA_DIR, MODELS_DIR, REPO_ROOT, RESULTS_DIR, SEED, image_root, load_manifest
+from agegender.faces import CROP_SIDE, DETECTORS, EYE_CENTRE, EYE_DISTANCE
 
 OUT_DIR = RESULTS_DIR / "bench"
 CELEBA = REPO_ROOT.parent / "shared" / "data" / "celeba" / "celeba-10k.tar.gz"
@@ -270,7 +270,7 @@ def eye_error(found_eyes, true_eyes) -> tuple[float, float, float]:
 
 def run_detector(predictor, detector: str, canvases: list[Canvas], advance) -> pd.DataFrame:
     """One record per canvas: found, false faces, milliseconds end to end, the prediction and the eye error."""
-    from common.faces import read_image
+    from agegender.faces import read_image
 
     warm = read_image(io.BytesIO(canvases[0].jpeg))
     predictor.predict_image(warm, detector=detector)  # builds the detector and traces what needs tracing
@@ -469,7 +469,7 @@ def main(
             else:
                 err_console.print(f"[yellow]No CelebA at {CELEBA}; the celeba condition is left out.[/]")
                 conditions.remove("celeba")
-        from common.faces import Predictor
+        from agegender.faces import Predictor
         from tasks.bench import machine_info
 
         machine = machine_info()

@@ -3,7 +3,7 @@
     python tasks/compare.py                                  # every model folder under results/models/
     python tasks/compare.py --models gender --models multitask --limit 500
 
-Predictions go through common.faces.Predictor (the one inference path) and are cached per model file,
+Predictions go through agegender.faces.Predictor (the one inference path) and are cached per model file,
 metadata and manifest hash in results/compare/cache/, so a rerun with nothing changed takes seconds.
 """
 
@@ -14,13 +14,10 @@ import io
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import pandas as pd
@@ -29,8 +26,8 @@ from PIL import Image, ImageFilter
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.cli import UserError, console, user_errors, write_json, write_text
-from common.data import (
+from agegender.cli import UserError, console, user_errors, write_json, write_text
+from agegender.data import (
     AGE_BANDS,
     DATA_DIR,
     GENDER_LABELS,
@@ -44,8 +41,8 @@ from common.data import (
     load_split,
     manifest_path,
 )
-from common.metrics import age_metrics, gender_metrics
-from common.modelio import METADATA_FILE, MODEL_FILE, read_metadata
+from agegender.metrics import age_metrics, gender_metrics
+from agegender.modelio import METADATA_FILE, MODEL_FILE, read_metadata
 
 CACHE_VERSION = 1  # bump when the degradations or what the cache holds change
 ROBUSTNESS_FACES = 1000  # seeded subset of the test split for the degraded copies; 0 = every test face
@@ -212,7 +209,7 @@ def measure_cost(predictor, images: np.ndarray) -> dict[str, float]:
 
 def predict_model(folder: Path, images: np.ndarray, subset: np.ndarray, advance) -> tuple[dict, dict]:
     """Predictions under every condition (clean on all faces, degraded on the subset) and the cost figures."""
-    from common.faces import Predictor
+    from agegender.faces import Predictor
 
     predictor = Predictor.load(folder)
     predictions = {}

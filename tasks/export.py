@@ -16,21 +16,18 @@ backend "auto"); `--backend keras|tflite|tflite-int8` in predict chooses.
 from __future__ import annotations
 
 import os
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import pandas as pd
 import typer
 from rich.table import Table
 
-from common.cli import UserError, console, user_errors, write_json
-from common.data import DATA_DIR, MODELS_DIR, SEED, cache_is_current, file_sha256, load_split
-from common.modelio import EXPORT_FILES, METADATA_FILE, MODEL_FILE, model_folders
+from agegender.cli import UserError, console, user_errors, write_json
+from agegender.data import DATA_DIR, MODELS_DIR, SEED, cache_is_current, file_sha256, load_split
+from agegender.modelio import EXPORT_FILES, METADATA_FILE, MODEL_FILE, model_folders
 
 CHECK_FACES = 1000
 # float32 throughout, so only summation order differs; anything larger means a broken conversion
@@ -111,7 +108,7 @@ def out_of_tolerance(kind: str, gaps: dict[str, float]) -> list[str]:
 def export_one(folder: Path, keras_predictor, kind: str, images: np.ndarray, rows: pd.DataFrame | None,
                keras_out: dict[str, np.ndarray], model_sha256: str) -> tuple[dict[str, Any] | None, list[str]]:
     """Convert, check and (when within tolerance) save one export; returns (its record or None, problems)."""
-    from common.faces import Predictor, tflite_runner
+    from agegender.faces import Predictor, tflite_runner
 
     blob = convert(keras_predictor.model, kind)
     tmp = folder / f".tmp-{os.getpid()}-{EXPORT_FILES[kind]}"
@@ -142,7 +139,7 @@ def export_model(folder: Path, data_dir: Path = DATA_DIR, faces: int = CHECK_FAC
     """Write folder/model.tflite (and model-int8.tflite when it passes) with their checks in metadata.json.
 
     Returns {backend: record, or {"rejected": [problems]}}; a float export outside tolerance raises UserError."""
-    from common.faces import Predictor
+    from agegender.faces import Predictor
 
     folder = Path(folder)
     keras_predictor = Predictor.load(folder, backend="keras")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import sys
 import threading
 import time
 import zipfile
@@ -35,16 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 import pandas as pd
 import typer
 
-from common.cli import UserError, check_choice, console, user_errors, write_text
-from common.data import DATA_DIR, MODELS_DIR, RESULTS_DIR, SEED, load_split
-from common.models import AGE_HEADS
-from common.training import (
+from agegender.cli import UserError, check_choice, console, user_errors, write_text
+from agegender.data import DATA_DIR, MODELS_DIR, RESULTS_DIR, SEED, load_split
+from agegender.models import AGE_HEADS
+from agegender.training import (
     TARGETS,
     SplitData,
     TrainResult,
@@ -94,10 +91,10 @@ HEAD_PATIENCE = 8  # head epochs on cached features take seconds: let early stop
 @dataclass(frozen=True)
 class Backbone:
     name: str
-    preprocess: str  # common.layers.BackbonePreprocess mode
+    preprocess: str  # agegender.layers.BackbonePreprocess mode
     application: str | None = None  # keras.applications constructor; None for the WideResNet
     pretrained: str = "imagenet"  # what --weights pretrained means for it
-    margin: float = 0.0  # common.layers.ZoomOut before the backbone: the face margin its training crops had
+    margin: float = 0.0  # agegender.layers.ZoomOut before the backbone: the face margin its training crops had
 
 
 BACKBONES = {
@@ -332,8 +329,8 @@ def build_model(backbone: Backbone, image_size: int, params: dict[str, Any], tas
     import keras
     from keras import layers
 
-    from common.layers import BackbonePreprocess, ZoomOut
-    from common.models import age_head, gender_head, image_input
+    from agegender.layers import BackbonePreprocess, ZoomOut
+    from agegender.models import age_head, gender_head, image_input
 
     base = build_backbone(backbone, image_size, weights)
     inputs = image_input(image_size)
@@ -417,8 +414,8 @@ def fit_head_on_features(model, data: dict[str, SplitData], outputs: list[str], 
     in all: on a CPU, head epochs then take seconds and phase 1 can run until early stopping."""
     import keras
 
-    from common.data import make_dataset
-    from common.training import (
+    from agegender.data import make_dataset
+    from agegender.training import (
         EpochTimer,
         StopOnSignal,
         callbacks,
@@ -524,7 +521,7 @@ def view_batch(images, view: str, augment_strength: float, batch_seed: int):
     (random crop, flip, rotation, zoom, colour) with a seed fixed per view and batch."""
     import tensorflow as tf
 
-    from common.data import Augment, augment_batch
+    from agegender.data import Augment, augment_batch
 
     batch = tf.cast(images, tf.float32) / 255.0
     if view == "flip":
@@ -614,7 +611,7 @@ def fit_on_activations(model, base, backbone: Backbone, data: dict[str, SplitDat
     schedule and early stopping. Returns the phase histories, seconds and what the cache held."""
     import keras
 
-    from common.training import (
+    from agegender.training import (
         EpochTimer,
         StopOnSignal,
         callbacks,
@@ -783,7 +780,7 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
     if out is not None:
         import keras
 
-        from common.modelio import make_metadata
+        from agegender.modelio import make_metadata
 
         extra = {"epochs_run": len(history), "phase_epochs": phase_epochs,
                  "seconds_per_epoch": seconds_per_epoch, "train_images": len(data["train"].rows),
@@ -813,7 +810,7 @@ def comparison(models_dir: Path = MODELS_DIR) -> pd.DataFrame:
     """One row per transfer model folder under models_dir (test-split metrics), best age MAE first."""
     import json
 
-    from common.modelio import METRICS_FILE, read_metadata
+    from agegender.modelio import METRICS_FILE, read_metadata
 
     rows = []
     for folder in sorted(Path(models_dir).glob(f"{FOLDER_PREFIX}*")):

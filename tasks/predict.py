@@ -10,11 +10,8 @@ model.tflite; int8 is about 4x faster per face than Keras on a 2-core CPU); --ba
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import pandas as pd
@@ -22,9 +19,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.cli import UserError, check_choice, console, err_console, user_errors, write_text
-from common.data import IMAGE_SUFFIXES
-from common.faces import BACKENDS, DEFAULT_DETECTOR, DETECTORS, Predictor, UnreadableImage, read_image
+from agegender.cli import UserError, check_choice, console, err_console, user_errors, write_text
+from agegender.data import IMAGE_SUFFIXES
+from agegender.faces import BACKENDS, DEFAULT_DETECTOR, DETECTORS, Predictor, UnreadableImage, read_image
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

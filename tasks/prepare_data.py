@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
 from typing import Annotated
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import pandas as pd
@@ -23,8 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sklearn.model_selection import train_test_split
 
-from common.cli import UserError, console, user_errors, write_json, write_text
-from common.data import (
+from agegender.cli import UserError, console, user_errors, write_json, write_text
+from agegender.data import (
     AGE_BANDS,
     DATA_DIR,
     IMAGE_SUFFIXES,

@@ -5,8 +5,9 @@
     python tasks/publish.py --all --combined --push   # one Space with a tab per model (one Space to pay for)
 
 A staged Space is self-contained: spaces/<name>/{app.py,README.md,requirements.txt}, spaces/app_common.py,
-the example photos, a copy of common/ (the one inference path) and results/models/<model>/ (model.keras,
-metadata.json, metrics.json, plots and a model card README.md), plus its rows of results/comparison.json.
+the example photos, a copy of common/ as the package agegender (the one inference path) and
+results/models/<model>/ (model.keras, metadata.json, metrics.json, plots and a model card README.md), plus its
+rows of results/comparison.json.
 The token comes from HF_TOKEN or the stored login (`hf auth login`); it is checked before any upload.
 """
 
@@ -26,9 +27,9 @@ import typer
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from rich.table import Table
 
-from common.cli import UserError, console, user_errors, write_json
-from common.data import MODELS_DIR, REPO_ROOT, RESULTS_DIR
-from common.modelio import staging_dir
+from agegender.cli import UserError, console, user_errors, write_json
+from agegender.data import MODELS_DIR, REPO_ROOT, RESULTS_DIR
+from agegender.modelio import staging_dir
 
 REPO = REPO_ROOT
 SPACES_DIR = REPO / "spaces"
@@ -38,7 +39,8 @@ MODEL_FILES = ("model.keras", "model.tflite", "model-int8.tflite", "metadata.jso
                "history.csv")  # plus the folder's *.png
 COMBINED = "combined"
 REPO_PREFIX = "agegender"  # Space <namespace>/agegender-<name>
-OWNED_REMOTE = ["*.py", "*.txt", "common/**", "examples/**", "results/**"]  # stale copies deleted on update
+# stale copies deleted on update (common/** from Spaces staged before the package was named agegender)
+OWNED_REMOTE = ["*.py", "*.txt", "common/**", "agegender/**", "examples/**", "results/**"]
 LICENCE = {"license": "other", "license_name": "utkface-non-commercial-research",
            "license_link": app_common.UTKFACE_URL}
 
@@ -85,9 +87,9 @@ def model_card(entry: app_common.ModelEntry, comparison: dict[str, Any] | None) 
                          tags=["keras", "age-estimation", "gender-classification", "utkface"], **LICENCE)
     usage = "\n".join([
         "## How to use",
-        "With the project's code (`common/` is in the Space), on any photo:",
+        "With the project's code (the package `agegender` is in the Space), on any photo:",
         "```python",
-        "from common.faces import Predictor, read_image",
+        "from agegender.faces import Predictor, read_image",
         f'predictor = Predictor.load("results/models/{entry.name}")',
         'for face in predictor.predict_image(read_image("photo.jpg")):',
         "    print(face)  # box, confidence and gender/p_female and/or age",
@@ -151,14 +153,14 @@ def copy_tree(source: Path, target: Path) -> None:
 
 def stage_space(space: str, entries: list[app_common.ModelEntry], build_dir: Path,
                 comparison: dict[str, Any] | None) -> StagedSpace:
-    """Write build_dir/<space>/ atomically: Space files, shared app, examples, common/, models and cards."""
+    """Write build_dir/<space>/ atomically: Space files, shared app, examples, agegender/, models and cards."""
     final = Path(build_dir) / space
     with staging_dir(final) as folder:
         for name in SPACE_FILES:
             shutil.copy2(SPACES_DIR / space / name, folder / name)
         shutil.copy2(SPACES_DIR / "app_common.py", folder / "app_common.py")
         copy_tree(SPACES_DIR / "examples", folder / "examples")
-        copy_tree(REPO / "common", folder / "common")
+        copy_tree(REPO / "common", folder / "agegender")  # the package under its installed name
         for entry in entries:
             target = folder / "results" / "models" / entry.name
             target.mkdir(parents=True)

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import typer
 
-from common.cli import UserError, console, user_errors, write_text
-from common.data import REPO_ROOT, RESULTS_DIR
+from agegender.cli import UserError, console, user_errors, write_text
+from agegender.data import REPO_ROOT, RESULTS_DIR
 from tasks.compare import AGE_COLUMNS, COST_COLUMNS, GENDER_COLUMNS, render
 
 README = REPO_ROOT / "README.md"

@@ -6,19 +6,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import typer
 
-from common import cli
-from common.cli import user_errors
-from common.data import DATA_DIR, MODELS_DIR
-from common.models import AGE_HEADS, age_head, conv_trunk, image_input
-from common.training import LR_SCHEDULES, TrainResult, load_params, merge_params, report, train_model
+from agegender import cli
+from agegender.cli import user_errors
+from agegender.data import DATA_DIR, MODELS_DIR
+from agegender.models import AGE_HEADS, age_head, conv_trunk, image_input
+from agegender.training import LR_SCHEDULES, TrainResult, load_params, merge_params, report, train_model
 
 TASK = "age"
 IMAGE_SIZE = 128
@@ -61,7 +58,7 @@ def build_model(image_size: int, params: dict[str, Any]):
 def train(params: dict[str, Any] | None = None, image_size: int = IMAGE_SIZE, epochs: int = 30,
           data_dir: Path = DATA_DIR, limit: int | None = None, out_dir: Path | None = MODELS_DIR / TASK,
           **options: Any) -> TrainResult:
-    """Train and evaluate; saves to out_dir unless it is None (options go to common.training.train_model)."""
+    """Train and evaluate; saves to out_dir unless it is None (options go to agegender.training.train_model)."""
     params = {**DEFAULT_PARAMS, **(params or {})}
     options.setdefault("monitor", MONITOR)
     return train_model(TASK, build_model, params, image_size, epochs, data_dir, limit, out_dir,

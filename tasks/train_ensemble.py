@@ -14,20 +14,17 @@ smaller members, so predict, compare, export and the Spaces use it like any othe
 from __future__ import annotations
 
 import itertools
-import sys
 from pathlib import Path
 from typing import Annotated, Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import typer
 
-from common.cli import UserError, check_choice, console, user_errors
-from common.data import DATA_DIR, MODELS_DIR
-from common.metrics import age_metrics, gender_metrics
-from common.modelio import load_model, make_metadata
-from common.training import SplitData, evaluate, load_data, manifest_hash, print_metrics, save_run
+from agegender.cli import UserError, check_choice, console, user_errors
+from agegender.data import DATA_DIR, MODELS_DIR
+from agegender.metrics import age_metrics, gender_metrics
+from agegender.modelio import load_model, make_metadata
+from agegender.training import SplitData, evaluate, load_data, manifest_hash, print_metrics, save_run
 
 TASK = "ensemble"
 DEFAULT_MEMBERS = (MODELS_DIR / "multitask", MODELS_DIR / "transfer-wrn16-8-imdbwiki")
@@ -61,7 +58,7 @@ def member_outputs(inputs, model, metadata: dict[str, Any], index: int, flip: bo
     (box filter when the size divides, else bilinear); one nesting level, so the saved file loads."""
     from keras import layers
 
-    from common.layers import HorizontalFlip
+    from agegender.layers import HorizontalFlip
 
     member_size, input_size = int(metadata["image_size"]), int(inputs.shape[1])
     view = "mirror" if flip else "plain"
@@ -232,7 +229,7 @@ def summary(predictions: dict[str, np.ndarray], rows) -> dict[str, float]:
 
 
 def predict_with(model, split: SplitData) -> dict[str, np.ndarray]:
-    from common.faces import Predictor
+    from agegender.faces import Predictor
 
     predictor = Predictor(model, {"outputs": list(model.output.keys()), "age_scale": 120.0,
                                   "pixel_scaling": "divide_by_255"})

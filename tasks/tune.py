@@ -33,8 +33,8 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from common.cli import UserError, console, user_errors, write_json
-from common.data import DATA_DIR, REPO_ROOT, RESULTS_DIR, SEED
+from agegender.cli import UserError, console, user_errors, write_json
+from agegender.data import DATA_DIR, REPO_ROOT, RESULTS_DIR, SEED
 
 TUNING_DIR = RESULTS_DIR / "tuning"
 MODELS = ("gender", "age", "multitask", "transfer")

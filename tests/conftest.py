@@ -6,14 +6,12 @@ batches, Spaces servers, worker processes, every backbone) run only in the full 
 from __future__ import annotations
 
 import os
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach the Hub
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

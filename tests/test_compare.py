@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +11,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tasks"))
+from tasks import compare
 
-import compare  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 runner = CliRunner()
 GENDER_COLUMNS = ["accuracy", "precision", "recall", "f1", "roc_auc"]
@@ -116,7 +114,7 @@ def test_second_run_reuses_cached_predictions(first_run, models_dir, prepared, m
     def no_loading(*args, **kwargs):
         raise AssertionError("a cached model was loaded again")
 
-    from common import faces
+    from agegender import faces
 
     monkeypatch.setattr(faces.Predictor, "load", classmethod(no_loading))
     again = run_compare(models_dir, prepared, out, "--models", "gender", "--models", "multitask")

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from common.cli import UserError
-from common.faces import (
+from agegender.cli import UserError
+from agegender.faces import (
     CROP_SIDE,
     DEFAULT_DETECTOR,
     DETECTORS,

@@ -42,8 +42,8 @@ def test_the_ensemble_records_its_members_and_weights_chosen_on_validation(ensem
 
 
 def test_the_saved_ensemble_predicts_its_members_mixed_with_the_recorded_weights(ensemble, trained_models, prepared):
-    from common.data import load_split
-    from common.faces import Predictor
+    from agegender.data import load_split
+    from agegender.faces import Predictor
 
     meta = json.loads((ensemble / "metadata.json").read_text())
     images, _ = load_split("val", meta["image_size"], prepared["data_dir"])

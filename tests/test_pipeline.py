@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import tensorflow as tf
 
-from common.data import Augment, affine_warp, load_split, make_dataset
+from agegender.data import Augment, affine_warp, load_split, make_dataset
 from tests.conftest import TEST_IMAGE_SIZE
 
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from common.data import load_split
-from common.faces import Predictor
+from agegender.data import load_split
+from agegender.faces import Predictor
 from tasks import predict
 from tests.conftest import TEST_IMAGE_SIZE
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from common.data import SPLITS, load_face_array, load_split, parse_utkface_name
+from agegender.data import SPLITS, load_face_array, load_split, parse_utkface_name
 from tasks import prepare_data
 
 runner = CliRunner()

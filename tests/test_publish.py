@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tasks"))
+from tasks import publish
 
-import publish  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 runner = CliRunner()
 FRONT_MATTER = {"title", "emoji", "colorFrom", "colorTo", "sdk", "sdk_version", "app_file", "license",
@@ -104,8 +102,8 @@ def test_dry_run_stages_each_space_and_prints_the_plan(models_dir, tmp_path):
         assert f"<your-username>/agegender-{name}" in result.output
         folder = tmp_path / name
         files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
-        assert {"app.py", "app_common.py", "README.md", "requirements.txt", "common/faces.py",
-                "common/data.py", "examples/astronaut.jpg", "examples/landscape.jpg"} <= files
+        assert {"app.py", "app_common.py", "README.md", "requirements.txt", "agegender/faces.py",
+                "agegender/data.py", "examples/astronaut.jpg", "examples/landscape.jpg"} <= files
         model = f"results/models/{name}"
         assert {f"{model}/model.keras", f"{model}/metadata.json", f"{model}/metrics.json",
                 f"{model}/README.md"} <= files

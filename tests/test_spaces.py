@@ -18,11 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tasks import publish
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tasks"))
-
-import publish  # noqa: E402
-
 app_common = publish.app_common
 EXAMPLES = REPO / "spaces" / "examples"
 ASTRONAUT, TWO_FACES, LANDSCAPE = (EXAMPLES / name for name in ("astronaut.jpg", "two_faces.jpg", "landscape.jpg"))
@@ -35,7 +33,7 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 @pytest.fixture(scope="module")
 def results_dir(trained_models, prepared, tmp_path_factory) -> Path:
     """compare run on the test models, so the Spaces have a real bias table to show."""
-    from compare import compare
+    from tasks.compare import compare
 
     out = tmp_path_factory.mktemp("spaces-results")
     compare(models_dir=trained_models["gender"].parent, data_dir=prepared["data_dir"], out=out,
@@ -136,7 +134,7 @@ def rows_of(table: dict) -> list[dict]:
 
 def expected_rows(model_dir: Path, path: Path) -> list[dict]:
     """What the one inference path gives for the same photo, in this process."""
-    from common.faces import Predictor, read_image
+    from agegender.faces import Predictor, read_image
 
     return Predictor.load(model_dir).predict_image(read_image(path))
 
@@ -220,7 +218,7 @@ def test_combined_space_has_a_tab_and_endpoints_per_model(clients):
 def test_the_detector_chosen_in_the_space_finds_the_face(clients, trained_models):
     from gradio_client import handle_file
 
-    from common.faces import Predictor, read_image
+    from agegender.faces import Predictor, read_image
 
     client = clients["multitask"]
     predictor = Predictor.load(trained_models["multitask"])
@@ -254,12 +252,12 @@ def test_about_page_reads_metrics_and_bias_from_the_published_files(clients, sta
 
 
 @pytest.mark.slow
-def test_staged_space_uses_its_own_copy_of_common(staged):
+def test_staged_space_uses_its_own_copy_of_the_package(staged):
     folder = staged["gender"].folder
-    found = subprocess.run([sys.executable, "-c", "import app_common, common; print(common.__file__)"],
+    found = subprocess.run([sys.executable, "-c", "import app_common, agegender; print(agegender.__file__)"],
                            cwd=folder, env=space_env(), capture_output=True, text=True, timeout=600)
     assert found.returncode == 0, found.stderr
-    assert Path(found.stdout.strip()).parent == folder / "common"
+    assert Path(found.stdout.strip()).parent == folder / "agegender"
 
 
 def test_app_run_from_the_repository_without_a_model_says_so(tmp_path):

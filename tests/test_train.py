@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from common.data import load_split
-from common.faces import Predictor
-from common.modelio import load_model, staging_dir
+from agegender.data import load_split
+from agegender.faces import Predictor
+from agegender.modelio import load_model, staging_dir
 from tests.conftest import TEST_IMAGE_SIZE
 
 runner = CliRunner()
@@ -46,7 +46,7 @@ def test_trainer_writes_a_complete_model_folder(trained_models, task):
 @pytest.mark.parametrize("task", ["gender", "age", "multitask"])
 def test_reloaded_model_predicts_what_the_trained_model_predicted(trained_runs, prepared, task):
     """The saved file against the model as training left it in memory (not two loads of one file)."""
-    from common.training import evaluate
+    from agegender.training import evaluate
 
     images, rows = load_split("test", TEST_IMAGE_SIZE, prepared["data_dir"])
     run = trained_runs[task]
@@ -79,7 +79,7 @@ def test_the_default_cosine_schedule_anneals_the_learning_rate(trained_models, t
 
 
 def test_the_cosine_is_slow_at_both_ends_and_never_reaches_its_floor():
-    from common.training import cosine_rate
+    from agegender.training import cosine_rate
 
     rates = np.array([cosine_rate(epoch, 10, 1.0) for epoch in range(10)])
     drops = -np.diff(rates)
@@ -147,7 +147,7 @@ def test_an_interrupted_save_leaves_the_previous_model_intact(trained_models, tm
 
 
 def test_a_monitor_keras_never_logs_fails_before_training(prepared):
-    from common.cli import UserError
+    from agegender.cli import UserError
     from tasks import train_gender, train_multitask
 
     with pytest.raises(UserError, match="val_accuracy"):
@@ -159,7 +159,7 @@ def test_a_monitor_keras_never_logs_fails_before_training(prepared):
 
 @pytest.mark.slow
 def test_init_from_starts_where_a_saved_model_ended(trained_models, prepared, tmp_path):
-    from common.training import warm_start
+    from agegender.training import warm_start
     from tasks import train_multitask
 
     images, _ = load_split("test", TEST_IMAGE_SIZE, prepared["data_dir"])
@@ -188,7 +188,7 @@ def test_init_from_starts_where_a_saved_model_ended(trained_models, prepared, tm
 def test_weight_averaging_schedule_mean_and_batchnorm_statistics(prepared):
     import keras
 
-    from common.training import WeightAverager, swa_rate_for, update_batchnorm
+    from agegender.training import WeightAverager, swa_rate_for, update_batchnorm
 
     # cosine down to the averaging rate, then held through the averaged epochs
     assert [swa_rate_for(e, 4, 1e-3, 2, 5e-4) for e in range(4)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 5e-4])
