@@ -1,5 +1,5 @@
-"""Task runner: `nox -s train_all` trains and compares every model; `nox -s tests` runs the fast tier of the
-test suite and `nox -s tests_full` all of it."""
+"""Task runner: `nox -s train_all` trains every model from its recipe and promotes the better ones; `nox -s tests`
+runs the fast tier of the test suite and `nox -s tests_full` all of it."""
 
 from __future__ import annotations
 
@@ -44,24 +44,35 @@ def prepare_data(session: nox.Session) -> None:
     session.run("python", "tasks/prepare_data.py", *session.posargs)
 
 
+def trainable_families(session: nox.Session) -> list[str]:
+    """The trained model families, read from the registry (agegender.families) in the session's environment."""
+    return session.run("python", "-c", "from agegender.families import TRAINABLE; print(*TRAINABLE)",
+                       silent=True).split()
+
+
 @nox.session(python=PYTHON)
 def train_all(session: nox.Session) -> None:
-    """Prepare the data, train every model, export it for fast CPU inference and compare them (posargs go to
-    each trainer, e.g. --epochs 5)."""
+    """Prepare the data, train every model from its recipe (recipes/) into results/runs/, promote the runs that
+    beat the current models on validation, export them and rerun the comparison (posargs go to
+    tasks/train_all.py, e.g. --quick or --only multitask)."""
     install(session)
     session.run("python", "tasks/prepare_data.py")
-    for task in ("gender", "age", "multitask"):
-        session.run("python", f"tasks/train_{task}.py", *session.posargs)
-        session.run("python", "tasks/export.py", f"results/models/{task}")
-    session.run("python", "tasks/compare.py")
-    session.run("python", "tasks/readme.py")
+    session.run("python", "tasks/train_all.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def tensorboard(session: nox.Session) -> None:
+    """Serve the training runs' TensorBoard logs (results/runs/) on http://localhost:6006 (posargs go to
+    tensorboard)."""
+    install(session)
+    session.run("tensorboard", "--logdir", "results/runs", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def tune(session: nox.Session) -> None:
-    """Tune every model with Optuna at the default budget (posargs go to each tune.py call)."""
+    """Tune every trainable model family with Optuna at the default budget (posargs go to each tune.py call)."""
     install(session)
-    for model in ("gender", "age", "multitask", "transfer"):
+    for model in trainable_families(session):
         session.run("python", "tasks/tune.py", "--model", model, *session.posargs)
 
 

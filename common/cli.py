@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -35,20 +36,35 @@ def user_errors():
         fail(str(error))
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and rename it, so readers never see half a file."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling name to write `path` under (np.save, savefig, a zip...); it is renamed to `path`
+    when the block succeeds and removed when it fails, so readers never see half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # per process: workers may write the same file
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Atomic binary write (temporary name, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_text(path: Path, text: str) -> None:
     """Atomic text write (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """JSON written atomically, so readers never see half a file."""
+    write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
@@ -76,8 +92,16 @@ def _json_default(value: Any) -> Any:
 
 
 # Typer options the training scripts share (each script adds its own next to these)
-EpochsOption = Annotated[int, typer.Option(min=1, help="Most epochs (early stopping may end sooner).")]
-ImageSizeOption = Annotated[int, typer.Option(min=32, max=512, help="Input side in pixels.")]
+RecipeOption = Annotated[Path | None, typer.Option(
+    help="Recipe to train from (recipes/<model>.toml): its parameters and schedule; flags given override it.")]
+EpochsOption = Annotated[int | None, typer.Option(
+    min=1, help="Most epochs (early stopping may end sooner); default: the recipe's, else 30.")]
+ImageSizeOption = Annotated[int | None, typer.Option(
+    min=32, max=512, help="Input side in pixels; default: the recipe's, else 128.")]
+TensorBoardOption = Annotated[bool, typer.Option(
+    help="Log losses, metrics and the learning rate per epoch for TensorBoard into the run folder.")]
+RunDirOption = Annotated[Path | None, typer.Option(
+    help="Run folder for the TensorBoard logs; default: results/runs/<model folder name>/<UTC time>.")]
 BatchSizeOption = Annotated[int | None, typer.Option(min=1, help="Batch size.")]
 LearningRateOption = Annotated[float | None, typer.Option(min=0, help="AdamW learning rate.")]
 DropoutOption = Annotated[float | None, typer.Option(min=0, max=0.9, help="Dropout rate.")]
@@ -102,10 +126,8 @@ SwaOption = Annotated[int | None, typer.Option(
     "--swa", min=0, help="Average the weights of the last N epochs (stochastic weight averaging, BatchNorm "
     "statistics re-estimated); kept only if it beats the best epoch on validation (0 off) [0].")]
 SwaRateOption = Annotated[float | None, typer.Option(
-    min=0, help="Learning rate held through the averaged epochs with the cosine schedule [half of "
-    "--learning-rate].")]
-LabelSmoothingOption = Annotated[float | None, typer.Option(
-    "--gender-label-smoothing", min=0, max=0.5, help="Label smoothing of the gender loss [0].")]
+    min=0, help="Learning rate held through the averaged epochs with the cosine schedule; default: half of "
+    "--learning-rate.")]
 InitFromOption = Annotated[Path | None, typer.Option(
     help="Start from the weights of a saved model folder of the same kind (a warm restart); may equal --out.")]
 

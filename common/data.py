@@ -15,12 +15,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from agegender.cli import UserError
+from agegender.cli import UserError, atomic_path, write_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("AGEGENDER_DATA_DIR", REPO_ROOT / "data"))
 RESULTS_DIR = Path(os.environ.get("AGEGENDER_RESULTS_DIR", REPO_ROOT / "results"))
 MODELS_DIR = RESULTS_DIR / "models"
+# one folder per training run (TensorBoard logs; train_all's candidates), never committed
+RUNS_DIR = Path(os.environ.get("AGEGENDER_RUNS_DIR", RESULTS_DIR / "runs"))
 
 SEED = 42
 AGE_SCALE = 120.0
@@ -154,14 +156,11 @@ def build_cache(image_size: int, data_dir: Path = DATA_DIR, progress_factory=Non
         paths = [root / name for name in files]
         advance = progress_factory(f"cache {image_size}px {split}", len(paths)) if progress_factory else None
         arrays = decode_many(paths, image_size, progress=advance)
-        tmp = folder / f".tmp-{os.getpid()}-{split}.npy"
-        np.save(tmp, arrays)
-        tmp.replace(folder / f"{split}.npy")
+        with atomic_path(folder / f"{split}.npy") as tmp:
+            np.save(tmp, arrays)
     meta = {"manifest_sha256": state["manifest_sha256"], "image_root": state["image_root"],
             "image_size": image_size}
-    tmp = folder / f".tmp-{os.getpid()}-meta.json"
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(folder / "meta.json")
+    write_json(folder / "meta.json", meta)
     return folder
 
 

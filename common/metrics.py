@@ -36,3 +36,17 @@ def age_metrics(age_true, age_pred) -> dict:
         "cs5": float(np.mean(np.abs(error) <= 5.0)),
         "n": int(len(true)),
     }
+
+
+# the comparison's columns (compare, readme): (key, header, format, better); better is "max", "min" or None
+THROUGHPUT_BATCH = 64  # compare's batched timing
+GENDER_COLUMNS = [("accuracy", "accuracy", "{:.4f}", "max"), ("precision", "precision", "{:.4f}", "max"),
+                  ("recall", "recall", "{:.4f}", "max"), ("f1", "F1", "{:.4f}", "max"),
+                  ("roc_auc", "ROC AUC", "{:.4f}", "max")]
+AGE_COLUMNS = [("mae", "MAE (years)", "{:.2f}", "min"), ("mse", "MSE", "{:.1f}", "min"),
+               ("rmse", "RMSE", "{:.2f}", "min"), ("cs5", "CS@5", "{:.3f}", "max")]
+COST_COLUMNS = [("backend", "runs", "{}", None), ("parameters", "parameters", "{:,.0f}", "min"),
+                ("size_mb", "file MB", "{:.2f}", "min"),
+                ("ms_batch1", "CPU ms/image (batch 1)", "{:.2f}", "min"),
+                ("images_per_s", f"images/s (batch {THROUGHPUT_BATCH})", "{:,.0f}", "max")]
+METRIC_COLUMNS = GENDER_COLUMNS + AGE_COLUMNS

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agegender.cli import UserError, replace_dir, write_json
-from agegender.data import AGE_SCALE, GENDER_LABELS
+from agegender.cli import UserError, atomic_path, replace_dir, write_json
+from agegender.data import AGE_SCALE, GENDER_LABELS, RUNS_DIR
+from agegender.families import FAMILIES, TASK_OUTPUTS, Family
 
 MODEL_FILE = "model.keras"
 # optional exports, backend name -> file: float32 TFLite and the same with int8 weights (dynamic-range
@@ -20,21 +23,20 @@ MODEL_FILE = "model.keras"
 EXPORT_FILES = {"tflite": "model.tflite", "tflite-int8": "model-int8.tflite"}
 METADATA_FILE = "metadata.json"
 METRICS_FILE = "metrics.json"
-TASKS = ("gender", "age", "multitask")
 PIXEL_SCALING = "divide_by_255"  # models take RGB floats in [0, 1]; backbone-specific scaling is inside
 
 
 def make_metadata(task: str, image_size: int, params: dict[str, Any], manifest_sha256: str,
                   backbone: str = "cnn", weights: str = "none", **extra: Any) -> dict[str, Any]:
     """Everything prediction needs, plus how the model was made."""
-    if task not in TASKS:
+    if task not in TASK_OUTPUTS:
         raise ValueError(f"unknown task {task}")
     import keras
     import tensorflow as tf
 
     return {
         "task": task,
-        "outputs": {"gender": ["gender"], "age": ["age"], "multitask": ["age", "gender"]}[task],
+        "outputs": list(TASK_OUTPUTS[task]),
         "image_size": int(image_size),
         "pixel_scaling": PIXEL_SCALING,
         "color": "RGB",
@@ -113,11 +115,9 @@ def store_float16(path: Path) -> None:
 
         copy(old, new)
     members["model.weights.h5"] = target.getvalue()
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with zipfile.ZipFile(tmp, "w") as archive:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
         for name, data in members.items():
             archive.writestr(name, data)
-    tmp.replace(path)
 
 
 def read_metadata(folder: Path) -> dict[str, Any]:
@@ -149,8 +149,76 @@ def load_model(folder: Path) -> tuple[Any, dict[str, Any]]:
     return model, metadata
 
 
+def is_model_folder(folder: Path) -> bool:
+    """A folder that holds a model, or what is left of one (its loader then says what is wrong)."""
+    return (folder / METADATA_FILE).exists() or (folder / MODEL_FILE).exists()
+
+
+def find_models(models_dir: Path, pattern: str = "*") -> tuple[list[Path], list[str]]:
+    """Every model folder under models_dir whose name matches `pattern`, sorted, searching one level down in
+    folders that are not models themselves (results/models/<group>/<model>); and one line per folder that holds
+    none. Hidden folders (a model being written) are passed over."""
+    def visible(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.glob(pattern) if p.is_dir() and not p.name.startswith((".", "_")))
+
+    found, skipped = [], []
+    for folder in visible(Path(models_dir)) if Path(models_dir).is_dir() else []:
+        if is_model_folder(folder):
+            found.append(folder)
+            continue
+        inner = [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith((".", "_"))
+                 and is_model_folder(p)]
+        found.extend(inner)
+        if not inner:
+            skipped.append(f"{folder.name}: no {METADATA_FILE} or {MODEL_FILE} in {folder}; skipped.")
+    return found, skipped
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / METADATA_FILE).is_file() and (folder / MODEL_FILE).is_file()
+
+
+def ranking_key(folder: Path) -> tuple[float, float]:
+    """Lower is better: test age MAE first, then minus gender accuracy (from metrics.json)."""
+    try:
+        metrics = json.loads((Path(folder) / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    mae = metrics.get("age", {}).get("mae")
+    accuracy = metrics.get("gender", {}).get("accuracy")
+    return (float(mae) if mae is not None else math.inf, -float(accuracy) if accuracy is not None else 0.0)
+
+
+def family_model(family: Family, models_dir: Path) -> Path | None:
+    """The family's model folder (results/models/<family.folder>) when it holds a model, else the best by
+    ranking_key of its other ones: <folder prefix>* beside it (finetune_transfer writes transfer-<backbone>)
+    or inside results/models/<family>/; None when there is none."""
+    models_dir = Path(models_dir)
+    if is_complete(models_dir / family.folder):
+        return models_dir / family.folder
+    prefix = family.folder_prefix or f"{family.name}-"
+    candidates = [folder for pattern in (f"{prefix}*", family.name) for folder in find_models(models_dir, pattern)[0]
+                  if is_complete(folder)]
+    return min(candidates, key=ranking_key) if candidates else None
+
+
+@dataclass
+class ModelEntry:
+    """A family's model as its Space and model card name it."""
+
+    space: str  # its model family: gender, age, multitask, transfer or ensemble
+    name: str  # its path under results/models/ (and its name in comparison.json), e.g. "transfer-wrn16-8-imdbwiki"
+    folder: Path
+
+
+def find_model(space: str, models_dir: Path) -> ModelEntry | None:
+    """The model of a family's Space (family_model), named by its path under models_dir."""
+    folder = family_model(FAMILIES[space], Path(models_dir))
+    return None if folder is None else ModelEntry(space, folder.relative_to(Path(models_dir)).as_posix(), folder)
+
+
 def model_folders(given: list[Path] | None, models_dir: Path) -> list[Path]:
-    """The model folders given (each checked), or every folder of models_dir with a metadata.json."""
+    """The model folders given (each checked), or every model folder under models_dir that has its metadata."""
     if given:
         for folder in given:
             if not Path(folder).is_dir():
@@ -158,6 +226,14 @@ def model_folders(given: list[Path] | None, models_dir: Path) -> list[Path]:
             if not (Path(folder) / METADATA_FILE).exists():
                 raise UserError(f"{folder} is not a model folder: it has no {METADATA_FILE}.")
         return [Path(folder) for folder in given]
-    if not Path(models_dir).is_dir():
-        return []
-    return sorted(p for p in Path(models_dir).iterdir() if (p / METADATA_FILE).exists())
+    return [folder for folder in find_models(models_dir)[0] if (folder / METADATA_FILE).exists()]
+
+
+def run_path(name: str, runs_dir: Path = RUNS_DIR) -> Path:
+    """runs_dir/<name>/<UTC time>, a new run folder's path (not created yet)."""
+    path = Path(runs_dir) / name / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    for count in range(2, 100):  # two runs within the same second
+        if not path.exists():
+            break
+        path = path.with_name(f"{path.name.split('-')[0]}-{count}")
+    return path

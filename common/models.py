@@ -1,4 +1,5 @@
-"""Building blocks the model scripts share: our CNN trunk and the age / gender heads."""
+"""The model factory: our CNN trunk, the age and gender heads, the three CNN models built from them and the
+one compile step every model shares (the transfer models add a backbone: agegender.transfer)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import keras
 from keras import layers
 
 from agegender.data import AGE_SCALE
+from agegender.families import TASK_OUTPUTS
 from agegender.layers import AgeExpectation
 
 AGE_HEADS = ("regression", "dex")
@@ -58,3 +60,39 @@ def age_head(features, dropout: float = 0.25, units: int = 128, kind: str = "reg
 
 def image_input(image_size: int):
     return keras.Input((image_size, image_size, 3), name="image")
+
+
+# per task, each output's metrics (Keras 3 logs them as e.g. "val_binary_accuracy" for a one-output model and
+# "val_gender_binary_accuracy" for several, which tune's goals and early stopping watch)
+CNN_METRICS = {"gender": {"gender": ["binary_accuracy", "auc"]}, "age": {"age": ["mae", "mse"]},
+               "multitask": {"age": ["mae"], "gender": ["binary_accuracy"]}}
+
+
+def compile_outputs(model, rate: float, params: dict, metrics: dict[str, list[str]]) -> None:
+    """AdamW at `rate`; MAE on age / 120 and binary cross-entropy (label-smoothed by
+    params["gender_label_smoothing"]) on gender, weighted by params["<output>_loss_weight"]."""
+    outputs = list(metrics)
+    losses = {"age": "mae",
+              "gender": keras.losses.BinaryCrossentropy(
+                  label_smoothing=float(params.get("gender_label_smoothing", 0.0)))}
+    named = {"auc": lambda: keras.metrics.AUC(name="auc")}
+    model.compile(
+        optimizer=keras.optimizers.AdamW(rate, weight_decay=float(params["weight_decay"])),
+        loss={name: losses[name] for name in outputs},
+        loss_weights={name: float(params.get(f"{name}_loss_weight", 1.0)) for name in outputs},
+        metrics={name: [named[m]() if m in named else m for m in found] for name, found in metrics.items()},
+    )
+
+
+def build_cnn(task: str, image_size: int, params: dict):
+    """Our CNN trunk with the task's heads (age before gender), compiled for training."""
+    inputs = image_input(image_size)
+    dropout = float(params["dropout"])
+    features = conv_trunk(inputs, width=int(params["width"]), dropout=dropout)
+    heads = {"age": lambda: age_head(features, dropout, kind=params["age_head"]),
+             "gender": lambda: gender_head(features, dropout)}
+    outputs = {name: heads[name]() for name in TASK_OUTPUTS[task]}
+    name = f"age_cnn_{params['age_head']}" if task == "age" else f"{task}_cnn"
+    model = keras.Model(inputs, outputs, name=name)
+    compile_outputs(model, float(params["learning_rate"]), params, CNN_METRICS[task])
+    return model

@@ -1,9 +1,10 @@
-"""The training loop the model scripts share: data, callbacks, fit, test evaluation, plots and saving."""
+"""The training loop every trainer shares: data, callbacks (TensorBoard included), fit, and the tail that
+evaluates on validation and test and saves the model folder."""
 
 from __future__ import annotations
 
 import contextlib
-import json
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,10 +15,11 @@ import pandas as pd
 
 from agegender.cli import UserError, console, write_json
 from agegender.data import AGE_SCALE, DATA_DIR, SEED, Augment, data_state, load_split, make_dataset
+from agegender.families import TASK_OUTPUTS
 from agegender.metrics import age_metrics, gender_metrics
 from agegender.modelio import METRICS_FILE, make_metadata, save_model, staging_dir
-
-TARGETS = {"gender": ["gender"], "age": ["age"], "multitask": ["age", "gender"]}
+from agegender.plots import plot_age_error, plot_confusion, plot_history
+from agegender.tables import rich_table
 
 
 @dataclass
@@ -42,30 +44,9 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_params(path: Path | None) -> dict[str, Any]:
-    """best_params from a tune result file (or a plain JSON object of parameters)."""
-    if path is None:
-        return {}
-    if not Path(path).exists():
-        raise UserError(f"Parameter file {path} does not exist.")
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path} is not valid JSON ({error.msg}).") from error
-    params = data.get("best_params", data)
-    if not isinstance(params, dict):
-        raise UserError(f"{path} holds no parameters.")
-    return params
-
-
-def merge_params(defaults: dict[str, Any], from_file: dict[str, Any], overrides: dict[str, Any]) -> dict:
-    """Defaults, then the --params file, then flags given on the command line (not None)."""
-    unknown = set(from_file) - set(defaults)
-    if unknown:
-        raise UserError(f"Unknown parameter(s) in the --params file: {', '.join(sorted(unknown))}.")
-    params = {**defaults, **from_file}
-    params.update({k: v for k, v in overrides.items() if v is not None})
-    return params
+def split_cap(split: str, limit: int | None) -> int | None:
+    """How many images of a split a run with `limit` training images uses (val and test: a proportional cap)."""
+    return None if limit is None else max(8, limit if split == "train" else limit // 4)
 
 
 def load_data(image_size: int, data_dir: Path = DATA_DIR, limit: int | None = None,
@@ -73,8 +54,7 @@ def load_data(image_size: int, data_dir: Path = DATA_DIR, limit: int | None = No
     """Cached arrays per split; `limit` caps the training images (val and test get a proportional cap)."""
     data = {}
     for split in splits:
-        cap = None if limit is None else max(8, limit if split == "train" else limit // 4)
-        images, rows = load_split(split, image_size, data_dir, cap)
+        images, rows = load_split(split, image_size, data_dir, split_cap(split, limit))
         data[split] = SplitData(images, rows)
     return data
 
@@ -288,10 +268,26 @@ def check_monitor(model, monitor: str, validation: bool = True) -> None:
         raise UserError(f"Metric {monitor!r} is not logged by this model; it logs {', '.join(sorted(logged))}.")
 
 
+def resolve_verbose(verbose: int | str) -> int | str:
+    """Keras's "auto" draws a progress bar that redraws one line, which a log file keeps as one long line of
+    control characters: outside a terminal, one line per epoch instead."""
+    if verbose == "auto":
+        return 1 if sys.stdout.isatty() else 2
+    return verbose
+
+
+def tensorboard_callback(log_dir: Path):
+    """Keras's TensorBoard callback: losses, metrics and the learning rate per epoch under log_dir/train and
+    log_dir/validation (`tensorboard --logdir results/runs`)."""
+    import keras
+
+    return keras.callbacks.TensorBoard(log_dir=str(log_dir), write_graph=False, update_freq="epoch")
+
+
 def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str, Any], epochs: int,
         monitor: str, mode: str = "min", patience: int | None = None, extra_callbacks: list | None = None,
         checkpoint: Path | None = None, verbose: int | str = "auto",
-        summary: dict[str, Any] | None = None) -> tuple[pd.DataFrame, float]:
+        summary: dict[str, Any] | None = None, seed: int = SEED) -> tuple[pd.DataFrame, float]:
     """Train with early stopping, LR reduction and checkpointing; returns (history, seconds per epoch).
 
     params["swa_epochs"] > 0 averages the weights of that many last epochs; what came of it goes into
@@ -302,7 +298,7 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
     if patience is None:
         patience = default_patience(schedule)
 
-    keras.utils.set_random_seed(SEED)
+    keras.utils.set_random_seed(seed)
     augment = replace(Augment().scaled(float(params.get("augment", 1.0))),
                       noise=float(params.get("noise_augment", 0.0)), photo=float(params.get("photo_augment", 0.0)))
     train, val = data["train"], data["val"]
@@ -319,7 +315,8 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
     swa_epochs = min(int(params.get("swa_epochs", 0)), epochs)
     swa_rate = float(params.get("swa_learning_rate") or base_rate / 2)
     averager = WeightAverager(epochs, swa_epochs) if swa_epochs > 0 else None
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose,
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=resolve_verbose(verbose),
+                        shuffle=False,  # make_dataset shuffles (Keras warns that it would ignore True)
                         callbacks=[timer, StopOnSignal(),
                                    *callbacks(monitor, mode, patience, checkpoint, schedule, epochs, base_rate,
                                               swa_epochs, swa_rate),
@@ -352,12 +349,14 @@ def evaluate(predicted: dict[str, np.ndarray], rows: pd.DataFrame) -> dict[str, 
 
 
 def save_run(out_dir: Path, model, metadata: dict[str, Any], history: pd.DataFrame | None, test_metrics: dict,
-             predicted: dict[str, np.ndarray], rows: pd.DataFrame) -> None:
-    """model.keras, metadata.json, metrics.json, history.csv and the plots, swapped in atomically (no history
-    for a model that was assembled rather than trained, such as the ensemble)."""
+             predicted: dict[str, np.ndarray], rows: pd.DataFrame, validation: dict[str, Any] | None = None) -> None:
+    """model.keras, metadata.json, metrics.json (test figures, and the validation ones under "validation"),
+    history.csv and the plots, swapped in atomically (no history for a model that was assembled rather than
+    trained, such as the ensemble)."""
     with staging_dir(out_dir) as folder:
         save_model(model, folder, metadata)
-        write_json(folder / METRICS_FILE, {"split": "test", **test_metrics})
+        write_json(folder / METRICS_FILE, {"split": "test", **test_metrics,
+                                           **({"validation": validation} if validation else {})})
         if history is not None:
             history.to_csv(folder / "history.csv", index=False)
             plot_history(history, folder / "learning_curves.png")
@@ -367,38 +366,68 @@ def save_run(out_dir: Path, model, metadata: dict[str, Any], history: pd.DataFra
             plot_age_error(rows["age"].to_numpy(), predicted["age"], folder / "age_error.png")
 
 
-def train_model(task: str, build_model, params: dict[str, Any], image_size: int, epochs: int,
-                data_dir: Path = DATA_DIR, limit: int | None = None, out_dir: Path | None = None,
-                extra_callbacks: list | None = None, monitor: str = "val_loss", mode: str = "min",
-                evaluate_test: bool = True, verbose: int | str = "auto",
-                metadata_extra: dict[str, Any] | None = None, init_from: Path | None = None,
-                patience: int | None = None) -> TrainResult:
-    """Build, fit, evaluate on validation (and test) and save to out_dir (skipped when it is None)."""
-    outputs = TARGETS[task]
-    data = load_data(image_size, data_dir, limit)
-    model = build_model(image_size, params)
-    metadata_extra = dict(metadata_extra or {})
-    if init_from is not None:
-        metadata_extra["init_from"] = warm_start(model, init_from, task, image_size)
-    patience = patience or default_patience(str(params.get("lr_schedule", "plateau")))
-    summary: dict[str, Any] = {}
-    history, seconds = fit(model, data, outputs, params, epochs, monitor, mode, patience,
-                           extra_callbacks=extra_callbacks, verbose=verbose, summary=summary)
-    metadata_extra.update(summary)
+def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, Any], image_size: int,
+               data_dir: Path, out_dir: Path | None, history: pd.DataFrame | None = None,
+               seconds_per_epoch: float = 0.0, evaluate_test: bool = True, limit: int | None = None,
+               metadata_extra: dict[str, Any] | None = None) -> TrainResult:
+    """The tail every trainer shares: validation metrics, then (unless evaluate_test is False, as in a tuning
+    trial, which must never see the test split) test metrics and the model folder saved to out_dir (skipped
+    when it is None), with metadata.json recording metadata_extra."""
+    outputs = list(TASK_OUTPUTS[task])
     val_metrics = evaluate(predict_split(model, data["val"], outputs), data["val"].rows)
-    result = TrainResult(model, history, val_metrics, None, seconds)
+    result = TrainResult(model, history, val_metrics, None, seconds_per_epoch)
     if not evaluate_test:
         return result
     predicted = predict_split(model, data["test"], outputs)
     result.test_metrics = evaluate(predicted, data["test"].rows)
     if out_dir is not None:
-        extra = {"epochs_run": len(history), "seconds_per_epoch": seconds, "train_images": len(data["train"].rows),
-                 "parameters": int(model.count_params()), "monitor": monitor, "patience": patience,
-                 **metadata_extra}
+        extra = {"epochs_run": 0 if history is None else len(history), "seconds_per_epoch": seconds_per_epoch,
+                 "train_images": len(data["train"].rows), "parameters": int(model.count_params()),
+                 **(metadata_extra or {})}
         metadata = make_metadata(task, image_size, params, manifest_hash(data_dir), **extra)
-        save_run(out_dir, model, metadata, history, result.test_metrics, predicted, data["test"].rows)
-        result.out_dir = out_dir
+        save_run(out_dir, model, metadata, history, result.test_metrics, predicted, data["test"].rows,
+                 validation={**val_metrics, "limit": limit})
+        result.out_dir = Path(out_dir)
     return result
+
+
+def train_model(task: str, build_model, params: dict[str, Any], image_size: int, epochs: int,
+                data_dir: Path = DATA_DIR, limit: int | None = None, out_dir: Path | None = None,
+                extra_callbacks: list | None = None, monitor: str = "val_loss", mode: str = "min",
+                evaluate_test: bool = True, verbose: int | str = "auto",
+                metadata_extra: dict[str, Any] | None = None, init_from: Path | None = None,
+                patience: int | None = None, seed: int = SEED, tensorboard_dir: Path | None = None) -> TrainResult:
+    """Build, fit, evaluate on validation (and test) and save to out_dir (skipped when it is None); with
+    tensorboard_dir, TensorBoard logs every epoch there."""
+    started = time.perf_counter()
+    outputs = list(TASK_OUTPUTS[task])
+    data = load_data(image_size, data_dir, limit)
+    model = build_model(image_size, params)
+    metadata_extra = {"family": task, **({"age_head": params.get("age_head")} if "age" in outputs else {}),
+                      **(metadata_extra or {})}
+    if init_from is not None:
+        metadata_extra["init_from"] = warm_start(model, init_from, task, image_size)
+    patience = patience or default_patience(str(params.get("lr_schedule", "plateau")))
+    extra_callbacks = [*(extra_callbacks or []), *([tensorboard_callback(tensorboard_dir)] if tensorboard_dir else [])]
+    summary: dict[str, Any] = {}
+    history, seconds = fit(model, data, outputs, params, epochs, monitor, mode, patience,
+                           extra_callbacks=extra_callbacks, verbose=verbose, summary=summary, seed=seed)
+    metadata_extra.update(summary, monitor=monitor, patience=patience, seed=seed,
+                          tensorboard=None if tensorboard_dir is None else str(tensorboard_dir),
+                          train_seconds=round(time.perf_counter() - started, 1))
+    return finish_run(model, task, data, params, image_size, data_dir, out_dir, history, seconds, evaluate_test,
+                      limit, metadata_extra)
+
+
+def evaluate_folder(folder: Path, split: str = "val", data_dir: Path = DATA_DIR,
+                    limit: int | None = None) -> dict[str, Any]:
+    """A saved model's metrics on a split, as its trainer measured them (the Keras model, the split capped as
+    load_data caps it for `limit`)."""
+    from agegender.faces import Predictor
+
+    predictor = Predictor.load(folder, backend="keras")
+    images, rows = load_split(split, predictor.image_size, data_dir, split_cap(split, limit))
+    return evaluate(predictor.predict_arrays(images, batch_size=128), rows)
 
 
 def warm_start(model, folder: Path, task: str, image_size: int) -> dict[str, Any]:
@@ -433,78 +462,6 @@ def manifest_hash(data_dir: Path = DATA_DIR) -> str:
 
 
 def print_metrics(title: str, metrics: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for group, values in metrics.items():
-        if not isinstance(values, dict):
-            continue
-        for name, value in values.items():
-            if isinstance(value, float):
-                table.add_row(f"{group} {name}", f"{value:.4f}")
-    console.print(table)
-
-
-# ---------------------------------------------------------------- plots
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_history(history: pd.DataFrame, path: Path) -> None:
-    plt = _pyplot()
-    curves = [c for c in history.columns if not c.startswith("val_") and c not in ("epoch", "seconds",
-                                                                                  "learning_rate")]
-    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5), squeeze=False)
-    for ax, name in zip(axes[0], curves, strict=True):
-        ax.plot(history["epoch"], history[name], label="train")
-        if f"val_{name}" in history:
-            ax.plot(history["epoch"], history[f"val_{name}"], label="validation")
-        ax.set(title=name, xlabel="epoch")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_confusion(matrix: np.ndarray, path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4, 3.6))
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, f"{value:,}", ha="center", va="center",
-                color="white" if value > matrix.max() / 2 else "black")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["male", "female"], yticklabels=["male", "female"],
-           xlabel="predicted", ylabel="true", title="Gender confusion (test)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_age_error(age_true: np.ndarray, age_pred: np.ndarray, path: Path) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].scatter(age_true, age_pred, s=3, alpha=0.3)
-    axes[0].plot([0, 116], [0, 116], color="red", linewidth=1)
-    axes[0].set(xlabel="true age", ylabel="predicted age", title="Predicted vs true age (test)")
-    error = np.abs(np.asarray(age_pred) - np.asarray(age_true))
-    edges = np.arange(0, 121, 10)
-    centres, maes = [], []
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        mask = (age_true >= low) & (age_true < high)
-        if mask.any():
-            centres.append(low + 5)
-            maes.append(error[mask].mean())
-    axes[1].bar(centres, maes, width=8)
-    axes[1].set(xlabel="true age (10-year bins)", ylabel="MAE (years)", title="Age error by true age")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    rows = [[f"{group} {name}", f"{value:.4f}"] for group, values in metrics.items() if isinstance(values, dict)
+            for name, value in values.items() if isinstance(value, float)]
+    console.print(rich_table(title, ["metric", "value"], rows))

@@ -16,199 +16,24 @@ Importing this module loads neither Gradio nor TensorFlow; `build_demo()` does.
 
 from __future__ import annotations
 
-import json
-import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agegender.cards import about_markdown, load_comparison
 from agegender.cli import UserError
-from agegender.data import AGE_BANDS, MODELS_DIR, RACE_LABELS, RESULTS_DIR
-from agegender.faces import DEFAULT_DETECTOR, DETECTORS, available_detectors
-from agegender.modelio import METADATA_FILE, METRICS_FILE, MODEL_FILE
+from agegender.data import MODELS_DIR
+from agegender.faces import DEFAULT_DETECTOR, available_detectors
+from agegender.families import FAMILIES
+from agegender.modelio import ModelEntry, find_model
 
 HERE = Path(__file__).resolve().parent
 
-MODEL_NAMES = ("gender", "age", "multitask", "transfer")
-TITLES = {
-    "gender": "Gender from a face photo",
-    "age": "Age from a face photo",
-    "multitask": "Age and gender from a face photo",
-    "transfer": "Age and gender from a face photo (fine-tuned pretrained backbone)",
-}
+SPACES = tuple(FAMILIES)  # one Space per model family, titled by the registry
 EXAMPLES_DIR = HERE / "examples"
 EXAMPLES = ("astronaut.jpg", "two_faces.jpg", "landscape.jpg")  # public domain / generated, never UTKFace
-COMPARISON_FILE = "comparison.json"
-UTKFACE_URL = "https://susanqq.github.io/UTKFace/"
 COLOURS = {"female": (214, 51, 132), "male": (13, 110, 253), None: (25, 135, 84)}  # box colour by gender
-HEADLINE_BIAS_METRICS = ("accuracy", "f1", "mae", "cs5")
 CACHE_CLEANUP = (1800, 3600)  # Gradio deletes uploaded/temporary files older than an hour, every 30 minutes
-
-
-# ---------------------------------------------------------------- finding the model and its results
-
-
-@dataclass
-class ModelEntry:
-    space: str  # gender, age, multitask or transfer
-    name: str  # its name under results/models/ and in comparison.json, e.g. "transfer/efficientnetb0"
-    folder: Path
-
-
-def is_model_folder(folder: Path) -> bool:
-    return (folder / METADATA_FILE).is_file() and (folder / MODEL_FILE).is_file()
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file as a dict, or None when it is missing or unreadable (the page then says so)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def ranking_key(folder: Path) -> tuple[float, float]:
-    """Lower is better: test age MAE first, then minus gender accuracy (from metrics.json)."""
-    metrics = read_json(folder / METRICS_FILE) or {}
-    mae = metrics.get("age", {}).get("mae")
-    accuracy = metrics.get("gender", {}).get("accuracy")
-    return (float(mae) if mae is not None else math.inf, -float(accuracy) if accuracy is not None else 0.0)
-
-
-def find_model(space: str, models_dir: Path = MODELS_DIR) -> ModelEntry | None:
-    """results/models/<space>/ when it is a model folder, else the best of the model folders named
-    <space>-* beside it (finetune_transfer writes results/models/transfer-<backbone>/) or one level down,
-    ranked by ranking_key; None when there is none."""
-    models_dir = Path(models_dir)
-    folder = models_dir / space
-    if is_model_folder(folder):
-        return ModelEntry(space, space, folder)
-    inner = sorted(folder.iterdir()) if folder.is_dir() else []
-    siblings = sorted(models_dir.glob(f"{space}-*")) if models_dir.is_dir() else []
-    candidates = [p for p in [*inner, *siblings]
-                  if p.is_dir() and not p.name.startswith((".", "_")) and is_model_folder(p)]
-    if not candidates:
-        return None
-    best = min(candidates, key=ranking_key)
-    label = best.name if best.parent == models_dir else f"{space}/{best.name}"
-    return ModelEntry(space, label, best)
-
-
-def find_models(spaces: list[str] | tuple[str, ...], models_dir: Path = MODELS_DIR) -> list[ModelEntry]:
-    return [entry for entry in (find_model(space, models_dir) for space in spaces) if entry is not None]
-
-
-def load_comparison(results_dir: Path = RESULTS_DIR) -> dict[str, Any] | None:
-    return read_json(Path(results_dir) / COMPARISON_FILE)
-
-
-# ---------------------------------------------------------------- the "about this model" page
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def metrics_markdown(metrics: dict[str, Any] | None) -> str:
-    """The test metrics of metrics.json as a table (read when the page is built, never hard-coded)."""
-    if not metrics or not ({"gender", "age"} & set(metrics)):
-        return "No `metrics.json` beside this model, so its accuracy is not known here."
-    rows = []
-    gender, age = metrics.get("gender"), metrics.get("age")
-    if gender:
-        rows += [["gender accuracy", _fmt(gender.get("accuracy")), "share of faces whose gender is right"],
-                 ["gender F1", _fmt(gender.get("f1")), "female taken as the positive class"],
-                 ["gender ROC AUC", _fmt(gender.get("roc_auc")), "ranking quality of P(female)"]]
-    if age:
-        rows += [["age MAE", f"{_fmt(age.get('mae'), 2)} years", "mean absolute error"],
-                 ["age RMSE", f"{_fmt(age.get('rmse'), 2)} years", "root mean squared error"],
-                 ["age CS@5", _fmt(age.get("cs5"), 3), "share of faces within 5 years"]]
-    n = (gender or age or {}).get("n")
-    split = metrics.get("split", "test")
-    return (f"Measured on the {split} split of UTKFace ({n:,} faces the model never saw in training):\n\n"
-            if isinstance(n, int) else f"Measured on the {split} split of UTKFace:\n\n") + _table(
-        ["metric", "value", "meaning"], rows)
-
-
-def bias_markdown(name: str, comparison: dict[str, Any] | None) -> str:
-    """Best and worst group per headline metric, and the per-race table, from compare's comparison.json."""
-    bias = (comparison or {}).get("bias") or {}
-    gaps = [g for g in bias.get("gaps", [])
-            if g.get("model") == name and g.get("metric") in HEADLINE_BIAS_METRICS]
-    groups = [g for g in bias.get("groups", []) if g.get("model") == name]
-    if not gaps and not groups:
-        return ("Not measured for this model yet: `python tasks/compare.py` writes the bias analysis to "
-                "`results/comparison.json`; publish again afterwards.")
-    faces = (comparison or {}).get("settings", {}).get("test_faces", "?")
-    parts = [f"From `python tasks/compare.py` on the test split ({faces} faces). UTKFace's labels are the "
-             "dataset's own: binary gender and five broad race groups.\n"]
-    if gaps:
-        parts.append(_table(["grouping", "metric", "best group", "worst group", "gap"], [
-            [g["grouping"], g["metric"], f"{g['best_group']} ({_fmt(g.get('best'), 3)})",
-             f"{g['worst_group']} ({_fmt(g.get('worst'), 3)})", _fmt(g.get("gap"), 3)] for g in gaps]))
-    for grouping in ("race", "age band", "gender"):
-        part = [g for g in groups if g.get("grouping") == grouping]
-        columns = [key for key in ("accuracy", "mae", "cs5") if any(key in g for g in part)]
-        if part and columns:
-            parts.append(f"\nBy {grouping}:\n\n" + _table(["group", "faces", *columns], [
-                [g["group"], g.get("n", "?"), *(_fmt(g.get(key), 3) for key in columns)] for g in part]))
-    return "\n".join(parts)
-
-
-def about_markdown(entry: ModelEntry, comparison: dict[str, Any] | None = None) -> str:
-    """What the model is, what it was trained on, how accurate it is and where it is biased, and its limits.
-
-    The Space's "About" tab and the model card (tasks/publish.py) both use this text."""
-    metadata = read_json(entry.folder / METADATA_FILE) or {}
-    metrics = read_json(entry.folder / METRICS_FILE)
-    outputs = metadata.get("outputs", [])
-    said = {"age": "age in years", "gender": "gender (probability of female)"}
-    predicts = " and ".join(said[o] for o in outputs if o in said) or "unknown outputs"
-    races = ", ".join(RACE_LABELS.values())
-    bands = ", ".join(f"{low}-{high}" if high < 200 else f"{low}+" for low, high in AGE_BANDS)
-    return "\n".join([
-        f"## Model `{entry.name}`",
-        f"Predicts {predicts} from a face. Task `{metadata.get('task', '?')}`, backbone "
-        f"`{metadata.get('backbone', '?')}` (initial weights: {metadata.get('weights', '?')}), input "
-        f"{metadata.get('image_size', '?')} x {metadata.get('image_size', '?')} RGB, trained "
-        f"{metadata.get('created', '?')}.",
-        "",
-        "## Trained on",
-        f"[UTKFace]({UTKFACE_URL}): aligned and cropped face photos of people aged 0 to 116, labelled with "
-        f"age, binary gender (male/female) and one of five race groups ({races}). The project splits it into "
-        "train, validation and test sets (`tasks/prepare_data.py`). **UTKFace is licensed for non-commercial "
-        "research only, and so is this model.**",
-        "",
-        "## Measured accuracy",
-        metrics_markdown(metrics),
-        "",
-        "## Known biases",
-        bias_markdown(entry.name, comparison),
-        "",
-        "## Intended use and limits",
-        "- A demonstration and research tool. Do not use it to make decisions about people (access, "
-        "hiring, age verification, identification) or to infer anyone's gender identity: it predicts the "
-        "binary label UTKFace's annotators gave from appearance.",
-        "- Age is an estimate: expect errors of several years (see the MAE above), larger for the young, the "
-        f"old and groups with few training faces (age bands used above: {bands}).",
-        f"- It works best on frontal, well-lit faces like UTKFace's. Faces are found by {detector_text()}, "
-        "aligned on the eyes and cropped like UTKFace's crops; small, turned or covered faces may be missed or "
-        "predicted badly. The Predict tab offers the other detectors.",
-        "- Photos sent to this demo are not stored by the app; Gradio's temporary copies are deleted within "
-        "about two hours.",
-    ])
 
 
 # ---------------------------------------------------------------- prediction and drawing
@@ -289,12 +114,6 @@ def summary_message(rows: list[dict[str, Any]], size: tuple[int, int]) -> str:
     return "\n".join(lines)
 
 
-def detector_text(name: str = DEFAULT_DETECTOR) -> str:
-    spec = DETECTORS[name]
-    threshold = "" if spec.min_confidence is None else f", confidence {spec.min_confidence} or more"
-    return f"`{name}` ({spec.description}{threshold})"
-
-
 def predict_photo(predictor, source, detector: str = DEFAULT_DETECTOR) -> tuple[Any, str, list[dict[str, Any]]]:
     """(photo with boxes, message, one row per face) for a file path, array or PIL image of any mode/size."""
     from agegender.faces import read_image
@@ -328,7 +147,7 @@ def model_panel(entry: ModelEntry, suffix: str = "") -> tuple[Any, Any]:
         return image, message, pd.DataFrame(table_rows(rows), columns=headers)
 
     def about() -> str:  # re-read at every page load: metrics and comparison are never hard-coded
-        return about_markdown(entry, load_comparison())
+        return about_markdown(entry.name, entry.folder, load_comparison())
 
     with gr.Tabs():
         with gr.Tab("Predict"), gr.Row():
@@ -357,15 +176,15 @@ def build_demo(spaces: list[str] | tuple[str, ...], models_dir: Path = MODELS_DI
     """One model: its Predict and About tabs. Several: a tab per model (the combined Space).
 
     API names: /predict and /about for one model; /predict_<name> and /about_<name> for several."""
-    entries = find_models(spaces, models_dir)
+    entries = [entry for entry in (find_model(space, models_dir) for space in spaces) if entry is not None]
     if not entries:
         wanted = " or ".join(str(Path(models_dir) / space) for space in spaces)
-        raise UserError(f"No trained model in {wanted}: train one (e.g. `python tasks/train_{spaces[0]}.py`) "
+        raise UserError(f"No trained model in {wanted}: train one (e.g. `python {FAMILIES[spaces[0]].script}`) "
                         "or point AGEGENDER_RESULTS_DIR at a results folder that has one.")
     import gradio as gr
 
     single = len(spaces) == 1
-    title = TITLES[entries[0].space] if single else "Age and gender from a face photo: every model"
+    title = FAMILIES[entries[0].space].title if single else "Age and gender from a face photo: every model"
     with gr.Blocks(title=title, delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown(f"# {title}\nUpload a photo, take one with the webcam or paste one from the clipboard. "
                     "Every face found gets a numbered box with the model's prediction; the *About* tab says "

@@ -15,37 +15,28 @@ its own. Wall figures on a shared machine move with the load, so CPU seconds per
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from agegender.cli import UserError, console, err_console, user_errors, write_json, write_text
 from agegender.data import DATA_DIR, MODELS_DIR, REPO_ROOT, RESULTS_DIR, SEED
+from agegender.families import FAMILIES, TRAINABLE
+from agegender.machine import machine_info
 from agegender.modelio import EXPORT_FILES, model_folders
+from agegender.tables import markdown_table, rich_table
 
 BENCH_DIR = RESULTS_DIR / "bench"
-FAMILIES = {  # model family -> trainer module with DEFAULT_PARAMS and build_model
-    "gender": "tasks.train_gender",
-    "age": "tasks.train_age",
-    "multitask": "tasks.train_multitask",
-    "transfer": "tasks.finetune_transfer",
-}
 PIPELINES = ("ours", "in_memory", "naive")
 TRANSFER_BACKBONE = "efficientnetb0"  # random weights: ImageNet weights do not change the speed
 IMAGE_SIZE = 128
@@ -101,14 +92,10 @@ def iterate_throughput(dataset, batches: int, batch_size: int, warmup: int = 2) 
 
 
 def family_model(family: str, image_size: int, backbone: str = TRANSFER_BACKBONE):
-    """A freshly built, compiled model of a family, with the family's default parameters."""
-    module = importlib.import_module(FAMILIES[family])
-    params = dict(module.DEFAULT_PARAMS)
-    if family == "transfer":
-        model = module.build_model(module.resolve_backbone(backbone), image_size, params, "multitask", "none")
-    else:
-        model = module.build_model(image_size, params)
-    return model, params
+    """A freshly built, compiled model of a family (the registry's builder), with its default parameters; a
+    transfer model gets random weights, which train as fast as pretrained ones."""
+    params = dict(FAMILIES[family].defaults)
+    return FAMILIES[family].build(image_size, params, backbone=backbone, weights="none"), params
 
 
 def naive_dataset(paths: list[str], targets: dict[str, np.ndarray], batch_size: int, image_size: int,
@@ -177,12 +164,10 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
     """Train `warmup + steps` steps of a fresh model through one pipeline; time the steps after warm-up."""
     import keras
 
-    from agegender.training import TARGETS as OUTPUTS
-
     keras.utils.set_random_seed(SEED)
     family, pipeline, batch = spec["family"], spec["pipeline"], int(spec["batch_size"])
     model, params = family_model(family, int(spec["image_size"]), spec.get("backbone", TRANSFER_BACKBONE))
-    outputs = list(model.output.keys()) if isinstance(model.output, dict) else OUTPUTS[family]
+    outputs = list(model.output.keys()) if isinstance(model.output, dict) else list(FAMILIES[family].outputs)
     dataset, data_only = training_datasets(pipeline, spec, outputs, params)
     pipeline_only = {name: iterate_throughput(ds, spec["steps"], batch) for name, ds in data_only.items()}
     rss_before = current_rss_mb()
@@ -331,7 +316,7 @@ def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
 def measure_predict(spec: dict[str, Any]) -> dict[str, Any]:
     """tasks/predict.py's predict_files over a folder, as `python tasks/predict.py MODEL FOLDER` runs it."""
     from agegender.faces import Predictor
-    from tasks.predict import collect_images, predict_files
+    from agegender.photos import collect_images, predict_files
 
     predictor = Predictor.load(spec["model_dir"])  # "auto", as a user's predict call
     files = collect_images([Path(spec["folder"])])
@@ -369,8 +354,8 @@ def run_isolated(kind: str, spec: dict[str, Any], scratch: Path) -> dict[str, An
     spec_path, out_path = scratch / f"{index:02d}-{kind}.spec.json", scratch / f"{index:02d}-{kind}.out.json"
     log_path = scratch / f"{index:02d}-{kind}.log"
     spec_path.write_text(json.dumps(spec, default=str))
-    code = (f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); from tasks.bench import worker; "
-            f"worker({kind!r}, {str(spec_path)!r}, {str(out_path)!r})")
+    # run from the repository root, whose tasks/ package `python -c` finds on its path
+    code = f"from tasks.bench import worker; worker({kind!r}, {str(spec_path)!r}, {str(out_path)!r})"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
     with open(log_path, "w") as log:
         try:
@@ -384,28 +369,6 @@ def run_isolated(kind: str, spec: dict[str, Any], scratch: Path) -> dict[str, An
         last = lines[-1] if lines else "no output"
         raise UserError(f"The {kind} measurement failed: {last} (log: {log_path}).")
     return json.loads(out_path.read_text())
-
-
-def machine_info() -> dict[str, Any]:
-    import keras
-    import PIL
-    import tensorflow as tf
-
-    cpu_model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "device": "cpu", "cpu_model": cpu_model,
-        "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
-                     "pillow": PIL.__version__}, "gpus": len(tf.config.list_physical_devices("GPU")),
-        "load_average_start": list(os.getloadavg()),
-    }
 
 
 def backends(model_dir: Path) -> list[str]:
@@ -554,14 +517,8 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]
 
 def print_report(report: dict[str, Any]) -> None:
     for title, columns, rows in tables(report):
-        if not rows:
-            continue
-        table = Table(title=title)
-        for column in columns:
-            table.add_column(column, justify="left" if column in ("family", "model", "backend") else "right")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+        if rows:
+            console.print(rich_table(title, columns, rows, left=("family", "model", "backend")))
 
 
 def markdown(report: dict[str, Any], json_name: str) -> str:
@@ -589,14 +546,8 @@ def markdown(report: dict[str, Any], json_name: str) -> str:
     }
     for title, columns, rows in tables(report):
         if rows:
-            lines += [intro[title], ""] + table_markdown(columns, rows)
+            lines += [intro[title], "", markdown_table(columns, rows, right_after=1), ""]
     return "\n".join(lines)
-
-
-def table_markdown(columns: list[str], rows: list[list[str]]) -> list[str]:
-    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
-    out = ["| " + " | ".join(columns) + " |", rule]
-    return out + ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
 
 def keep_training(report: dict[str, Any], previous_path: Path) -> None:
@@ -625,7 +576,7 @@ def main(
     quick: Annotated[bool, typer.Option(help="Tiny sizes for a smoke test (multitask family only unless "
                                              "--family is given).")] = False,
     family: Annotated[list[str] | None, typer.Option(
-        help=f"Model families to train ({', '.join(FAMILIES)}); repeat the flag; default all four.")] = None,
+        help=f"Model families to train ({', '.join(TRAINABLE)}); repeat the flag; default all of them.")] = None,
     training: Annotated[bool, typer.Option(
         "--training/--no-training", help="Measure training; --no-training measures inference only and keeps "
         "the training figures of the previous report (with their date).")] = True,
@@ -648,12 +599,11 @@ def main(
     images = images or defaults.get("images", PREDICT_IMAGES)
     faces = faces or defaults.get("faces", LATENCY_FACES)
     batch_size = batch_size or defaults.get("batch_size", BATCH_SIZE)
-    available = [f for f in FAMILIES if (REPO_ROOT / f"{FAMILIES[f].replace('.', '/')}.py").exists()]
-    families = (family or (["multitask"] if quick else available)) if training else []
+    families = (family or (["multitask"] if quick else list(TRAINABLE))) if training else []
     with user_errors():
-        unknown = [f for f in families if f not in FAMILIES]
+        unknown = [f for f in families if f not in TRAINABLE]
         if unknown:
-            raise UserError(f"Unknown family {unknown[0]!r}; expected one of {', '.join(FAMILIES)}.")
+            raise UserError(f"Unknown family {unknown[0]!r}; expected one of {', '.join(TRAINABLE)}.")
         if not (data_dir / "manifest.csv").exists():
             raise UserError(f"No manifest in {data_dir}: run `python tasks/prepare_data.py` first.")
         folders = model_folders(model, models_dir)

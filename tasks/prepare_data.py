@@ -17,7 +17,6 @@ import pandas as pd
 import typer
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from sklearn.model_selection import train_test_split
 
 from agegender.cli import UserError, console, user_errors, write_json, write_text
@@ -36,6 +35,8 @@ from agegender.data import (
     manifest_path,
     parse_utkface_name,
 )
+from agegender.plots import plot_data
+from agegender.tables import rich_table
 
 HUB_REPO = os.environ.get("UTKFACE_HUB_REPO", "py97/UTKFace-Cropped")
 HUB_FILENAME = os.environ.get("UTKFACE_HUB_FILENAME", "UTKFace.tar.gz")
@@ -177,67 +178,25 @@ def split_manifest(frame: pd.DataFrame, test_size: float, val_size: float) -> pd
 
 def explore(manifest: pd.DataFrame, out_dir: Path) -> dict:
     """Rich tables and PNG plots of the age, gender and race distributions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
     gender_names = manifest["gender"].map({0: "male", 1: "female"})
     race_names = manifest["race"].map(RACE_LABELS)
     bands = manifest["age"].map(age_band)
     band_order = [age_band(low) for low, _ in AGE_BANDS]
 
-    table = Table(title=f"UTKFace: {len(manifest):,} labelled faces")
-    for column in ("group", "value", "count", "share"):
-        table.add_column(column, justify="right" if column in ("count", "share") else "left")
+    rows = []
     for group, values in (("gender", gender_names), ("race", race_names), ("age band", bands)):
         counts = values.value_counts()
         order = band_order if group == "age band" else counts.index
         for value in order:
             count = int(counts.get(value, 0))
-            table.add_row(group, str(value), f"{count:,}", f"{count / len(manifest):.1%}")
-    console.print(table)
+            rows.append([group, str(value), f"{count:,}", f"{count / len(manifest):.1%}"])
+    console.print(rich_table(f"UTKFace: {len(manifest):,} labelled faces", ["group", "value", "count", "share"],
+                             rows, left=("group", "value")))
 
     cross = pd.crosstab(bands, gender_names).reindex(band_order).fillna(0).astype(int)
-    cross_table = Table(title="age band x gender")
-    cross_table.add_column("age band")
-    for column in cross.columns:
-        cross_table.add_column(column, justify="right")
-    for band, row in cross.iterrows():
-        cross_table.add_row(band, *(f"{v:,}" for v in row))
-    console.print(cross_table)
-
-    plots = {}
-
-    def save(fig, name):
-        path = out_dir / name
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        plots[name.removesuffix(".png")] = str(path)
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.hist(manifest["age"], bins=range(0, 118), color="#4c72b0")
-    ax.set(xlabel="age (years)", ylabel="faces", title="Age distribution")
-    save(fig, "age_histogram.png")
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    gender_counts = gender_names.value_counts()
-    axes[0].pie(gender_counts, labels=gender_counts.index, autopct="%1.1f%%", colors=["#4c72b0", "#dd8452"])
-    axes[0].set_title("Gender share")
-    race_counts = race_names.value_counts()
-    axes[1].pie(race_counts, labels=race_counts.index, autopct="%1.1f%%")
-    axes[1].set_title("Race share")
-    save(fig, "gender_race_share.png")
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for value, colour in (("male", "#4c72b0"), ("female", "#dd8452")):
-        ax.hist(manifest.loc[gender_names == value, "age"], bins=range(0, 118), alpha=0.6, label=value,
-                color=colour)
-    ax.set(xlabel="age (years)", ylabel="faces", title="Age by gender")
-    ax.legend()
-    save(fig, "age_by_gender.png")
+    console.print(rich_table("age band x gender", ["age band", *cross.columns],
+                             [[band, *(f"{v:,}" for v in row)] for band, row in cross.iterrows()]))
+    plots = plot_data(manifest["age"], gender_names, race_names, out_dir)
 
     return {
         "gender": gender_names.value_counts().to_dict(),
@@ -318,18 +277,14 @@ def prepare(source: str | None = None, data_dir: Path = DATA_DIR, results_dir: P
 
 
 def print_summary(summary: dict) -> None:
-    table = Table(title="prepare_data summary")
-    table.add_column("item")
-    table.add_column("value", justify="right")
-    table.add_row("images found", f"{summary['images_found']:,}")
-    table.add_row("labelled and readable", f"{summary['images_labelled']:,}")
-    table.add_row("skipped", f"{len(summary['skipped']):,}")
-    for split, count in summary["splits"].items():
-        table.add_row(f"{split} split", f"{count:,}")
-    for size, cache in summary["caches"].items():
-        table.add_row(f"cache {size}px", f"{cache['bytes'] / 1e6:,.0f} MB"
-                      + (" (rebuilt)" if cache["rebuilt"] else " (up to date)"))
-    console.print(table)
+    rows = [["images found", f"{summary['images_found']:,}"],
+            ["labelled and readable", f"{summary['images_labelled']:,}"],
+            ["skipped", f"{len(summary['skipped']):,}"],
+            *([f"{split} split", f"{count:,}"] for split, count in summary["splits"].items()),
+            *([f"cache {size}px", f"{cache['bytes'] / 1e6:,.0f} MB" + (" (rebuilt)" if cache["rebuilt"]
+                                                                        else " (up to date)")]
+              for size, cache in summary["caches"].items())]
+    console.print(rich_table("prepare_data summary", ["item", "value"], rows))
     for item in summary["skipped"]:
         console.print(f"[yellow]skipped[/] {item['file']}: {item['reason']}")
 

@@ -14,22 +14,19 @@ The token comes from HF_TOKEN or the stored login (`hf auth login`); it is check
 from __future__ import annotations
 
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "spaces"))
-
-import app_common  # spaces/app_common.py: model lookup and the About text the Space shows
 import typer
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
-from rich.table import Table
 
+from agegender.cards import COMPARISON_FILE, UTKFACE_URL, about_markdown, load_comparison, read_json
 from agegender.cli import UserError, console, user_errors, write_json
 from agegender.data import MODELS_DIR, REPO_ROOT, RESULTS_DIR
-from agegender.modelio import staging_dir
+from agegender.families import FAMILIES
+from agegender.modelio import ModelEntry, find_model, staging_dir
+from agegender.tables import rich_table
 
 REPO = REPO_ROOT
 SPACES_DIR = REPO / "spaces"
@@ -42,16 +39,16 @@ REPO_PREFIX = "agegender"  # Space <namespace>/agegender-<name>
 # stale copies deleted on update (common/** from Spaces staged before the package was named agegender)
 OWNED_REMOTE = ["*.py", "*.txt", "common/**", "agegender/**", "examples/**", "results/**"]
 LICENCE = {"license": "other", "license_name": "utkface-non-commercial-research",
-           "license_link": app_common.UTKFACE_URL}
+           "license_link": UTKFACE_URL}
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @dataclass
 class StagedSpace:
-    space: str  # gender, age, multitask, transfer or combined
+    space: str  # a model family (agegender.families) or combined
     folder: Path
-    models: list[app_common.ModelEntry]
+    models: list[ModelEntry]
     files: list[str]  # relative paths, sorted
     size: int  # bytes
 
@@ -62,9 +59,9 @@ class StagedSpace:
 # ---------------------------------------------------------------- the model card
 
 
-def eval_results(entry: app_common.ModelEntry) -> list[EvalResult]:
+def eval_results(entry: ModelEntry) -> list[EvalResult]:
     """Test metrics of metrics.json in the Hub's model-index form."""
-    metrics = app_common.read_json(entry.folder / "metrics.json") or {}
+    metrics = read_json(entry.folder / "metrics.json") or {}
     found = []
     common = {"dataset_type": "utkface", "dataset_name": "UTKFace",
               "dataset_split": metrics.get("split", "test")}
@@ -79,7 +76,7 @@ def eval_results(entry: app_common.ModelEntry) -> list[EvalResult]:
     return found
 
 
-def model_card(entry: app_common.ModelEntry, comparison: dict[str, Any] | None) -> ModelCard:
+def model_card(entry: ModelEntry, comparison: dict[str, Any] | None) -> ModelCard:
     """huggingface_hub ModelCard: metrics, training data and licence, intended use and limits, bias table."""
     results = eval_results(entry)
     data = ModelCardData(model_name=f"{REPO_PREFIX}-{entry.name.replace('/', '-')}", library_name="keras",
@@ -95,7 +92,7 @@ def model_card(entry: app_common.ModelEntry, comparison: dict[str, Any] | None) 
         "    print(face)  # box, confidence and gender/p_female and/or age",
         "```",
     ])
-    about = app_common.about_markdown(entry, comparison)
+    about = about_markdown(entry.name, entry.folder, comparison)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{about}\n\n{usage}\n")
 
 
@@ -125,19 +122,19 @@ def select_spaces(models: list[str] | None, every: bool) -> list[str]:
         raise UserError("Give either --model NAME (repeatable) or --all, not both.")
     if not every and not models:
         raise UserError("Choose the models to publish: --model NAME (repeatable) or --all.")
-    chosen = list(app_common.MODEL_NAMES) if every else list(dict.fromkeys(models or []))
-    unknown = [name for name in chosen if name not in app_common.MODEL_NAMES]
+    chosen = list(FAMILIES) if every else list(dict.fromkeys(models or []))
+    unknown = [name for name in chosen if name not in FAMILIES]
     if unknown:
-        raise UserError(f"Unknown model {unknown[0]!r}: choose from {', '.join(app_common.MODEL_NAMES)}.")
+        raise UserError(f"Unknown model {unknown[0]!r}: choose from {', '.join(FAMILIES)}.")
     return chosen
 
 
 def find_entries(spaces: list[str], models_dir: Path,
-                 every: bool) -> tuple[list[app_common.ModelEntry], list[str]]:
+                 every: bool) -> tuple[list[ModelEntry], list[str]]:
     """The model of each chosen Space; a missing one fails for --model and is skipped (and said) for --all."""
     entries, missing = [], []
     for space in spaces:
-        entry = app_common.find_model(space, models_dir)
+        entry = find_model(space, models_dir)
         if entry is None:
             missing.append(f"{space}: no trained model in {Path(models_dir) / space}")
         else:
@@ -151,7 +148,7 @@ def copy_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".tmp-*"))
 
 
-def stage_space(space: str, entries: list[app_common.ModelEntry], build_dir: Path,
+def stage_space(space: str, entries: list[ModelEntry], build_dir: Path,
                 comparison: dict[str, Any] | None) -> StagedSpace:
     """Write build_dir/<space>/ atomically: Space files, shared app, examples, agegender/, models and cards."""
     final = Path(build_dir) / space
@@ -170,7 +167,7 @@ def stage_space(space: str, entries: list[app_common.ModelEntry], build_dir: Pat
             model_card(entry, comparison).save(target / "README.md")
         subset = comparison_subset(comparison, [entry.name for entry in entries])
         if subset is not None:
-            write_json(folder / "results" / app_common.COMPARISON_FILE, subset)
+            write_json(folder / "results" / COMPARISON_FILE, subset)
     files = sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file())
     return StagedSpace(space, final, entries, files, sum((final / f).stat().st_size for f in files))
 
@@ -180,7 +177,7 @@ def stage(spaces: list[str], every: bool = False, combined: bool = False, models
           build_dir: Path = BUILD_DIR) -> tuple[list[StagedSpace], list[str]]:
     """Stage one Space per model (or one combined Space); returns the staged Spaces and the skipped models."""
     entries, missing = find_entries(spaces, models_dir, every)
-    comparison = app_common.load_comparison(results_dir)
+    comparison = load_comparison(results_dir)
     if combined:
         return [stage_space(COMBINED, entries, build_dir, comparison)], missing
     return [stage_space(entry.space, [entry], build_dir, comparison) for entry in entries], missing
@@ -189,13 +186,10 @@ def stage(spaces: list[str], every: bool = False, combined: bool = False, models
 def print_plan(staged: list[StagedSpace], namespace: str | None, missing: list[str], pushed: bool) -> None:
     title = ("Uploaded to https://huggingface.co/spaces/" if pushed
              else "Would upload to https://huggingface.co/spaces/ (dry run: add --push)")
-    table = Table(title=title)
-    for column in ("Hub Space (gradio SDK)", "models", "files", "MB"):
-        table.add_column(column, justify="right" if column in ("files", "MB") else "left", overflow="fold")
-    for item in staged:
-        table.add_row(item.repo_id(namespace or "<your-username>"), ", ".join(e.name for e in item.models),
-                      str(len(item.files)), f"{item.size / 1e6:.2f}")
-    console.print(table)
+    rows = [[item.repo_id(namespace or "<your-username>"), ", ".join(e.name for e in item.models),
+             str(len(item.files)), f"{item.size / 1e6:.2f}"] for item in staged]
+    console.print(rich_table(title, ["Hub Space (gradio SDK)", "models", "files", "MB"], rows,
+                             left=("Hub Space (gradio SDK)", "models"), fold=True))
     if staged:
         console.print(f"Staged in {shown_path(staged[0].folder.parent)}/")
     for line in missing:
@@ -255,7 +249,7 @@ def push(staged: list[StagedSpace], namespace: str | None, private: bool, api: H
 @app.command()
 def main(
     model: Annotated[list[str] | None, typer.Option(
-        "--model", help=f"Model to publish (repeatable): {', '.join(app_common.MODEL_NAMES)}.")] = None,
+        "--model", help=f"Model to publish (repeatable): {', '.join(FAMILIES)}.")] = None,
     every: Annotated[bool, typer.Option("--all", help="Every model that has been trained.")] = False,
     combined: Annotated[bool, typer.Option(help="One Space, a tab per model, not one each.")] = False,
     push_: Annotated[bool, typer.Option("--push", help="Upload to the Hub (default: stage only).")] = False,

@@ -10,17 +10,15 @@ check, so a new comparison committed without rerunning this fails it.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import typer
 
 from agegender.cli import UserError, console, user_errors, write_text
 from agegender.data import REPO_ROOT, RESULTS_DIR
-from tasks.compare import AGE_COLUMNS, COST_COLUMNS, GENDER_COLUMNS, render
+from agegender.metrics import AGE_COLUMNS, COST_COLUMNS, GENDER_COLUMNS
+from agegender.tables import render
 
 README = REPO_ROOT / "README.md"
 COMPARISON = RESULTS_DIR / "comparison.json"

@@ -1,7 +1,7 @@
 """The ensemble family: one saved model holding several trained models (by default the multi-task CNN and the
 fine-tuned face-pretrained WideResNet) that averages their ages and gender probabilities.
 
-    python tasks/train_ensemble.py
+    python tasks/train_ensemble.py --recipe recipes/ensemble.toml     # the shipped model's members
     python tasks/train_ensemble.py --member results/models/multitask --member results/models/gender --tta off
 
 Nothing is trained: the members are frozen, and what is chosen on the validation split is the weight of each
@@ -14,20 +14,24 @@ smaller members, so predict, compare, export and the Spaces use it like any othe
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
 
+from agegender import cli
 from agegender.cli import UserError, check_choice, console, user_errors
 from agegender.data import DATA_DIR, MODELS_DIR
+from agegender.families import FAMILIES
 from agegender.metrics import age_metrics, gender_metrics
-from agegender.modelio import load_model, make_metadata
-from agegender.training import SplitData, evaluate, load_data, manifest_hash, print_metrics, save_run
+from agegender.modelio import load_model
+from agegender.recipes import plan_run
+from agegender.tables import rich_table
+from agegender.training import finish_run, load_data, print_metrics
 
-TASK = "ensemble"
-DEFAULT_MEMBERS = (MODELS_DIR / "multitask", MODELS_DIR / "transfer-wrn16-8-imdbwiki")
+FAMILY = FAMILIES["ensemble"]
 WEIGHT_STEP = 0.05  # grid step of the member weights
 TTA_CHOICES = ("auto", "on", "off")
 OUTPUTS = ("age", "gender")
@@ -171,8 +175,10 @@ def build_ensemble(members, chosen: dict[str, dict[str, Any]], input_size: int, 
 
 
 def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_DIR, limit: int | None = None,
-          out: Path | None = MODELS_DIR / TASK) -> dict[str, Any]:
+          out: Path | None = MODELS_DIR / FAMILY.folder,
+          metadata_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Choose the weights (and TTA) on validation, report validation and test, save to `out`."""
+    started = time.perf_counter()
     check_choice(tta, TTA_CHOICES, "--tta")
     members = load_members(member_folders)
     input_size = max(int(metadata["image_size"]) for _, _, metadata in members)
@@ -199,23 +205,20 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
             report[split_name][name] = summary(member, split.rows)
         report[split_name]["ensemble"] = summary(mixed(preds, weights), split.rows)
     model = build_ensemble(members, weights, input_size, use_tta)
-    predicted = predict_with(model, test)
-    test_metrics = evaluate(predicted, test.rows)
-    if out is not None:
-        params = {"members": [str(folder) for folder in member_folders], "tta": use_tta,
-                  "weights": {o: {members[i][0]: w for i, w in zip(s["members"], s["weights"], strict=True)}
-                              for o, s in weights.items()}}
-        metadata = make_metadata("multitask", input_size, params, manifest_hash(data_dir), backbone="ensemble",
-                                 weights="members",
-                                 members=[{"folder": str(folder), "name": name, "created": meta.get("created"),
-                                           "backbone": meta.get("backbone"), "image_size": meta["image_size"]}
-                                          for folder, (name, _, meta) in zip(member_folders, members,
-                                                                              strict=True)],
-                                 selection=report, parameters=int(model.count_params()),
-                                 train_images=0, age_head="ensemble")
-        save_run(Path(out), model, metadata, None, test_metrics, predicted, test.rows)
+    params = {"members": [str(folder) for folder in member_folders], "tta": use_tta,
+              "weights": {o: {members[i][0]: w for i, w in zip(s["members"], s["weights"], strict=True)}
+                          for o, s in weights.items()}}
+    extra = {"family": FAMILY.name, "backbone": "ensemble", "weights": "members",
+             "members": [{"folder": str(folder), "name": name, "created": meta.get("created"),
+                          "backbone": meta.get("backbone"), "image_size": meta["image_size"]}
+                         for folder, (name, _, meta) in zip(member_folders, members, strict=True)],
+             "selection": report, "train_images": 0, "age_head": "ensemble", **(metadata_extra or {}),
+             "train_seconds": round(time.perf_counter() - started, 1)}
+    result = finish_run(model, FAMILY.task, data, params, input_size, data_dir, None if out is None else Path(out),
+                        limit=limit, metadata_extra=extra)
     report["model"] = model
-    report["test_metrics"] = test_metrics
+    report["validation_metrics"] = result.val_metrics
+    report["test_metrics"] = result.test_metrics
     return report
 
 
@@ -228,26 +231,12 @@ def summary(predictions: dict[str, np.ndarray], rows) -> dict[str, float]:
     return found
 
 
-def predict_with(model, split: SplitData) -> dict[str, np.ndarray]:
-    from agegender.faces import Predictor
-
-    predictor = Predictor(model, {"outputs": list(model.output.keys()), "age_scale": 120.0,
-                                  "pixel_scaling": "divide_by_255"})
-    return predictor.predict_arrays(split.images)
-
-
 def print_report(report: dict[str, Any]) -> None:
-    from rich.table import Table
-
     mirror = "on" if report["tta"] else "off"
-    table = Table(title=f"Ensemble members and the ensemble (mirror-image averaging {mirror})")
-    for column in ("model", "val age MAE", "val gender acc", "test age MAE", "test gender acc"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for name in report["validation"]:
-        v, t = report["validation"][name], report["test"][name]
-        table.add_row(name, *(f"{d[k]:.3f}" if k in d else "-" for d in (v, t)
-                              for k in ("age_mae", "gender_accuracy")))
-    console.print(table)
+    rows = [[name, *(f"{d[k]:.3f}" if k in d else "-" for d in (report["validation"][name], report["test"][name])
+                     for k in ("age_mae", "gender_accuracy"))] for name in report["validation"]]
+    console.print(rich_table(f"Ensemble members and the ensemble (mirror-image averaging {mirror})",
+                             ["model", "val age MAE", "val gender acc", "test age MAE", "test gender acc"], rows))
     for output, spec in report["choice"]["on" if report["tta"] else "off"].items():
         names = [Path(report["members"][i]).name for i in spec["members"]]
         console.print(f"{output}: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(names, spec["weights"], strict=True)))
@@ -255,25 +244,31 @@ def print_report(report: dict[str, Any]) -> None:
 
 @app.command()
 def main(
+    recipe: cli.RecipeOption = None,
     member: Annotated[list[Path] | None, typer.Option(
-        help="A saved model folder to include (repeatable) [results/models/multitask and "
-             "results/models/transfer-wrn16-8-imdbwiki].")] = None,
-    tta: Annotated[str, typer.Option(
+        help="A saved model folder to include (repeatable); default: the recipe's members, else "
+             f"{' and '.join(FAMILY.settings['members'])}, under --models-dir.")] = None,
+    tta: Annotated[str | None, typer.Option(
         help="Average each member with its view of the mirror image: auto (only if validation improves), on "
-             "or off.")] = "auto",
+             "or off; default: the recipe's, else auto.")] = None,
     limit: Annotated[int | None, typer.Option(min=16, help="Choose on a subset (for quick checks).")] = None,
     data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
-    out: Annotated[Path, typer.Option(help="Model folder to write.")] = MODELS_DIR / TASK,
+    models_dir: Annotated[Path, typer.Option(help="Where the members named by the recipe are.")] = MODELS_DIR,
+    out: Annotated[Path, typer.Option(help="Model folder to write.")] = MODELS_DIR / FAMILY.folder,
 ) -> None:
     """Combine saved models into one ensemble model, with weights chosen on the validation split."""
     check_choice(tta, TTA_CHOICES, "--tta")
     with user_errors():
-        folders = list(member or DEFAULT_MEMBERS)
+        plan = plan_run(FAMILY.name, recipe, setting_flags={"tta": tta})
+        if plan.settings["tta"] not in TTA_CHOICES:
+            raise UserError(f"The recipe's tta {plan.settings['tta']!r} is not one of {', '.join(TTA_CHOICES)}.")
+        folders = list(member or (Path(models_dir) / name for name in plan.settings["members"]))
         for folder in folders:
             if not Path(folder).is_dir():
                 raise UserError(f"Model folder {folder} does not exist.")
-        report = build(folders, tta, data_dir, limit, out)
+        report = build(folders, plan.settings["tta"], data_dir, limit, out, plan.metadata())
         print_report(report)
+        print_metrics("ensemble: validation split", report["validation_metrics"])
         print_metrics("ensemble: test split", report["test_metrics"])
         console.print(f"Saved to {out}.")
 

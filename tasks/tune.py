@@ -4,8 +4,9 @@
     python tasks/tune.py --model age --trials 8 --epochs 3 --limit 3000 --image-size 64
     python tasks/tune.py --model multitask --storage postgresql://user:secret@db-host/optuna --seed 1
 
-Each trial calls the trainer's own `train()` (tasks/train_<model>.py, tasks/finetune_transfer.py) with the
-sampled parameters and scores it on the validation split only. The study lives in an RDB storage (SQLite by
+Each trial trains through the family registry's own training code (agegender.families: the CNN trainers' loop,
+agegender.transfer for transfer) with the sampled parameters and scores it on the validation split only, by the
+family's goal. The study lives in an RDB storage (SQLite by
 default), so running the command again continues it and several processes can work on it at once.
 Writes results/tuning/<study>.json (read by `train_* --params`) and two PNG plots.
 """
@@ -13,13 +14,10 @@ Writes results/tuning/<study>.json (read by `train_* --params`) and two PNG plot
 from __future__ import annotations
 
 import gc
-import importlib
-import inspect
 import math
 import os
 import re
 import socket
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -27,20 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 import typer
 from rich.table import Table
 
 from agegender.cli import UserError, console, user_errors, write_json
 from agegender.data import DATA_DIR, REPO_ROOT, RESULTS_DIR, SEED
+from agegender.families import FAMILIES, TRAINABLE, Goal
+from agegender.plots import plot_importances, plot_study_history
+from agegender.tables import rich_table
 
 TUNING_DIR = RESULTS_DIR / "tuning"
-MODELS = ("gender", "age", "multitask", "transfer")
-TRAINERS = {"gender": "tasks.train_gender", "age": "tasks.train_age", "multitask": "tasks.train_multitask",
-            "transfer": "tasks.finetune_transfer"}
-GENDER_ERROR_YEARS = 50.0  # multitask score: one point of gender accuracy is worth half a year of age MAE
 STARTUP_TRIALS = 5  # random trials before TPE models the results
 TOP_TRIALS = 5
 WORKER = f"{socket.gethostname()}-{os.getpid()}"  # which process ran a trial, when several share a study
@@ -48,42 +43,7 @@ WORKER = f"{socket.gethostname()}-{os.getpid()}"  # which process ran a trial, w
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-# ---------------------------------------------------------------- what a trial is scored on
-
-
-@dataclass(frozen=True)
-class Goal:
-    """The validation score a study optimises, and the per-epoch Keras logs the pruner watches."""
-
-    metric: str
-    direction: str  # "minimize" or "maximize"
-    monitors: tuple[str, ...]  # Keras 3 log names read by `intermediate`
-    score: Callable[[dict[str, Any]], float]  # TrainResult.val_metrics -> the objective value
-    intermediate: Callable[[dict[str, float]], float]  # epoch logs -> a value on the same footing
-
-
-def gender_score(val: dict[str, Any]) -> float:
-    return float(val["gender"]["accuracy"])
-
-
-def age_score(val: dict[str, Any]) -> float:
-    return float(val["age"]["mae"])
-
-
-def multitask_score(val: dict[str, Any]) -> float:
-    return float(val["age"]["mae"]) + GENDER_ERROR_YEARS * (1.0 - float(val["gender"]["accuracy"]))
-
-
-GOALS = {
-    "gender": Goal("val gender accuracy", "maximize", ("val_binary_accuracy",), gender_score,
-                   lambda logs: logs["val_binary_accuracy"]),
-    "age": Goal("val age MAE (years)", "minimize", ("val_mae",), age_score,
-                lambda logs: 120.0 * logs["val_mae"]),
-    "multitask": Goal(f"val age MAE (years) + {GENDER_ERROR_YEARS:g} x val gender error rate", "minimize",
-                      ("val_age_mae", "val_gender_binary_accuracy"), multitask_score,
-                      lambda logs: 120.0 * logs["val_age_mae"]
-                      + GENDER_ERROR_YEARS * (1.0 - logs["val_gender_binary_accuracy"])),
-}
+# ---------------------------------------------------------------- what a trial is scored on (the family's goal)
 
 
 def monitor_goal(goal: Goal, monitor: str) -> Goal:
@@ -156,12 +116,13 @@ def defaults_in_space(space: dict[str, Any], defaults: dict[str, Any]) -> dict[s
     return chosen
 
 
-# ---------------------------------------------------------------- the trainer, imported (never copied)
+# ---------------------------------------------------------------- the family's own training code
 
 
 @dataclass
 class Trainer:
-    """What a study needs from a model's own training script, imported (never copied)."""
+    """What a study needs from a family: its defaults and goal, and its builder and training loop from the
+    registry (never copied)."""
 
     defaults: dict[str, Any]
     goal: Goal
@@ -170,56 +131,30 @@ class Trainer:
     budget: dict[str, Any]
 
 
-def import_trainer(model: str):
-    try:
-        return importlib.import_module(TRAINERS[model])
-    except ModuleNotFoundError as error:
-        if error.name != TRAINERS[model]:
-            raise
-        path = TRAINERS[model].replace(".", "/")
-        raise UserError(f"Cannot tune {model!r}: {path}.py does not exist yet.") from error
-
-
-def cnn_trainer(model: str, image_size: int, epochs: int, data_dir: Path, limit: int | None,
-                verbose: int) -> Trainer:
-    """train_gender / train_age / train_multitask: their train() with out_dir=None and no test evaluation."""
-    module = import_trainer(model)
-
-    def train(params, callbacks):
-        return module.train(params, image_size, epochs, data_dir, limit, None, evaluate_test=False,
-                            verbose=verbose, extra_callbacks=callbacks)
-
-    return Trainer(dict(module.DEFAULT_PARAMS), GOALS[model],
-                   lambda: module.build_model(image_size, module.DEFAULT_PARAMS), train,
-                   {"epochs": epochs, "limit": limit, "image_size": image_size})
-
-
-TRANSFER_NEEDS = ("extra_callbacks", "evaluate_test")
 DEFAULT_BACKBONE = "mobilenetv2"  # the cheapest keras.applications backbone on a CPU
 
 
-def transfer_trainer(backbone: str, weights: str, image_size: int, epochs: int, data_dir: Path,
-                     limit: int | None, verbose: int) -> Trainer:
-    """finetune_transfer.finetune() on one backbone (multitask): half the epochs frozen, half fine-tuning."""
-    module = import_trainer("transfer")
-    accepted = inspect.signature(module.finetune).parameters
-    missing = [name for name in TRANSFER_NEEDS if name not in accepted]
-    if missing:
-        raise UserError(f"Cannot tune transfer: finetune() in tasks/finetune_transfer.py does not take "
-                        f"{' and '.join(missing)} yet, so its trials could not be pruned or kept off the "
-                        f"test split.")
-    spec = module.resolve_backbone(backbone)
-    frozen = (epochs + 1) // 2
+def family_trainer(model: str, image_size: int, epochs: int, data_dir: Path, limit: int | None, verbose: int,
+                   backbone: str | None = None, weights: str = "pretrained") -> Trainer:
+    """The family's train() with out_dir=None and no test evaluation; transfer trains one backbone (multitask),
+    half the epochs frozen and half fine-tuning."""
+    family = FAMILIES[model]
+    budget: dict[str, Any] = {"epochs": epochs, "limit": limit, "image_size": image_size}
+    settings: dict[str, Any] = {}
+    if model == "transfer":
+        from agegender.transfer import resolve_backbone
+
+        name = resolve_backbone(backbone or DEFAULT_BACKBONE).name
+        settings = {"backbone": name, "weights": weights, "fine_tune_epochs": epochs // 2}
+        budget.update(backbone=name, weights=weights)
+    first_epochs = epochs - settings.get("fine_tune_epochs", 0)
 
     def train(params, callbacks):
-        return module.finetune(spec.name, "multitask", weights, params, image_size, frozen, epochs - frozen,
-                               data_dir, limit, None, verbose=verbose, extra_callbacks=callbacks,
-                               evaluate_test=False)
+        return family.train(params, image_size, first_epochs, data_dir, limit, None, evaluate_test=False,
+                            verbose=verbose, extra_callbacks=callbacks, **settings)
 
-    return Trainer(dict(module.DEFAULT_PARAMS), GOALS["multitask"],
-                   lambda: module.build_model(spec, image_size, module.DEFAULT_PARAMS, "multitask", weights),
-                   train, {"epochs": epochs, "limit": limit, "image_size": image_size, "backbone": spec.name,
-                           "weights": weights})
+    return Trainer(dict(family.defaults), family.goal, lambda: family.build(image_size, family.defaults, **settings),
+                   train, budget)
 
 
 def check_monitors(trainer: Trainer, image_size: int, monitors: tuple[str, ...]) -> None:
@@ -412,17 +347,13 @@ def tune(model: str, trials: int | None = 20, timeout: float | None = None, epoc
          pruner: str | Any = "median", seed: int = SEED, defaults_first: bool = True,
          backbone: str | None = None, weights: str = "pretrained", verbose: int = 2):
     """Run `trials` more trials (or until `timeout` seconds) of the model's study; returns the study."""
-    if model not in MODELS:
-        raise UserError(f"Unknown model {model!r}; expected one of {', '.join(MODELS)}.")
+    if model not in TRAINABLE:
+        raise UserError(f"Unknown model {model!r}; expected one of {', '.join(TRAINABLE)}.")
     if backbone is not None and model != "transfer":
         raise UserError("--backbone only applies to --model transfer.")
     if not (Path(data_dir) / "manifest.csv").exists():
         raise UserError(f"No prepared data in {data_dir}: run tasks/prepare_data.py first.")
-    if model == "transfer":
-        trainer = transfer_trainer(backbone or DEFAULT_BACKBONE, weights, image_size, epochs, Path(data_dir),
-                                   limit, verbose)
-    else:
-        trainer = cnn_trainer(model, image_size, epochs, Path(data_dir), limit, verbose)
+    trainer = family_trainer(model, image_size, epochs, Path(data_dir), limit, verbose, backbone, weights)
     goal = trainer.goal if monitor is None else monitor_goal(trainer.goal, monitor)
     check_monitors(trainer, image_size, goal.monitors)
     space = search_space(model, trainer.defaults)
@@ -493,95 +424,31 @@ SHORT_NAMES = {"learning_rate": "lr", "batch_size": "batch", "dropout": "drop", 
 
 
 def trials_table(summary: dict[str, Any]) -> Table:
-    table = Table(title=f"{summary['study_name']}: best trials ({summary['metric']}, {summary['direction']})",
-                  caption="* the trainer's defaults")
-    table.add_column("trial", justify="right")
-    table.add_column("value", justify="right")
     names = list(summary["best_params"])
-    for name in names:
-        table.add_column(SHORT_NAMES.get(name, name), justify="right")
-    for row in summary["top_trials"]:
-        label = f"{row['number']}{'*' if row['defaults'] else ''}"
-        table.add_row(label, f"{row['value']:.4f}", *(format_value(row["params"][n]) for n in names))
-    return table
+    rows = [[f"{row['number']}{'*' if row['defaults'] else ''}", f"{row['value']:.4f}",
+             *(format_value(row["params"][n]) for n in names)] for row in summary["top_trials"]]
+    return rich_table(f"{summary['study_name']}: best trials ({summary['metric']}, {summary['direction']})",
+                      ["trial", "value", *(SHORT_NAMES.get(name, name) for name in names)], rows, left=[],
+                      caption="* the trainer's defaults")
 
 
 def format_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_history(study, path: Path) -> None:
-    """Every trial's value (pruned trials at their last reported value) and the best so far."""
-    from optuna.trial import TrialState
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
-    failed = [t for t in trials if t.state == TrialState.FAIL]
-    ax.scatter([t.number for t in done], [t.value for t in done], label="complete", zorder=3)
-    best, line = None, []
-    better = min if study.direction.name == "MINIMIZE" else max
-    for t in sorted(done, key=lambda t: t.number):
-        best = t.value if best is None else better(best, t.value)
-        line.append((t.number, best))
-    if line:
-        ax.step(*zip(*line, strict=True), where="post", color="red", label="best so far")
-    if pruned:
-        last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
-        ax.scatter([t.number for t in pruned], last, marker="x", color="grey",
-                   label="pruned (last epoch reported)")
-    for t in failed:
-        ax.axvline(t.number, color="orange", alpha=0.4, linewidth=1)
-    if failed:
-        ax.plot([], [], color="orange", alpha=0.4, label="failed")
-    defaults = [t for t in done if t.user_attrs.get("defaults")]
-    if defaults:
-        ax.scatter([defaults[-1].number], [defaults[-1].value], s=120, facecolors="none", edgecolors="black",
-                   label="trainer defaults", zorder=4)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set(xlabel="trial", ylabel=study.user_attrs.get("metric", "value"),
-           title=f"Optimisation history: {study.study_name} ({study.direction.name.lower()})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_importances(study, path: Path) -> bool:
-    """fANOVA parameter importances; needs a few complete trials (returns False when there are too few)."""
+def importances(study) -> dict[str, float] | None:
+    """fANOVA parameter importances; None with fewer than three complete trials or nothing to attribute."""
     import optuna
 
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if len(complete) < 3:
-        return False
+        return None
     try:
-        importances = optuna.importance.get_param_importances(
+        found = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=SEED))
     except RuntimeError:  # e.g. every trial scored the same: nothing to attribute
-        return False
-    if not importances:
-        return False
-    plt = _pyplot()
-    names = list(importances)[::-1]
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.2))
-    ax.barh(names, [importances[n] for n in names])
-    ax.set(xlabel="importance (fANOVA share of variance)",
-           title=f"Parameter importances: {study.study_name} ({len(complete)} trials)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+        return None
+    return found or None
 
 
 def write_results(study, model: str, out_dir: Path) -> dict[str, Any]:
@@ -592,17 +459,15 @@ def write_results(study, model: str, out_dir: Path) -> dict[str, Any]:
         raise UserError(f"No trial of study {study.study_name!r} has completed yet ({counts['pruned']} "
                         f"pruned, {counts['fail']} failed, {counts['running']} running), so there is "
                         f"nothing to write.")
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = study.study_name
-    tmp = out_dir / f".tmp-{os.getpid()}-{stem}_history.png"  # workers finishing at once must not share one
-    plot_history(study, tmp)
-    tmp.replace(out_dir / f"{stem}_history.png")
-    tmp = out_dir / f".tmp-{os.getpid()}-{stem}_importances.png"
-    if plot_importances(study, tmp):
-        tmp.replace(out_dir / f"{stem}_importances.png")
-        summary["plots"] = [f"{stem}_history.png", f"{stem}_importances.png"]
-    else:
-        summary["plots"] = [f"{stem}_history.png"]
+    plot_study_history(study, out_dir / f"{stem}_history.png")  # atomic: workers may finish at once
+    summary["plots"] = [f"{stem}_history.png"]
+    found = importances(study)
+    if found is not None:
+        complete = summary["counts"]["complete"]
+        plot_importances(found, f"Parameter importances: {stem} ({complete} trials)",
+                         out_dir / f"{stem}_importances.png")
+        summary["plots"].append(f"{stem}_importances.png")
     write_json(out_dir / f"{stem}.json", summary)
     return summary
 
@@ -621,7 +486,7 @@ def report(summary: dict[str, Any], path: Path) -> None:
 
 @app.command()
 def main(
-    model: Annotated[str, typer.Option(help="Model to tune: gender, age, multitask or transfer.")],
+    model: Annotated[str, typer.Option(help=f"Model family to tune: {', '.join(TRAINABLE)}.")],
     trials: Annotated[int, typer.Option(
         min=0, help="Trials this process runs (fewer if --timeout ends it; 0: only rewrite results).")] = 20,
     timeout: Annotated[float | None, typer.Option(min=1, help="Start no new trial after this many seconds.")]

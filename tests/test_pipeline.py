@@ -40,17 +40,20 @@ def test_training_batches_are_augmented_and_evaluation_batches_are_not(prepared)
     assert not np.allclose(np.sort(batch.mean(axis=(1, 2, 3))), np.sort(images[:16].mean(axis=(1, 2, 3)) / 255))
 
 
-def test_noise_augmentation_adds_seeded_noise_of_a_random_strength_per_image(prepared):
+NO_GEOMETRY_OR_COLOUR = Augment(crop=0, flip=False, rotation=0, zoom=0, brightness=0, contrast=0, saturation=0)
+
+
+def first_batch(prepared, augment: Augment, batch_size: int = 16) -> np.ndarray:
+    """The first training batch of the validation images under an augmentation (seeded, so repeatable)."""
     images, rows = load_split("val", TEST_IMAGE_SIZE, prepared["data_dir"])
-    targets = {"gender": rows["gender"].to_numpy()}
-    no_colour = Augment(crop=0, flip=False, rotation=0, zoom=0, brightness=0, contrast=0, saturation=0)
+    dataset = make_dataset(images, {"gender": rows["gender"].to_numpy()}, batch_size, training=True, augment=augment)
+    return next(iter(dataset))[0].numpy()
 
-    def first_batch(augment: Augment) -> np.ndarray:
-        return next(iter(make_dataset(images, targets, 16, training=True, augment=augment)))[0].numpy()
 
-    clean = first_batch(no_colour)
-    noisy = first_batch(replace(no_colour, noise=0.1))
-    np.testing.assert_allclose(noisy, first_batch(replace(no_colour, noise=0.1)), atol=1e-6)
+def test_noise_augmentation_adds_seeded_noise_of_a_random_strength_per_image(prepared):
+    clean = first_batch(prepared, NO_GEOMETRY_OR_COLOUR)
+    noisy = first_batch(prepared, replace(NO_GEOMETRY_OR_COLOUR, noise=0.1))
+    np.testing.assert_allclose(noisy, first_batch(prepared, replace(NO_GEOMETRY_OR_COLOUR, noise=0.1)), atol=1e-6)
     assert noisy.min() >= 0.0 and noisy.max() <= 1.0
     spread = (noisy - clean).std(axis=(1, 2, 3))  # per image, under 0.1 and not all alike
     assert 0.0 < spread.max() <= 0.1 and spread.max() - spread.min() > 0.02
@@ -58,21 +61,16 @@ def test_noise_augmentation_adds_seeded_noise_of_a_random_strength_per_image(pre
 
 
 def test_photo_augmentation_degrades_a_seeded_share_of_the_images(prepared):
-    images, rows = load_split("val", TEST_IMAGE_SIZE, prepared["data_dir"])
-    targets = {"gender": rows["gender"].to_numpy()}
-    no_colour = Augment(crop=0, flip=False, rotation=0, zoom=0, brightness=0, contrast=0, saturation=0)
+    def batch(chance: float) -> np.ndarray:
+        return first_batch(prepared, replace(NO_GEOMETRY_OR_COLOUR, photo=chance), 32)
 
-    def first_batch(augment: Augment) -> np.ndarray:
-        return next(iter(make_dataset(images, targets, 32, training=True, augment=augment)))[0].numpy()
-
-    clean = first_batch(no_colour)
-    every = first_batch(replace(no_colour, photo=1.0))  # every degradation on every image
+    clean, every = batch(0.0), batch(1.0)  # 1.0: every degradation on every image
     assert every.min() >= 0.0 and every.max() <= 1.0
     np.testing.assert_allclose(every[..., 0], every[..., 1], atol=0.02)  # grey (JPEG adds a little colour)
-    sharpness = lambda batch: np.abs(np.diff(batch, axis=2)).mean(axis=(1, 2, 3))  # noqa: E731
+    sharpness = lambda images: np.abs(np.diff(images, axis=2)).mean(axis=(1, 2, 3))  # noqa: E731
     assert (sharpness(every) < sharpness(clean)).all()  # blurred, shrunk and compressed: softer
-    some = first_batch(replace(no_colour, photo=0.3))
-    np.testing.assert_allclose(some, first_batch(replace(no_colour, photo=0.3)), atol=1e-6)  # seeded
+    some = batch(0.3)
+    np.testing.assert_allclose(some, batch(0.3), atol=1e-6)  # seeded
     changed = np.abs(some - clean).mean(axis=(1, 2, 3)) > 1e-3
     assert 0 < changed.sum() < len(changed)  # some images, not all
     assert Augment(photo=0.3).scaled(0.5).photo == 0.3  # --augment scales the rest, not these

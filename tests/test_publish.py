@@ -9,6 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from agegender.families import FAMILIES
 from tasks import publish
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,7 +80,7 @@ def fake_hub(monkeypatch):
 def test_space_sources_have_front_matter_and_requirements():
     import gradio
 
-    for name in (*publish.app_common.MODEL_NAMES, publish.COMBINED):
+    for name in (*FAMILIES, publish.COMBINED):
         folder = REPO / "spaces" / name
         meta = front_matter(folder / "README.md")
         assert set(meta) >= FRONT_MATTER, (name, FRONT_MATTER - set(meta))

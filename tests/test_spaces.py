@@ -21,7 +21,6 @@ from PIL import Image
 from tasks import publish
 
 REPO = Path(__file__).resolve().parent.parent
-app_common = publish.app_common
 EXAMPLES = REPO / "spaces" / "examples"
 ASTRONAUT, TWO_FACES, LANDSCAPE = (EXAMPLES / name for name in ("astronaut.jpg", "two_faces.jpg", "landscape.jpg"))
 MODELS = ("gender", "age", "multitask")  # the conftest models; transfer has none in the tests

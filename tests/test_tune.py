@@ -12,6 +12,7 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
+from agegender.families import FAMILIES
 from tasks import finetune_transfer, train_gender, tune
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,12 +51,12 @@ def test_two_trials_write_the_best_parameter_file(two_trials):
     assert summary["n_trials"] == 2 and summary["counts"]["complete"] == 2
     assert summary["direction"] == "maximize" and summary["metric"] == "val gender accuracy"
     assert summary["best_value"] == max(values) and 0.0 <= summary["best_value"] <= 1.0
-    assert set(summary["best_params"]) <= set(train_gender.DEFAULT_PARAMS)
+    assert set(summary["best_params"]) <= set(FAMILIES["gender"].defaults)
     assert summary["best_params"] == study.best_params
     assert summary["storage"] == storage_url(folder)
     # the first trial is the trainer's defaults: the baseline under the same budget
     assert study.trials[0].user_attrs["defaults"] is True
-    assert study.trials[0].params == {k: train_gender.DEFAULT_PARAMS[k] for k in study.trials[0].params}
+    assert study.trials[0].params == {k: FAMILIES["gender"].defaults[k] for k in study.trials[0].params}
     assert summary["defaults_value"] == values[0]
     # accuracy is maximised: the best trial is never below the defaults, and beats them only if it is another
     assert summary["improvement_over_defaults"] >= 0
@@ -186,7 +187,7 @@ def test_transfer_trials_run_finetune_and_its_params_file_is_accepted(prepared, 
     assert summary["counts"]["complete"] == 1 and len(trials) == 1
     assert list(trials[0].intermediate_values) == [0, 1]  # one report per epoch, both phases
     assert summary["best_value"] == trials[0].value > 0
-    assert set(summary["best_params"]) <= set(finetune_transfer.DEFAULT_PARAMS)
+    assert set(summary["best_params"]) <= set(FAMILIES["transfer"].defaults)
 
     model = runner.invoke(finetune_transfer.app, [
         "--backbone", "mobilenetv2", "--weights", "none", "--params", str(tmp_path / "transfer-mobilenetv2.json"),

@@ -1,0 +1,136 @@
+"""What a model's About page (the Spaces) and its model card (publish) say: what it predicts, what it was trained
+on, its measured accuracy and biases (read from metrics.json and compare's comparison.json, never hard-coded)
+and its limits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from agegender.data import AGE_BANDS, RACE_LABELS, RESULTS_DIR
+from agegender.faces import DEFAULT_DETECTOR, DETECTORS
+from agegender.modelio import METADATA_FILE, METRICS_FILE
+from agegender.tables import markdown_table
+
+COMPARISON_FILE = "comparison.json"
+UTKFACE_URL = "https://susanqq.github.io/UTKFace/"
+HEADLINE_BIAS_METRICS = ("accuracy", "f1", "mae", "cs5")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file as a dict, or None when it is missing or unreadable (the page then says so)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def load_comparison(results_dir: Path = RESULTS_DIR) -> dict[str, Any] | None:
+    return read_json(Path(results_dir) / COMPARISON_FILE)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def metrics_markdown(metrics: dict[str, Any] | None) -> str:
+    """The test metrics of metrics.json as a table (read when the page is built, never hard-coded)."""
+    if not metrics or not ({"gender", "age"} & set(metrics)):
+        return "No `metrics.json` beside this model, so its accuracy is not known here."
+    rows = []
+    gender, age = metrics.get("gender"), metrics.get("age")
+    if gender:
+        rows += [["gender accuracy", _fmt(gender.get("accuracy")), "share of faces whose gender is right"],
+                 ["gender F1", _fmt(gender.get("f1")), "female taken as the positive class"],
+                 ["gender ROC AUC", _fmt(gender.get("roc_auc")), "ranking quality of P(female)"]]
+    if age:
+        rows += [["age MAE", f"{_fmt(age.get('mae'), 2)} years", "mean absolute error"],
+                 ["age RMSE", f"{_fmt(age.get('rmse'), 2)} years", "root mean squared error"],
+                 ["age CS@5", _fmt(age.get("cs5"), 3), "share of faces within 5 years"]]
+    n = (gender or age or {}).get("n")
+    split = metrics.get("split", "test")
+    return (f"Measured on the {split} split of UTKFace ({n:,} faces the model never saw in training):\n\n"
+            if isinstance(n, int) else f"Measured on the {split} split of UTKFace:\n\n") + markdown_table(
+        ["metric", "value", "meaning"], rows)
+
+
+def bias_markdown(name: str, comparison: dict[str, Any] | None) -> str:
+    """Best and worst group per headline metric, and the per-race table, from compare's comparison.json."""
+    bias = (comparison or {}).get("bias") or {}
+    gaps = [g for g in bias.get("gaps", [])
+            if g.get("model") == name and g.get("metric") in HEADLINE_BIAS_METRICS]
+    groups = [g for g in bias.get("groups", []) if g.get("model") == name]
+    if not gaps and not groups:
+        return ("Not measured for this model yet: `python tasks/compare.py` writes the bias analysis to "
+                "`results/comparison.json`; publish again afterwards.")
+    faces = (comparison or {}).get("settings", {}).get("test_faces", "?")
+    parts = [f"From `python tasks/compare.py` on the test split ({faces} faces). UTKFace's labels are the "
+             "dataset's own: binary gender and five broad race groups.\n"]
+    if gaps:
+        parts.append(markdown_table(["grouping", "metric", "best group", "worst group", "gap"], [
+            [g["grouping"], g["metric"], f"{g['best_group']} ({_fmt(g.get('best'), 3)})",
+             f"{g['worst_group']} ({_fmt(g.get('worst'), 3)})", _fmt(g.get("gap"), 3)] for g in gaps]))
+    for grouping in ("race", "age band", "gender"):
+        part = [g for g in groups if g.get("grouping") == grouping]
+        columns = [key for key in ("accuracy", "mae", "cs5") if any(key in g for g in part)]
+        if part and columns:
+            parts.append(f"\nBy {grouping}:\n\n" + markdown_table(["group", "faces", *columns], [
+                [g["group"], g.get("n", "?"), *(_fmt(g.get(key), 3) for key in columns)] for g in part]))
+    return "\n".join(parts)
+
+
+def detector_text(name: str = DEFAULT_DETECTOR) -> str:
+    spec = DETECTORS[name]
+    threshold = "" if spec.min_confidence is None else f", confidence {spec.min_confidence} or more"
+    return f"`{name}` ({spec.description}{threshold})"
+
+
+
+def about_markdown(name: str, folder: Path, comparison: dict[str, Any] | None = None) -> str:
+    """What the model is, what it was trained on, how accurate it is and where it is biased, and its limits.
+
+    The Space's "About" tab and the model card (tasks/publish.py) both use this text."""
+    metadata = read_json(Path(folder) / METADATA_FILE) or {}
+    metrics = read_json(Path(folder) / METRICS_FILE)
+    outputs = metadata.get("outputs", [])
+    said = {"age": "age in years", "gender": "gender (probability of female)"}
+    predicts = " and ".join(said[o] for o in outputs if o in said) or "unknown outputs"
+    races = ", ".join(RACE_LABELS.values())
+    bands = ", ".join(f"{low}-{high}" if high < 200 else f"{low}+" for low, high in AGE_BANDS)
+    return "\n".join([
+        f"## Model `{name}`",
+        f"Predicts {predicts} from a face. Task `{metadata.get('task', '?')}`, backbone "
+        f"`{metadata.get('backbone', '?')}` (initial weights: {metadata.get('weights', '?')}), input "
+        f"{metadata.get('image_size', '?')} x {metadata.get('image_size', '?')} RGB, trained "
+        f"{metadata.get('created', '?')}.",
+        "",
+        "## Trained on",
+        f"[UTKFace]({UTKFACE_URL}): aligned and cropped face photos of people aged 0 to 116, labelled with "
+        f"age, binary gender (male/female) and one of five race groups ({races}). The project splits it into "
+        "train, validation and test sets (`tasks/prepare_data.py`). **UTKFace is licensed for non-commercial "
+        "research only, and so is this model.**",
+        "",
+        "## Measured accuracy",
+        metrics_markdown(metrics),
+        "",
+        "## Known biases",
+        bias_markdown(name, comparison),
+        "",
+        "## Intended use and limits",
+        "- A demonstration and research tool. Do not use it to make decisions about people (access, "
+        "hiring, age verification, identification) or to infer anyone's gender identity: it predicts the "
+        "binary label UTKFace's annotators gave from appearance.",
+        "- Age is an estimate: expect errors of several years (see the MAE above), larger for the young, the "
+        f"old and groups with few training faces (age bands used above: {bands}).",
+        f"- It works best on frontal, well-lit faces like UTKFace's. Faces are found by {detector_text()}, "
+        "aligned on the eyes and cropped like UTKFace's crops; small, turned or covered faces may be missed or "
+        "predicted badly. The Predict tab offers the other detectors.",
+        "- Photos sent to this demo are not stored by the app; Gradio's temporary copies are deleted within "
+        "about two hours.",
+    ])

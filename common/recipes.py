@@ -1,0 +1,175 @@
+"""Recipes: one committed TOML file per shipped model, recipes/<model>.toml, holding its family, every parameter
+and the schedule of one clean run that makes it. Every trainer takes `--recipe PATH`, and metadata.json records
+the recipe's text, its sha256 and any flags given on top of it.
+
+    family = "multitask"          # which trainer runs it (agegender.families)
+    description = "..."           # optional: why these values
+    image_size = 128              # the family's settings (agegender.families.Family.settings)
+    epochs = 30
+    seed = 42
+
+    [params]                      # the family's parameters (metadata.json's params)
+    learning_rate = 0.0003
+    age_head = "dex"
+
+A run's parameters: the family's defaults, then the recipe, then a --params file (tune's output), then flags
+given on the command line. A key the family does not know, a value of the wrong type or a recipe of another
+family is one sentence and a non-zero exit before anything is read or trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agegender.cli import UserError
+from agegender.data import REPO_ROOT
+from agegender.families import FAMILIES, Family
+
+RECIPE_KEYS = ("family", "description", "params")  # besides the family's settings
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 512
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    family: str
+    settings: dict[str, Any]
+    params: dict[str, Any]
+    text: str
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def shown(path: Path) -> str:
+    """A path relative to the repository when it is inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def check_value(path: Path, key: str, value: Any, default: Any) -> None:
+    """A recipe value must have its default's type (numbers: int or float; None: any scalar)."""
+    numeric = isinstance(default, int | float) and not isinstance(default, bool)
+    if isinstance(default, bool):
+        fits = isinstance(value, bool)
+    elif numeric:
+        fits = isinstance(value, int | float) and not isinstance(value, bool)
+    elif default is None:
+        fits = isinstance(value, int | float | str) and not isinstance(value, bool)
+    else:
+        fits = isinstance(value, type(default))
+    if not fits:
+        wanted = "a number" if numeric else type(default).__name__ if default is not None else "a number or text"
+        raise UserError(f"Recipe {path}: {key} = {value!r} should be {wanted}.")
+    if key == "image_size" and not MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE:
+        raise UserError(f"Recipe {path}: image_size = {value} is outside {MIN_IMAGE_SIZE}-{MAX_IMAGE_SIZE}.")
+    if numeric and value < 0:
+        raise UserError(f"Recipe {path}: {key} = {value} is negative.")
+
+
+def read_recipe(path: Path, family: str | None = None) -> Recipe:
+    """A recipe file, checked against its family (and against `family` when given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Recipe {path} does not exist.")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"Recipe {path} is not valid TOML ({error}).") from error
+    name = data.get("family")
+    if name not in FAMILIES:
+        raise UserError(f"Recipe {path} names {'no family' if name is None else f'the unknown family {name!r}'}; "
+                        f"expected family = one of {', '.join(FAMILIES)}.")
+    if family is not None and name != family:
+        raise UserError(f"Recipe {path} is for the {name} family, not {family}: run it with "
+                        f"{FAMILIES[name].script}.")
+    spec = FAMILIES[name]
+    unknown = sorted(set(data) - set(RECIPE_KEYS) - set(spec.settings))
+    if unknown:
+        raise UserError(f"Recipe {path} has unknown key(s) {', '.join(unknown)}; the {name} family takes "
+                        f"{', '.join([*RECIPE_KEYS, *spec.settings])}.")
+    params = data.get("params", {})
+    if not isinstance(params, dict):
+        raise UserError(f"Recipe {path}: params must be a table ([params]).")
+    unknown = sorted(set(params) - set(spec.defaults))
+    if unknown:
+        raise UserError(f"Recipe {path} has unknown parameter(s) {', '.join(unknown)}; the {name} family's are "
+                        f"{', '.join(spec.defaults) or 'none'}.")
+    for key, value in params.items():
+        check_value(path, key, value, spec.defaults[key])
+    settings = {key: value for key, value in data.items() if key in spec.settings}
+    for key, value in settings.items():
+        check_value(path, key, value, spec.settings[key])
+    return Recipe(path, name, settings, params, text)
+
+
+# ---------------------------------------------------------------- a run's parameters
+
+
+def load_params(path: Path | None) -> dict[str, Any]:
+    """best_params from a tune result file (or a plain JSON object of parameters)."""
+    if path is None:
+        return {}
+    if not Path(path).exists():
+        raise UserError(f"Parameter file {path} does not exist.")
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error.msg}).") from error
+    params = data.get("best_params", data)
+    if not isinstance(params, dict):
+        raise UserError(f"{path} holds no parameters.")
+    return params
+
+
+def merge_params(defaults: dict[str, Any], from_file: dict[str, Any], overrides: dict[str, Any]) -> dict:
+    """Defaults, then the --params file, then flags given on the command line (not None)."""
+    unknown = set(from_file) - set(defaults)
+    if unknown:
+        raise UserError(f"Unknown parameter(s) in the --params file: {', '.join(sorted(unknown))}.")
+    params = {**defaults, **from_file}
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    return params
+
+
+@dataclass
+class RunPlan:
+    """What one training run uses: parameters, settings and the recipe record metadata.json keeps."""
+
+    family: Family
+    params: dict[str, Any]
+    settings: dict[str, Any]
+    recipe: dict[str, Any] | None
+
+    def metadata(self) -> dict[str, Any]:
+        return {"family": self.family.name, "recipe": self.recipe}
+
+
+def plan_run(family: str, recipe: Path | None = None, params_file: Path | None = None,
+             param_flags: dict[str, Any] | None = None, setting_flags: dict[str, Any] | None = None) -> RunPlan:
+    """Defaults < recipe < --params file < flags (None: not given), for parameters and settings alike."""
+    spec = FAMILIES[family]
+    found = read_recipe(recipe, family) if recipe is not None else None
+    param_flags = {k: v for k, v in (param_flags or {}).items() if v is not None}
+    setting_flags = {k: v for k, v in (setting_flags or {}).items() if v is not None}
+    from_file = load_params(params_file)
+    params = merge_params({**spec.defaults, **(found.params if found else {})}, from_file, param_flags)
+    settings = {**spec.settings, **(found.settings if found else {}), **setting_flags}
+    record = None
+    if found is not None:
+        overrides = {**setting_flags, **param_flags, **({"params_file": shown(params_file)} if params_file else {})}
+        record = {"file": shown(found.path), "sha256": found.sha256, "text": found.text, "overrides": overrides}
+    return RunPlan(spec, params, settings, record)

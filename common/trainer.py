@@ -1,0 +1,99 @@
+"""The command line of the three CNN trainers (tasks/train_gender.py, train_age.py, train_multitask.py): one Typer
+app per family, over the registry (agegender.families) and the shared training loop (agegender.training).
+
+Every parameter a CNN family has is a flag; the flags of parameters another CNN family has are hidden from
+--help and refused. The run's parameters: the family's defaults, then --recipe, then --params, then flags.
+"""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agegender import cli
+from agegender.cli import console, user_errors
+from agegender.data import DATA_DIR, MODELS_DIR
+from agegender.families import FAMILIES
+from agegender.modelio import run_path
+from agegender.models import AGE_HEADS
+from agegender.recipes import plan_run
+from agegender.training import LR_SCHEDULES, TrainResult, print_metrics
+
+
+def report(name: str, result: TrainResult) -> None:
+    print_metrics(f"{name}: validation split", result.val_metrics)
+    print_metrics(f"{name}: test split", result.test_metrics)
+    console.print(f"Saved to {result.out_dir} ({result.seconds_per_epoch:.1f} s per epoch, "
+                  f"{len(result.history)} epochs).")
+
+
+def cnn_trainer(name: str) -> typer.Typer:
+    """The Typer app that trains the CNN family `name` and saves it with its metadata and metrics."""
+    family = FAMILIES[name]
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+    def other(param: str) -> bool:  # a parameter of another family: hidden, and refused when given
+        return param not in family.defaults
+
+    # no `from __future__ import annotations` in this module: the options below read `other` when defined
+
+    @app.command(help=f"{family.summary} Trains it and saves it with its metadata, validation and test metrics.")
+    def main(
+        recipe: cli.RecipeOption = None,
+        epochs: cli.EpochsOption = None,
+        image_size: cli.ImageSizeOption = None,
+        batch_size: cli.BatchSizeOption = None,
+        learning_rate: cli.LearningRateOption = None,
+        dropout: cli.DropoutOption = None,
+        lr_schedule: cli.LrScheduleOption = None,
+        augment: cli.AugmentOption = None,
+        noise_augment: cli.NoiseAugmentOption = None,
+        photo_augment: cli.PhotoAugmentOption = None,
+        swa: cli.SwaOption = None,
+        swa_learning_rate: cli.SwaRateOption = None,
+        gender_label_smoothing: Annotated[float | None, typer.Option(
+            min=0, max=0.5, hidden=other("gender_label_smoothing"),
+            help="Label smoothing of the gender loss [0].")] = None,
+        age_head_kind: Annotated[str | None, typer.Option(
+            "--age-head", hidden=other("age_head"),
+            help="regression, or dex (softmax over ages read as its expected value).")] = None,
+        age_weight_power: Annotated[float | None, typer.Option(
+            min=0, hidden=other("age_weight_power"),
+            help="Up-weight rare ages: sample weight ~ age-bin frequency ** -power (0 = off).")] = None,
+        age_loss_weight: Annotated[float | None, typer.Option(
+            min=0, hidden=other("age_loss_weight"), help="Weight of the age loss.")] = None,
+        gender_loss_weight: Annotated[float | None, typer.Option(
+            min=0, hidden=other("gender_loss_weight"), help="Weight of the gender loss.")] = None,
+        limit: cli.LimitOption = None,
+        params: cli.ParamsOption = None,
+        data_dir: cli.DataDirOption = DATA_DIR,
+        out: cli.ModelOutOption = MODELS_DIR / family.folder,
+        init_from: cli.InitFromOption = None,
+        patience: cli.PatienceOption = None,
+        tensorboard: cli.TensorBoardOption = True,
+        run_dir: cli.RunDirOption = None,
+    ) -> None:
+        flags = {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
+                 "lr_schedule": lr_schedule, "augment": augment, "noise_augment": noise_augment,
+                 "photo_augment": photo_augment, "swa_epochs": swa, "swa_learning_rate": swa_learning_rate,
+                 "gender_label_smoothing": gender_label_smoothing, "age_head": age_head_kind,
+                 "age_weight_power": age_weight_power, "age_loss_weight": age_loss_weight,
+                 "gender_loss_weight": gender_loss_weight}
+        refused = [key for key, value in flags.items() if value is not None and other(key)]
+        if refused:
+            flag = {"age_head": "--age-head"}.get(refused[0], "--" + refused[0].replace("_", "-"))
+            raise typer.BadParameter(f"the {name} model has no {refused[0]} parameter", param_hint=flag)
+        cli.check_choice(age_head_kind, AGE_HEADS, "--age-head")
+        cli.check_choice(lr_schedule, LR_SCHEDULES, "--lr-schedule")
+        with user_errors():
+            plan = plan_run(name, recipe, params, flags,
+                            {"epochs": epochs, "image_size": image_size, "patience": patience})
+            logs = (run_dir or run_path(Path(out).name)) / "tensorboard" if tensorboard else None
+            result = family.train(plan.params, plan.settings["image_size"], plan.settings["epochs"], data_dir,
+                                  limit, out, init_from=init_from, patience=plan.settings["patience"],
+                                  seed=plan.settings["seed"], tensorboard_dir=logs, metadata_extra=plan.metadata())
+            report(name, result)
+            if logs is not None:
+                console.print(f"TensorBoard logs in {logs} (nox -s tensorboard).")
+
+    return app

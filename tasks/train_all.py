@@ -1,0 +1,384 @@
+"""The main job: train every shipped model from its recipe into a run folder, and promote a run to
+results/models/<name> only when it beats the model there on the validation split.
+
+    python tasks/train_all.py                     # every recipe in recipes/ (nox -s train_all)
+    python tasks/train_all.py --only multitask    # one of them
+    python tasks/train_all.py --quick             # the whole chain on tiny data, into build/train_all-quick/
+    python tasks/train_all.py --dry-run           # the plan and its time estimate only
+
+Before starting it prints what it will train and how long that should take (each recipe's epochs times the
+seconds per epoch recorded by the model it may replace, else a stated default). Each recipe's trainer (the
+family's script, agegender.families) runs as a user would run it, with --recipe, into
+results/runs/<name>/<UTC time>/: model/, its TensorBoard logs and train.log. The run and the current model are
+then scored on the validation split by the family's goal and shown side by side; the run replaces the current
+model (an atomic folder swap) only when it is strictly better. At the end the promoted models are exported
+(TFLite) and compare and the README's results table are rerun.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from agegender.cli import UserError, console, fail, user_errors
+from agegender.data import DATA_DIR, REPO_ROOT, RESULTS_DIR
+from agegender.families import FAMILIES, RECIPES_DIR, Family
+from agegender.modelio import METADATA_FILE, METRICS_FILE, is_complete, read_metadata, run_path, staging_dir
+from agegender.recipes import Recipe, read_recipe
+from agegender.tables import number, rich_table
+
+QUICK_RESULTS_DIR = REPO_ROOT / "build" / "train_all-quick"
+QUICK_COMPARE = ("--limit", "200", "--robustness-faces", "50")  # compare on a test subset in a smoke run
+QUICK_EXPORT = ("--faces", "50")
+STARTUP_SECONDS = 30  # a trainer's start: Python, TensorFlow, the image cache
+DEFAULT_EPOCH_SECONDS = 150.0  # a 128 px CNN epoch on 2 cores, when no model has recorded its own
+DEFAULT_RUN_SECONDS = 300.0  # a run without epochs (the ensemble), when none has recorded its time
+QUICK_RUN_SECONDS = 60.0  # a --quick run when no earlier one has recorded its time
+LOG_TAIL = 15  # lines of train.log shown when a trainer fails
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+SETTING_FLAGS = {"--epochs": "epochs", "--fine-tune-epochs": "fine_tune_epochs", "--image-size": "image_size",
+                 "--limit": "limit"}
+
+
+@dataclass
+class Job:
+    """One recipe's run: the flags given on top of the recipe, the settings they make, what it is expected to
+    cost, where it goes and what came of it."""
+
+    recipe: Recipe
+    family: Family
+    flags: list[str]
+    settings: dict[str, Any]  # the recipe's settings with the flags applied, and "limit"
+    estimate: float = 0.0
+    basis: str = ""  # where the estimate comes from
+    run: Path | None = None
+    seconds: float = 0.0
+    outcome: str = "not run"  # promoted, kept, failed
+    scores: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def planned_epochs(settings: dict[str, Any]) -> int:
+    return int(settings.get("epochs") or 0) + int(settings.get("fine_tune_epochs") or 0)
+
+
+def make_job(recipe: Recipe, quick: bool, limit: int | None) -> Job:
+    """The flags given on top of the recipe (the family's quick ones, then --limit; the last of a flag wins, as
+    on a command line) and the settings they make; the run is judged on the validation subset its limit gives."""
+    family = FAMILIES[recipe.family]
+    flags = [*(family.quick if quick else ()), *(["--limit", str(limit)] if limit else [])]
+    settings = {**recipe.settings, "limit": None}
+    for flag, value in zip(flags, flags[1:], strict=False):
+        if flag in SETTING_FLAGS:
+            settings[SETTING_FLAGS[flag]] = int(value)
+    return Job(recipe, family, flags, settings)
+
+
+def estimate(job: Job, models_dir: Path, quick: bool) -> tuple[float, str]:
+    """Seconds the run should take, and why: its epochs x the seconds per epoch the current model recorded;
+    else the current model's recorded training time; else a stated default."""
+    folder = models_dir / job.name
+    metadata = read_metadata(folder) if (folder / METADATA_FILE).exists() else {}
+    epochs, per_epoch = planned_epochs(job.settings), metadata.get("seconds_per_epoch")
+    if not quick and epochs and per_epoch:
+        return STARTUP_SECONDS + epochs * float(per_epoch), f"{epochs} epochs x {per_epoch:.0f} s (current model)"
+    if metadata.get("train_seconds") and (quick or not epochs):
+        return STARTUP_SECONDS + float(metadata["train_seconds"]), "the current model's training time"
+    if quick:
+        return QUICK_RUN_SECONDS, f"default {QUICK_RUN_SECONDS:.0f} s per smoke run"
+    if epochs:
+        seconds = STARTUP_SECONDS + epochs * DEFAULT_EPOCH_SECONDS
+        return seconds, f"{epochs} epochs x {DEFAULT_EPOCH_SECONDS:.0f} s (default)"
+    return DEFAULT_RUN_SECONDS, f"default {DEFAULT_RUN_SECONDS:.0f} s"
+
+
+def plan(recipes_dir: Path, only: list[str] | None, models_dir: Path, quick: bool = False,
+         limit: int | None = None) -> list[Job]:
+    """One job per recipe (or per recipe named by --only), in the registry's family order, so that an
+    ensemble comes after the models it is made of."""
+    paths = sorted(Path(recipes_dir).glob("*.toml"))
+    if not paths:
+        raise UserError(f"No recipes (*.toml) in {recipes_dir}.")
+    recipes = {path.stem: path for path in paths}
+    unknown = [name for name in only or [] if name not in recipes]
+    if unknown:
+        raise UserError(f"No recipe {unknown[0]!r} in {recipes_dir}; there are {', '.join(recipes)}.")
+    chosen = [read_recipe(recipes[name]) for name in (dict.fromkeys(only) if only else recipes)]
+    order = list(FAMILIES)
+    chosen.sort(key=lambda recipe: (order.index(recipe.family), recipe.name))
+    jobs = [make_job(recipe, quick, limit) for recipe in chosen]
+    for job in jobs:
+        job.estimate, job.basis = estimate(job, models_dir, quick)
+    return jobs
+
+
+def duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{max(seconds, 0) / 60:.1f} min"
+
+
+def print_plan(jobs: list[Job], results_dir: Path) -> None:
+    rows = [[job.name, job.family.name, str(planned_epochs(job.settings) or "-"),
+             str(job.settings.get("image_size", "-")), str(job.settings["limit"] or "all"), duration(job.estimate),
+             job.basis] for job in jobs]
+    console.print(rich_table(f"train_all: {len(jobs)} model(s) into {results_dir / 'runs'}",
+                             ["recipe", "family", "epochs", "px", "images", "estimate", "from"], rows,
+                             left=("recipe", "family", "from"), fold=True))
+    console.print(f"Estimated total: {duration(sum(job.estimate for job in jobs))}.")
+
+
+# ---------------------------------------------------------------- one run
+
+
+def trainer_command(job: Job, data_dir: Path, models_dir: Path) -> list[str]:
+    """The family's trainer with the recipe, writing the model to <run>/model (TensorBoard logs beside it)."""
+    command = [sys.executable, str(REPO_ROOT / job.family.script), "--recipe", str(job.recipe.path),
+               "--data-dir", str(data_dir), job.family.out_flag, str(job.run / "model")]
+    if job.family.build is None:  # assembled from saved models (the ensemble): they are in models_dir
+        command += ["--models-dir", str(models_dir)]
+    else:
+        command += ["--run-dir", str(job.run)]
+    return command + job.flags
+
+
+def run_trainer(command: list[str], log_path: Path, on_line) -> int:
+    """Run a trainer with its output into log_path, calling on_line(line) for each line; returns its exit code."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
+    with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, cwd=REPO_ROOT, env=env) as process:
+        log.write("$ " + " ".join(command) + "\n")
+        for line in process.stdout:
+            log.write(line)
+            log.flush()
+            on_line(line)
+        return process.wait()
+
+
+def validation_metrics(folder: Path, data_dir: Path, limit: int | None, manifest: str) -> dict[str, Any]:
+    """A model's validation metrics: those its trainer recorded in metrics.json when they were measured on the
+    same validation images (same manifest, same --limit), else measured now."""
+    import json
+
+    from agegender.training import evaluate_folder
+
+    metrics = json.loads((folder / METRICS_FILE).read_text()) if (folder / METRICS_FILE).exists() else {}
+    recorded = metrics.get("validation")
+    if recorded and recorded.get("limit") == limit and read_metadata(folder).get("manifest_sha256") == manifest:
+        return recorded
+    return evaluate_folder(folder, "val", data_dir, limit)
+
+
+def compare_table(job: Job, current: dict[str, Any] | None, candidate: dict[str, Any]) -> None:
+    """The run beside the current model: each output's headline metric and the family's score."""
+    goal = job.family.goal
+    rows = []
+    for output, key, label, fmt in (("gender", "accuracy", "gender accuracy", "{:.4f}"),
+                                    ("age", "mae", "age MAE (years)", "{:.2f}")):
+        if output in candidate:
+            now = None if current is None else current.get(output, {}).get(key)
+            rows.append([label, number(now, fmt), number(candidate[output][key], fmt)])
+    rows.append([f"score: {goal.metric} ({goal.direction})", number(job.scores.get("current")),
+                 number(job.scores.get("run"))])
+    count = next((part["n"] for part in candidate.values() if isinstance(part, dict) and "n" in part), "?")
+    console.print(rich_table(f"{job.name}: validation split ({count} faces)",
+                             ["", "current model", f"this run ({job.run.name})"], rows))
+
+
+def promote(run_model: Path, target: Path) -> None:
+    """Copy the run's model folder over the current one in one atomic swap (the run folder keeps its copy)."""
+    with staging_dir(target) as staging:
+        shutil.copytree(run_model, staging, dirs_exist_ok=True)
+
+
+def judge(job: Job, models_dir: Path, data_dir: Path, manifest: str) -> None:
+    """Score the run and the current model on validation, show them side by side, promote only a better run."""
+    target, limit = models_dir / job.name, job.settings["limit"]
+    candidate = validation_metrics(job.run / "model", data_dir, limit, manifest)
+    current = validation_metrics(target, data_dir, limit, manifest) if is_complete(target) else None
+    goal = job.family.goal
+    job.scores = {"run": goal.score(candidate), "current": None if current is None else goal.score(current)}
+    compare_table(job, current, candidate)
+    if current is None or goal.better(job.scores["run"], job.scores["current"]):
+        promote(job.run / "model", target)
+        job.outcome = "promoted"
+        reason = "there was none" if current is None else f"{job.scores['run']:.4f} beats {job.scores['current']:.4f}"
+        console.print(f"[green]Promoted[/] {job.run / 'model'} to {target} ({reason}).")
+    else:
+        job.outcome = "kept"
+        console.print(f"[yellow]Kept the current model[/] {target}: this run's {goal.metric} "
+                      f"{job.scores['run']:.4f} does not beat its {job.scores['current']:.4f} "
+                      f"({goal.direction}); the run stays in {job.run}.")
+
+
+# ---------------------------------------------------------------- after the runs
+
+
+def run_step(label: str, command: list[str]) -> bool:
+    """An export / compare / readme step, its output shown; False when it failed."""
+    console.print(f"[bold]{label}[/]: {' '.join(command[1:])}")
+    done = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "COLUMNS": "120"})
+    if done.returncode != 0:
+        console.print(f"[red]{label} failed[/] (exit {done.returncode}).")
+    return done.returncode == 0
+
+
+def refresh(jobs: list[Job], results_dir: Path, data_dir: Path, quick: bool) -> bool:
+    """Export the promoted models, rerun compare on every model and the README's table (a copy of the README in
+    results_dir unless results_dir is the repository's own results folder)."""
+    python, ok = [sys.executable], True
+    for job in (job for job in jobs if job.outcome == "promoted"):
+        ok &= run_step(f"export {job.name}", [*python, str(REPO_ROOT / "tasks/export.py"),
+                                              str(results_dir / "models" / job.name), "--data-dir", str(data_dir),
+                                              *(QUICK_EXPORT if quick else ())])
+    ok &= run_step("compare", [*python, str(REPO_ROOT / "tasks/compare.py"), "--models-dir",
+                               str(results_dir / "models"), "--data-dir", str(data_dir), "--out", str(results_dir),
+                               *(QUICK_COMPARE if quick else ())])
+    readme = REPO_ROOT / "README.md"
+    if Path(results_dir).resolve() != RESULTS_DIR.resolve():
+        shutil.copy2(readme, results_dir / "README.md")
+        readme = results_dir / "README.md"
+    ok &= run_step("readme", [*python, str(REPO_ROOT / "tasks/readme.py"), "--comparison",
+                              str(results_dir / "comparison.json"), "--readme", str(readme)])
+    return bool(ok)
+
+
+def print_summary(jobs: list[Job], elapsed: float) -> None:
+    rows = [[job.name, job.outcome, number(job.scores.get("current")), number(job.scores.get("run")),
+             duration(job.seconds) if job.seconds else "-", job.run.name if job.run else "-"] for job in jobs]
+    runs = jobs[0].run.parent.parent if jobs and jobs[0].run else "runs"
+    console.print(rich_table(f"train_all: done in {duration(elapsed)} (runs in {runs}/<recipe>/)",
+                             ["recipe", "result", "current score", "run score", "took", "run"], rows,
+                             left=("recipe", "result", "run"), fold=True))
+
+
+# ---------------------------------------------------------------- the job
+
+
+class Tracker:
+    """Progress across the jobs: the job and its epoch, elapsed time, and the time left (the estimates still to
+    come, scaled by how the actual times compared with the estimates so far)."""
+
+    def __init__(self, progress: Progress, jobs: list[Job]):
+        self.progress, self.jobs = progress, jobs
+        self.total = sum(job.estimate for job in jobs)
+        self.bar = progress.add_task("train_all", total=self.total, eta="")
+        self.started = time.perf_counter()
+        self.done = 0.0  # estimated seconds of the jobs finished
+        self.job, self.index, self.job_start, self.epoch = jobs[0], 0, self.started, 0
+
+    def start(self, index: int, job: Job) -> None:
+        self.index, self.job, self.job_start, self.epoch = index, job, time.perf_counter(), 0
+        self.line()
+
+    def line(self, text: str = "") -> None:
+        """One line of the trainer's output: count epochs (Keras prints "Epoch N/M") and refresh the bar."""
+        if text.startswith("Epoch "):
+            self.epoch += 1
+        now = time.perf_counter()
+        finished = self.done + min(now - self.job_start, 0.95 * self.job.estimate)
+        pace = (now - self.started) / finished if finished > 0 else 1.0
+        planned = planned_epochs(self.job.settings)
+        step = f"epoch {self.epoch}/{planned}" if planned else "running"
+        self.progress.update(self.bar, completed=finished, eta=f"about {duration((self.total - finished) * pace)} left",
+                             description=f"[{self.index}/{len(self.jobs)}] {self.job.name}: {step}")
+
+    def finish(self) -> None:
+        self.done += self.job.estimate
+        self.progress.update(self.bar, completed=self.done)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def train_all(jobs: list[Job], results_dir: Path, data_dir: Path) -> None:
+    """Run, judge and (maybe) promote each job in turn, with progress and an ETA across all of them."""
+    from agegender.data import data_state
+
+    manifest = data_state(data_dir)["manifest_sha256"]
+    models_dir = results_dir / "models"
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TextColumn("{task.fields[eta]}"))
+    with Progress(*columns, console=console) as progress:
+        tracker = Tracker(progress, jobs)
+        for index, job in enumerate(jobs, start=1):
+            job.run = run_path(job.name, results_dir / "runs")
+            console.print(f"[bold][{index}/{len(jobs)}] {job.name}[/] ({job.family.name}; estimate "
+                          f"{duration(job.estimate)}): log in {job.run / 'train.log'}")
+            tracker.start(index, job)
+            code = run_trainer(trainer_command(job, data_dir, models_dir), job.run / "train.log", tracker.line)
+            job.seconds = time.perf_counter() - tracker.job_start
+            tracker.finish()
+            if code != 0:
+                job.outcome = "failed"
+                tail = (job.run / "train.log").read_text().splitlines()[-LOG_TAIL:]
+                console.print(f"[red]{job.name}: the trainer failed (exit {code})[/]; the end of its log:\n"
+                              + "\n".join(tail))
+                continue
+            judge(job, models_dir, data_dir, manifest)
+            console.print(f"{job.name} took {duration(job.seconds)}; {duration(tracker.elapsed)} so far.")
+        progress.update(tracker.bar, description=f"{len(jobs)} run(s)", eta="done")
+
+
+@app.command()
+def main(
+    only: Annotated[list[str] | None, typer.Option(
+        help="Train only this recipe (recipes/NAME.toml; repeatable); default: every recipe.")] = None,
+    quick: Annotated[bool, typer.Option(
+        help="A smoke run of the whole chain: tiny data, epochs and images (each family's quick flags), into a "
+             f"scratch results folder ({QUICK_RESULTS_DIR.relative_to(REPO_ROOT)}), never over shipped "
+             "models.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan and its time estimate, train nothing.")] = False,
+    limit: Annotated[int | None, typer.Option(
+        min=16, help="Train each model on N images (and judge it on a proportional validation subset).")] = None,
+    refresh_results: Annotated[bool, typer.Option(
+        "--refresh/--no-refresh", help="Afterwards export the promoted models and rerun compare and the README "
+        "table.")] = True,
+    recipes_dir: Annotated[Path, typer.Option(help="Where the recipes are.")] = RECIPES_DIR,
+    results_dir: Annotated[Path | None, typer.Option(
+        help="Results folder: runs/ and models/ in it; default: results/, or the scratch folder with "
+             "--quick.")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
+) -> None:
+    """Train every recipe into a run folder; promote a run only when it beats the current model on validation."""
+    results_dir = Path(results_dir or (QUICK_RESULTS_DIR if quick else RESULTS_DIR))
+    with user_errors():
+        if quick and results_dir.resolve() == RESULTS_DIR.resolve():
+            raise UserError("--quick writes to a scratch results folder, never to the shipped models in "
+                            f"{RESULTS_DIR}; give another --results-dir.")
+        if not (Path(data_dir) / "manifest.csv").exists():
+            raise UserError(f"No prepared data in {data_dir}: run `python tasks/prepare_data.py` first.")
+        jobs = plan(recipes_dir, only, results_dir / "models", quick, limit)
+        print_plan(jobs, results_dir)
+        if dry_run:
+            return
+        started = time.perf_counter()
+        train_all(jobs, results_dir, data_dir)
+        print_summary(jobs, time.perf_counter() - started)
+        refreshed = refresh(jobs, results_dir, data_dir, quick) if refresh_results else True
+    failed = [job.name for job in jobs if job.outcome == "failed"]
+    if failed or not refreshed:
+        fail(f"{', '.join(failed) or 'a final step'} failed; see the log above (models that were not beaten are "
+             "unchanged).")
+
+
+if __name__ == "__main__":
+    app()

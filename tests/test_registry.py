@@ -1,0 +1,130 @@
+"""The family registry drives every trainer, and recipes: each family's script answers --help and trains from a
+recipe that metadata.json then records with its hash; bad recipes are one sentence and a non-zero exit."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agegender.families import FAMILIES, RECIPES_DIR, family_of
+from agegender.recipes import read_recipe
+from tests.conftest import TEST_IMAGE_SIZE
+
+REPO = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def trainer(family: str):
+    return importlib.import_module(FAMILIES[family].script.removesuffix(".py").replace("/", "."))
+
+
+def said(result) -> str:
+    return " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_family_has_a_trainer_a_recipe_and_a_space(name):
+    family = FAMILIES[name]
+    result = runner.invoke(trainer(name).app, ["--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "--recipe" in result.output and "--data-dir" in result.output
+    assert read_recipe(family.recipe).family == name  # recipes/<its model folder>.toml
+    assert (REPO / "spaces" / name / "app.py").exists() and family.title
+    assert family.goal.direction in ("minimize", "maximize") and set(family.outputs) <= {"age", "gender"}
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.toml")), ids=lambda path: path.stem)
+def test_committed_recipes_name_every_parameter_and_match_the_shipped_model(path):
+    recipe = read_recipe(path)
+    family = FAMILIES[recipe.family]
+    assert set(recipe.params) == {key for key, value in family.defaults.items() if value is not None}
+    metadata_path = REPO / "results" / "models" / recipe.name / "metadata.json"
+    if not metadata_path.exists():
+        pytest.skip(f"no shipped model {recipe.name} yet")
+    metadata = json.loads(metadata_path.read_text())
+    assert family_of(metadata) is family
+    assert {key: recipe.params[key] for key in metadata["params"] if key in recipe.params} == \
+        {key: value for key, value in metadata["params"].items() if key in recipe.params}
+    assert recipe.settings.get("image_size", metadata["image_size"]) == metadata["image_size"]
+
+
+def test_a_cnn_trainer_hides_and_refuses_the_parameters_of_other_families(prepared, tmp_path):
+    from tasks import train_gender
+
+    assert "--age-head" not in runner.invoke(train_gender.app, ["--help"], terminal_width=200).output
+    result = runner.invoke(train_gender.app, ["--age-head", "dex", "--data-dir", str(prepared["data_dir"]),
+                                              "--out", str(tmp_path / "gender")])
+    assert result.exit_code == 2 and "no age_head parameter" in said(result)
+    assert not (tmp_path / "gender").exists()
+
+
+BAD_RECIPES = {
+    "missing": (None, "does not exist"),
+    "unknown key": ('family = "gender"\nepochs = 1\nlearning_rate = 0.1\n', "unknown key(s) learning_rate"),
+    "unknown parameter": ('family = "gender"\n[params]\nage_head = "dex"\n', "unknown parameter(s) age_head"),
+    "other family": ('family = "age"\n', "is for the age family, not gender"),
+    "wrong type": ('family = "gender"\n[params]\nlearning_rate = "fast"\n', "should be a number"),
+    "not toml": ('family = gender\n', "is not valid TOML"),
+    "no family": ('epochs = 3\n', "names no family"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECIPES))
+def test_a_bad_recipe_is_one_sentence_and_nothing_is_written(case, prepared, tmp_path):
+    from tasks import train_gender
+
+    text, words = BAD_RECIPES[case]
+    recipe = tmp_path / "recipe.toml"
+    if text is not None:
+        recipe.write_text(text)
+    result = runner.invoke(train_gender.app, ["--recipe", str(recipe), "--data-dir", str(prepared["data_dir"]),
+                                              "--out", str(tmp_path / "gender"), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1, result.output
+    assert said(result).startswith("Error: Recipe") and words in said(result) and "Traceback" not in said(result)
+    assert not (tmp_path / "gender").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_recipe_run_is_recorded_with_its_hash_and_logs_tensorboard_events(prepared, tmp_path):
+    """A real (one-epoch, 64-image) run from a recipe, one flag on top: metadata.json keeps the recipe's text,
+    its sha256 and the override; the run folder gets TensorBoard's losses, metrics and learning rate."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tasks import train_multitask
+
+    recipe = tmp_path / "multitask.toml"
+    recipe.write_text(f'family = "multitask"\nimage_size = {TEST_IMAGE_SIZE}\nepochs = 1\nseed = 7\n\n'
+                      '[params]\nbatch_size = 16\nage_head = "dex"\ngender_label_smoothing = 0.1\n')
+    out, run = tmp_path / "multitask", tmp_path / "run"
+    result = runner.invoke(train_multitask.app, ["--recipe", str(recipe), "--learning-rate", "0.002", "--limit", "64",
+                                                 "--data-dir", str(prepared["data_dir"]), "--out", str(out),
+                                                 "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["family"] == "multitask" and metadata["seed"] == 7 and metadata["image_size"] == TEST_IMAGE_SIZE
+    assert metadata["recipe"]["sha256"] == hashlib.sha256(recipe.read_bytes()).hexdigest()
+    assert metadata["recipe"]["text"] == recipe.read_text()
+    assert metadata["recipe"]["overrides"] == {"learning_rate": 0.002}
+    assert metadata["params"]["age_head"] == "dex" and metadata["params"]["learning_rate"] == 0.002
+    assert metadata["params"]["gender_label_smoothing"] == 0.1 and metadata["epochs_run"] == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["validation"]["limit"] == 64
+    assert 0 <= metrics["validation"]["gender"]["accuracy"] <= 1 and metrics["validation"]["age"]["n"] == 16
+
+    tags = {}
+    for split in ("train", "validation"):
+        events = EventAccumulator(str(run / "tensorboard" / split))
+        events.Reload()
+        tags[split] = set(events.Tags()["tensors"])
+    assert {"epoch_loss", "epoch_learning_rate", "epoch_age_mae", "epoch_gender_binary_accuracy"} <= tags["train"]
+    assert {"epoch_loss", "epoch_age_mae"} <= tags["validation"]
+
+
+def test_the_fixture_models_logged_tensorboard_events_through_the_registry(trained_runs):
+    runs = next(iter(trained_runs.values())).out_dir.parent.parent / "runs"
+    for name in trained_runs:
+        assert list((runs / name / "train").glob("events.out.tfevents.*")), name

@@ -1,0 +1,105 @@
+"""train_all as a user runs it: the plan and its estimate, real one-epoch runs promoted only when they beat the
+current model on validation, and bad input in one sentence."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tasks import train_all
+from tests.conftest import TEST_IMAGE_SIZE
+
+runner = CliRunner()
+
+
+def said(result) -> str:
+    return " ".join(result.output.split())
+
+
+@pytest.fixture
+def recipes(tmp_path) -> Path:
+    """A recipes folder with one tiny gender recipe (one epoch at the test image size)."""
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "gender.toml").write_text(f'family = "gender"\nimage_size = {TEST_IMAGE_SIZE}\nepochs = 1\n\n'
+                                        '[params]\nbatch_size = 16\n')
+    return folder
+
+
+def invoke(recipes: Path, results: Path, prepared, *extra: str):
+    return runner.invoke(train_all.app, ["--recipes-dir", str(recipes), "--results-dir", str(results),
+                                         "--data-dir", str(prepared["data_dir"]), *extra], terminal_width=200)
+
+
+def test_the_plan_estimates_from_the_current_models_seconds_per_epoch(recipes, trained_models, prepared, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(trained_models["gender"], results / "models" / "gender")
+    per_epoch = json.loads((results / "models/gender/metadata.json").read_text())["seconds_per_epoch"]
+    (recipes / "ensemble.toml").write_text('family = "ensemble"\nmembers = ["gender", "age"]\n')
+    result = invoke(recipes, results, prepared, "--dry-run")
+    assert result.exit_code == 0, result.output
+    text = said(result)
+    assert text.index("│ gender") < text.index("│ ensemble")  # the registry's order: members first
+    gender, ensemble = train_all.plan(recipes, None, results / "models")
+    assert gender.estimate == pytest.approx(train_all.STARTUP_SECONDS + per_epoch)
+    assert gender.basis == f"1 epochs x {per_epoch:.0f} s (current model)"
+    assert (ensemble.estimate, ensemble.basis) == (train_all.DEFAULT_RUN_SECONDS, "default 300 s")
+    total = train_all.duration(gender.estimate + ensemble.estimate)
+    assert f"Estimated total: {total}." in text
+    assert not (results / "runs").exists()  # a dry run trains nothing
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--only", "nothing"], "No recipe 'nothing'"),
+    (["--quick", "--results-dir", str(train_all.RESULTS_DIR)], "--quick writes to a scratch results folder"),
+    (["--data-dir", "/nonexistent/data"], "No prepared data in /nonexistent/data"),
+])
+def test_bad_input_is_one_sentence(args, words, recipes, prepared, tmp_path):
+    result = runner.invoke(train_all.app, ["--recipes-dir", str(recipes), "--data-dir", str(prepared["data_dir"]),
+                                           "--results-dir", str(tmp_path / "results"), *args])
+    assert result.exit_code == 1 and words in said(result) and "Traceback" not in said(result)
+    assert not (tmp_path / "results" / "runs").exists()
+
+
+def set_validation_accuracy(folder: Path, accuracy: float) -> None:
+    """Rewrite the validation accuracy a model recorded (what train_all compares a run with)."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["validation"]["gender"]["accuracy"] = accuracy
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.mark.slow
+def test_a_run_is_promoted_only_when_it_beats_the_current_model(recipes, trained_models, prepared, tmp_path):
+    """Two real one-epoch runs of the gender trainer against the conftest's gender model as the current one:
+    while that model's recorded validation accuracy is 1.0 the run is kept out; at 0.0 the next run replaces
+    it, and export, compare and the README table then run on the promoted model."""
+    results = tmp_path / "results"
+    current = results / "models" / "gender"
+    shutil.copytree(trained_models["gender"], current)
+    set_validation_accuracy(current, 1.0)
+    before = (current / "model.keras").read_bytes()
+    kept = invoke(recipes, results, prepared, "--no-refresh")
+    assert kept.exit_code == 0, kept.output
+    assert "Kept the current model" in said(kept) and "1.0000" in said(kept)
+    assert (current / "model.keras").read_bytes() == before
+    [run] = list((results / "runs" / "gender").iterdir())  # the run stays in its own folder
+    assert (run / "model" / "model.keras").exists() and "loss" in (run / "train.log").read_text()
+    assert list((run / "tensorboard" / "train").glob("events.out.tfevents.*"))
+
+    set_validation_accuracy(current, 0.0)
+    promoted = invoke(recipes, results, prepared)
+    assert promoted.exit_code == 0, promoted.output
+    assert "Promoted" in said(promoted) and "beats 0.0000" in said(promoted)
+    newest = max((results / "runs" / "gender").iterdir())
+    assert newest != run and (current / "model.keras").read_bytes() == (newest / "model" / "model.keras").read_bytes()
+    metadata = json.loads((current / "metadata.json").read_text())
+    assert metadata["recipe"]["sha256"] and metadata["tensorboard"] == str(newest / "tensorboard")
+    assert metadata["exports"]["tflite"]["file"] == "model.tflite"
+    comparison = json.loads((results / "comparison.json").read_text())
+    assert [row["model"] for row in comparison["models"]] == ["gender"]
+    # the README table went to a copy in the results folder: the real README stays as it is
+    assert f"| gender | gender | {TEST_IMAGE_SIZE} |" in (results / "README.md").read_text()
