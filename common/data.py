@@ -28,7 +28,11 @@ SEED = 42
 AGE_SCALE = 120.0
 GENDER_LABELS = {"0": "male", "1": "female"}
 RACE_LABELS = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Others"}
-AGE_BANDS = [(0, 12), (13, 19), (20, 39), (40, 59), (60, 200)]
+# the age bands a prediction carries, and that the bias tables and the age interval's coverage group faces by:
+# infants, children, then decades (200: open-ended)
+AGE_BANDS = [(0, 2), (3, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, 69), (70, 200)]
+# the coarser age strata prepare_data draws the split within (changing them would change the split)
+SPLIT_AGE_STRATA = [(0, 12), (13, 19), (20, 39), (40, 59), (60, 200)]
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -54,11 +58,19 @@ def parse_utkface_name(name: str) -> FaceLabel | None:
     return FaceLabel(age, gender, race)
 
 
-def age_band(age: float) -> str:
-    for low, high in AGE_BANDS:
-        if low <= age <= high:
+def band_name(age: float, bands: list[tuple[int, int]] = AGE_BANDS) -> str:
+    """The name ("20-29", "70+") of the band holding an age in years, rounded to a whole year first (an age
+    below the first band counts in it)."""
+    years = max(round(float(age)), bands[0][0])
+    for low, high in bands:
+        if low <= years <= high:
             return f"{low}+" if high >= 200 else f"{low}-{high}"
     return "unknown"
+
+
+def age_band(age: float) -> str:
+    """The AGE_BANDS band of an age in years (true or predicted)."""
+    return band_name(age, AGE_BANDS)
 
 
 # ---------------------------------------------------------------- manifest and cache

@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from agegender.cli import UserError
-from agegender.data import file_sha256, resize_face
+from agegender.data import age_band, file_sha256, resize_face
+from agegender.intervals import DISTRIBUTION_LAYER, AgeInterval, with_age_distribution
 from agegender.modelio import EXPORT_FILES, MODEL_FILE, load_model, read_metadata
 
 # Where UTKFace's aligned 200x200 crops put the eyes (measured with MTCNN on 60 of them):
@@ -492,9 +493,16 @@ class Predictor:
             raise UserError(f"Unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}.")
         if backend != "keras":
             metadata = read_metadata(folder) if folder.is_dir() else {}
+            interval = AgeInterval.from_metadata(metadata)
             for kind in ("tflite-int8", "tflite") if backend == "auto" else (backend,):
                 if export_is_current(folder, metadata, kind):
-                    return cls(None, metadata, folder, kind, _runner=tflite_runner(folder / EXPORT_FILES[kind]))
+                    runner = tflite_runner(folder / EXPORT_FILES[kind])
+                    has_distribution = DISTRIBUTION_LAYER in runner.get_output_details()
+                    if interval is None or not interval.needs_distribution or has_distribution:
+                        return cls(None, metadata, folder, kind, _runner=runner)
+                    if backend != "auto":  # an export from before the distribution was exported
+                        raise UserError(f"{folder / EXPORT_FILES[kind]} lacks the age distribution its interval "
+                                        f"needs; run python tasks/export.py {folder}.")
             if backend != "auto":
                 raise UserError(f"{folder} has no up-to-date {EXPORT_FILES[backend]}; "
                                 f"run python tasks/export.py {folder}.")
@@ -529,12 +537,21 @@ class Predictor:
         if self._compiled is None:
             import tensorflow as tf
 
+            model = with_age_distribution(self.model)
             spec = tf.TensorSpec((None, *self.model.input_shape[1:]), tf.float32)
-            self._compiled = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+            self._compiled = tf.function(lambda x: model(x, training=False), input_signature=[spec])
         return self._compiled(batch)
 
-    def predict_arrays(self, faces: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
-        """uint8 crops at the model's size -> {"age": years, "p_female": probability} (keys the model has)."""
+    @property
+    def age_interval(self) -> AgeInterval | None:
+        """The calibrated age interval from metadata.json (None: not calibrated, or no age output)."""
+        return AgeInterval.from_metadata(self.metadata) if "age" in self.outputs else None
+
+    def predict_arrays(self, faces: np.ndarray, batch_size: int = 64,
+                       age_bins: bool = False) -> dict[str, np.ndarray]:
+        """uint8 crops at the model's size -> {"age": years, "p_female": probability} (keys the model has), with
+        "age_low" and "age_high" (whole years) when the model's interval is calibrated, and with age_bins the
+        age distribution (faces x years 0..116) of a model that has one."""
         results: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(faces), batch_size):
             batch = to_model_input(faces[start:start + batch_size], self.metadata)
@@ -542,14 +559,19 @@ class Predictor:
             if not isinstance(output, dict):
                 output = {self.outputs[0]: output}
             for name, value in output.items():
-                results.setdefault(name, []).append(np.asarray(value).reshape(-1))
+                results.setdefault(name, []).append(np.asarray(value).reshape(len(batch), -1))
         scale = float(self.metadata.get("age_scale", 120.0))
         merged = {name: np.concatenate(parts) for name, parts in results.items()}
         out = {}
         if "age" in merged:
-            out["age"] = np.clip(merged["age"] * scale, 0.0, None)
+            out["age"] = np.clip(merged["age"].reshape(-1) * scale, 0.0, None)
+            interval = self.age_interval
+            if interval is not None:
+                out["age_low"], out["age_high"] = interval.bounds(out["age"], merged.get(DISTRIBUTION_LAYER))
+            if age_bins and DISTRIBUTION_LAYER in merged:
+                out[DISTRIBUTION_LAYER] = merged[DISTRIBUTION_LAYER]
         if "gender" in merged:
-            out["p_female"] = np.clip(merged["gender"], 0.0, 1.0)
+            out["p_female"] = np.clip(merged["gender"].reshape(-1), 0.0, 1.0)
         return out
 
     def prepare_crop(self, crop: Image.Image) -> np.ndarray:
@@ -557,8 +579,8 @@ class Predictor:
 
     def predict_image(self, image: Image.Image, detect: bool = True,
                       detector: str = DEFAULT_DETECTOR) -> list[dict[str, Any]]:
-        """One dict per face: box, confidence, eyes (the points the crop was aligned on), age, gender, p_female;
-        a single row with a reason if none."""
+        """One dict per face: box, confidence, eyes (the points the crop was aligned on), age, age_band,
+        age_low and age_high (when calibrated), gender, p_female; a single row with a reason if none."""
         if detect:
             faces = detect_faces(image, detector)
             if not faces:
@@ -574,6 +596,10 @@ class Predictor:
                                    "eyes": (face.left_eye, face.right_eye) if detect and face.left_eye else None}
             if "age" in predicted:
                 row["age"] = float(predicted["age"][index])
+                row["age_band"] = age_band(row["age"])
+                if "age_low" in predicted:
+                    row["age_low"] = int(predicted["age_low"][index])
+                    row["age_high"] = int(predicted["age_high"][index])
             if "p_female" in predicted:
                 p_female = float(predicted["p_female"][index])
                 row["p_female"] = p_female

@@ -1,18 +1,25 @@
 """Photos in, one row per face out: image files and folders collected, read, faces found and predicted in
-batches through agegender.faces.Predictor (the one inference path). tasks/predict.py writes these rows; the
-benchmark times them."""
+batches through agegender.faces.Predictor (the one inference path). tasks/predict.py writes these rows (and,
+when asked, an annotated copy of each photo and a heatmap per face and output); the benchmark times them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from rich.progress import Progress
 
-from agegender.cli import UserError
-from agegender.data import IMAGE_SUFFIXES
+from agegender.cli import UserError, atomic_path
+from agegender.data import IMAGE_SUFFIXES, age_band
 from agegender.faces import DEFAULT_DETECTOR, Predictor, UnreadableImage, read_image
+
+PREDICTED = ("age", "gender", "p_female", "age_low", "age_high", "age_band")  # a face's predicted columns
+# called with each photo, as read, and its rows (one per face, or the photo's one row with --no-detect)
+PhotoHandler = Callable[[Path, Image.Image, list[dict[str, Any]]], None]
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
@@ -32,19 +39,23 @@ def collect_images(paths: list[Path]) -> list[Path]:
 
 
 def predict_files(predictor: Predictor, files: list[Path], detect: bool = True, batch_size: int = 64,
-                  progress: Progress | None = None,
-                  detector: str = DEFAULT_DETECTOR) -> tuple[pd.DataFrame, list[str]]:
-    """One row per face (or per image with --no-detect); returns (rows, unreadable-file messages)."""
+                  progress: Progress | None = None, detector: str = DEFAULT_DETECTOR,
+                  on_photo: PhotoHandler | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """One row per face (or per image with --no-detect); returns (rows, unreadable-file messages). on_photo,
+    when given, is called with each readable photo and its rows."""
     rows, skipped = [], []
     task = progress.add_task("predicting", total=len(files)) if progress else None
-    pending: list[tuple[Path, np.ndarray]] = []  # --no-detect crops, predicted a batch at a time
+    pending: list[tuple[Path, np.ndarray, Image.Image | None]] = []  # --no-detect crops, a batch at a time
 
     def flush() -> None:
         if not pending:
             return
-        predicted = predictor.predict_arrays(np.stack([crop for _, crop in pending]), batch_size)
-        for index, (path, _) in enumerate(pending):
-            rows.append({"file": str(path), **_prediction(predictor, predicted, index)})
+        predicted = predictor.predict_arrays(np.stack([crop for _, crop, _ in pending]), batch_size)
+        for index, (path, _, image) in enumerate(pending):
+            found = _prediction(predictor, predicted, index)
+            rows.append({"file": str(path), **found})
+            if on_photo is not None:
+                on_photo(path, image, [{**found, "box": (0, 0, *image.size), "confidence": 1.0}])
         pending.clear()
 
     for path in files:
@@ -54,14 +65,17 @@ def predict_files(predictor: Predictor, files: list[Path], detect: bool = True, 
             skipped.append(str(error))
         else:
             if detect:
-                for face_index, face in enumerate(predictor.predict_image(image, detect=True, detector=detector)):
+                faces = predictor.predict_image(image, detect=True, detector=detector)
+                for number, face in enumerate(faces, start=1):  # numbered as the annotated copy's boxes
                     box = face.get("box")
-                    rows.append({"file": str(path), "face": face_index if box else None,
+                    rows.append({"file": str(path), "face": number if box else None,
                                  **_box_columns(box), "confidence": face.get("confidence"),
-                                 **{k: face[k] for k in ("age", "gender", "p_female") if k in face},
+                                 **{k: face[k] for k in PREDICTED if k in face},
                                  "reason": face.get("reason", "")})
+                if on_photo is not None:
+                    on_photo(path, image, [face for face in faces if face.get("box")])
             else:
-                pending.append((path, predictor.prepare_crop(image)))
+                pending.append((path, predictor.prepare_crop(image), image if on_photo is not None else None))
                 if len(pending) >= batch_size:
                     flush()
         if progress:
@@ -74,6 +88,9 @@ def _prediction(predictor: Predictor, predicted: dict[str, np.ndarray], index: i
     row = {}
     if "age" in predicted:
         row["age"] = float(predicted["age"][index])
+        row["age_band"] = age_band(row["age"])
+        if "age_low" in predicted:
+            row["age_low"], row["age_high"] = int(predicted["age_low"][index]), int(predicted["age_high"][index])
     if "p_female" in predicted:
         p_female = float(predicted["p_female"][index])
         row["gender"] = predictor.metadata["labels"]["1" if p_female >= 0.5 else "0"]
@@ -93,6 +110,80 @@ def _ordered(frame: pd.DataFrame, predictor: Predictor, detect: bool) -> pd.Data
         columns.append("age")
     if "gender" in predictor.outputs:
         columns += ["gender", "p_female"]
+    if "age" in predictor.outputs:  # the interval's columns stay empty for a model without a calibrated one
+        columns += ["age_low", "age_high", "age_band"]
     if detect:
         columns += ["face", "x", "y", "width", "height", "confidence", "reason"]
     return frame.reindex(columns=columns)
+
+
+# ---------------------------------------------------------------- annotated copies and heatmaps
+
+
+def output_names(files: list[Path], folder: Path) -> dict[Path, str]:
+    """A file stem per photo for what is written about it into `folder`: its own stem, numbered when two
+    photos share one. Fails when a name would land on one of the photos."""
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
+    for path in files:
+        stem, count = path.stem, 2
+        while stem in taken:
+            stem, count = f"{path.stem}-{count}", count + 1
+        taken.add(stem)
+        names[path] = stem
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder to write into.")
+    inputs = {path.resolve() for path in files}
+    if any((folder / f"{names[path]}{path.suffix}").resolve() in inputs for path in files):
+        raise UserError(f"{folder} holds the input photos; choose another folder, so that none is overwritten.")
+    return names
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    """Write an image atomically in the format its suffix names (JPEG at quality 95)."""
+    kind = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=kind, **({"quality": 95} if kind == "JPEG" else {}))
+
+
+class AnnotatedCopies:
+    """on_photo handler: a copy of each photo, same size and format, with a numbered box and label per face
+    drawn as the Spaces draw them, written into `folder` under the photo's own name."""
+
+    def __init__(self, folder: Path, files: list[Path]):
+        self.folder, self.names, self.written = Path(folder), output_names(files, Path(folder)), 0
+
+    def __call__(self, path: Path, image: Image.Image, rows: list[dict[str, Any]]) -> None:
+        from agegender.drawing import draw_faces
+
+        save_image(draw_faces(image, rows), self.folder / f"{self.names[path]}{path.suffix}")
+        self.written += 1
+
+
+class HeatmapFiles:
+    """on_photo handler: per face and output, the aligned crop with its Grad-CAM heatmap, written into `folder`
+    as <photo>-face<N>-<output>.png (N as in the annotated copy)."""
+
+    def __init__(self, folder: Path, files: list[Path], cam, detect: bool):
+        self.folder, self.names, self.cam, self.detect = Path(folder), output_names(files, Path(folder)), cam, detect
+        self.written = 0
+
+    def __call__(self, path: Path, image: Image.Image, rows: list[dict[str, Any]]) -> None:
+        from agegender.gradcam import face_heatmaps
+
+        for found in face_heatmaps(self.cam, image, rows, self.detect):
+            save_image(found["image"], self.folder / f"{self.names[path]}-face{found['face']}-{found['output']}.png")
+            self.written += 1
+
+
+def each(*handlers: PhotoHandler | None) -> PhotoHandler | None:
+    """One on_photo handler calling every handler given (None when none is)."""
+    chosen = [handler for handler in handlers if handler is not None]
+    if not chosen:
+        return None
+
+    def call(path: Path, image: Image.Image, rows: list[dict[str, Any]]) -> None:
+        for handler in chosen:
+            handler(path, image, rows)
+
+    return call

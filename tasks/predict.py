@@ -3,6 +3,12 @@
     python tasks/predict.py results/models/multitask photos/ --out predictions.csv
     python tasks/predict.py results/models/gender face_crop.jpg --no-detect
     python tasks/predict.py results/models/multitask photos/ --detector mtcnn
+    python tasks/predict.py results/models/multitask photos/ --annotate annotated/ --heatmaps heatmaps/
+
+Each face gets its age band and, when the model's interval is calibrated (tasks/calibrate.py), age_low and
+age_high: whole years holding the true age 80% of the time on the validation split. --annotate writes a copy of
+each photo with a numbered box and label per face; --heatmaps the aligned crop of each face with a Grad-CAM
+heatmap per output (computed from model.keras whatever the backend).
 
 A folder with exports from tasks/export.py runs the fastest that matches model.keras (model-int8.tflite, else
 model.tflite; int8 is about 4x faster per face than Keras on a 2-core CPU); --backend keras|tflite|tflite-int8 chooses.
@@ -20,7 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from agegender.cli import UserError, check_choice, console, err_console, user_errors, write_text
 from agegender.faces import BACKENDS, DEFAULT_DETECTOR, DETECTORS, Predictor
-from agegender.photos import collect_images, predict_files
+from agegender.gradcam import load_gradcam
+from agegender.photos import AnnotatedCopies, HeatmapFiles, collect_images, each, predict_files
 from agegender.tables import rich_table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -32,16 +39,29 @@ def cell(column: str, value) -> str:
     if column == "file":
         return Path(value).name
     if column == "age":
-        return f"{value:.1f}"
+        return f"{value:.1f}" if isinstance(value, float) else str(value)
     if column in ("p_female", "confidence"):
         return f"{value:.3f}"
     return f"{value:.0f}" if isinstance(value, float) else str(value)
 
 
 def print_table(frame: pd.DataFrame) -> None:
-    rows = [[cell(column, row[column]) for column in frame.columns] for _, row in frame.iterrows()]
-    console.print(rich_table(f"{len(frame)} prediction(s)", list(frame.columns), rows,
-                             left=("file", "gender", "reason")))
+    """The rows on the console, narrower than the CSV: the interval beside the age, the box in one cell."""
+    shown = frame.copy()
+    if "age_low" in shown:
+        interval = [f" ({low:.0f}–{high:.0f})" if low == low else "" for low, high in
+                    zip(shown["age_low"], shown["age_high"], strict=True)]
+        shown["age"] = [cell("age", age) + (extra if age == age else "") for age, extra in
+                        zip(shown["age"], interval, strict=True)]
+        shown = shown.drop(columns=["age_low", "age_high"]).rename(columns={"age_band": "band"})
+    if "x" in shown:
+        shown.insert(shown.columns.get_loc("x"), "box", [
+            "" if x != x else f"{x:.0f},{y:.0f} {w:.0f}x{h:.0f}"
+            for x, y, w, h in shown[["x", "y", "width", "height"]].itertuples(index=False)])
+        shown = shown.drop(columns=["x", "y", "width", "height"])
+    rows = [[cell(column, row[column]) for column in shown.columns] for _, row in shown.iterrows()]
+    console.print(rich_table(f"{len(frame)} prediction(s)", list(shown.columns), rows,
+                             left=("file", "gender", "band", "reason")))
 
 
 @app.command()
@@ -59,16 +79,31 @@ def main(
     detector: Annotated[str, typer.Option(
         help=f"Face detector: {', '.join(DETECTORS)} (tasks/bench_detectors.py compares them).")]
     = DEFAULT_DETECTOR,
+    annotate: Annotated[Path | None, typer.Option(
+        help="Write a copy of each photo into this folder with a numbered box and label per face.")] = None,
+    heatmaps: Annotated[Path | None, typer.Option(
+        help="Write each face's aligned crop with a Grad-CAM heatmap per output into this folder.")] = None,
+    heatmap_layer: Annotated[str | None, typer.Option(
+        help="Layer the heatmaps are taken at (its name, or path through nested models); default the last "
+             "convolutional layer.")] = None,
 ) -> None:
     """Predict age and/or gender for every face in the given images."""
     check_choice(backend, BACKENDS, "--backend")
     check_choice(detector, tuple(DETECTORS), "--detector")
     with user_errors():
+        if heatmap_layer is not None and heatmaps is None:
+            raise UserError("--heatmap-layer chooses the layer of --heatmaps; give --heatmaps DIR too.")
         files = collect_images(paths)
         predictor = Predictor.load(model_dir, backend)
+        copies = AnnotatedCopies(annotate, files) if annotate is not None else None
+        maps = HeatmapFiles(heatmaps, files, load_gradcam(model_dir, heatmap_layer), detect) if heatmaps else None
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, transient=True) as progress:
-            frame, skipped = predict_files(predictor, files, detect, batch_size, progress, detector)
+            frame, skipped = predict_files(predictor, files, detect, batch_size, progress, detector,
+                                           on_photo=each(copies, maps))
+        for handler, what in ((copies, "annotated photo(s)"), (maps, "heatmap(s)")):
+            if handler is not None:
+                console.print(f"Wrote {handler.written} {what} to {handler.folder}.")
         for message in skipped:
             err_console.print(f"[yellow]skipped[/] {message}")
         if frame.empty:

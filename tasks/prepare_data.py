@@ -27,7 +27,9 @@ from agegender.data import (
     RACE_LABELS,
     RESULTS_DIR,
     SEED,
+    SPLIT_AGE_STRATA,
     age_band,
+    band_name,
     build_cache,
     cache_dir,
     cache_is_current,
@@ -154,8 +156,8 @@ def check_image(path: Path) -> str | None:
 
 
 def strata(frame: pd.DataFrame, minimum: int = 4) -> pd.Series:
-    """Age band x gender; groups too small to split (small subsets) fall back to gender, then to the largest group."""
-    labels = frame["age"].map(age_band) + "_" + frame["gender"].astype(str)
+    """Age stratum x gender; groups too small to split (small subsets) fall back to gender, then the largest group."""
+    labels = frame["age"].map(lambda age: band_name(age, SPLIT_AGE_STRATA)) + "_" + frame["gender"].astype(str)
     labels = labels.where(labels.map(labels.value_counts()) >= minimum, frame["gender"].astype(str))
     return labels.where(labels.map(labels.value_counts()) >= minimum, labels.value_counts().idxmax())
 
@@ -166,7 +168,7 @@ def stratified_subset(frame: pd.DataFrame, size: int) -> pd.DataFrame:
 
 
 def split_manifest(frame: pd.DataFrame, test_size: float, val_size: float) -> pd.DataFrame:
-    """Seeded split stratified by age band and gender: test first, then val out of what is left."""
+    """Seeded split stratified by age stratum and gender: test first, then val out of what is left."""
     rest, test = train_test_split(frame, test_size=test_size, random_state=SEED, stratify=strata(frame))
     train, val = train_test_split(rest, test_size=val_size, random_state=SEED, stratify=strata(rest))
     parts = [part.assign(split=name) for name, part in (("train", train), ("val", val), ("test", test))]

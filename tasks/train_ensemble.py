@@ -23,8 +23,9 @@ import typer
 
 from agegender import cli
 from agegender.cli import UserError, check_choice, console, user_errors
-from agegender.data import DATA_DIR, MODELS_DIR
+from agegender.data import AGE_SCALE, DATA_DIR, MODELS_DIR
 from agegender.families import FAMILIES
+from agegender.intervals import DISTRIBUTION_LAYER, age_distribution_layer, with_age_distribution
 from agegender.metrics import age_metrics, gender_metrics
 from agegender.modelio import load_model
 from agegender.recipes import plan_run
@@ -149,16 +150,34 @@ def averaged(first: list[dict[str, np.ndarray]], second: list[dict[str, np.ndarr
     return [{name: (a[name] + b[name]) / 2 for name in a} for a, b in zip(first, second, strict=True)]
 
 
+def mixes_distributions(members, chosen: dict[str, dict[str, Any]]) -> bool:
+    """Whether every member with a say in the age has an age distribution over the same years (a DEX head):
+    then the ensemble mixes the distributions, and its age is the mix's expected value."""
+    if "age" not in chosen:
+        return False
+    spec = chosen["age"]
+    heads = [age_distribution_layer(members[i][1]) for i, weight in zip(spec["members"], spec["weights"], strict=True)
+             if weight > 0]
+    return all(head is not None for head in heads) and len({head.units for head in heads}) == 1
+
+
 def build_ensemble(members, chosen: dict[str, dict[str, Any]], input_size: int, tta: bool):
     """One Keras model: every member (and, with TTA, the same member on the mirror image, averaged), mixed
-    per output with the chosen weights."""
+    per output with the chosen weights. When every age member has an age distribution, the distributions are
+    mixed with the age weights into a layer named age_bins and the age is its expected value, so the ensemble
+    has a distribution like any DEX model (the same age as mixing the members' ages)."""
     import keras
     from keras import layers
 
+    from agegender.layers import AgeExpectation
+
+    distributions = mixes_distributions(members, chosen)
     inputs = keras.Input((input_size, input_size, 3), name="image")
     outputs_by_member = []
     for index, (_, model, metadata) in enumerate(members):
         model.name = f"member{index}_{model.name}"
+        if distributions and index in chosen["age"]["members"]:
+            model = with_age_distribution(model)
         found = member_outputs(inputs, model, metadata, index, flip=False)
         if tta:
             mirrored = member_outputs(inputs, model, metadata, index, flip=True)
@@ -167,10 +186,15 @@ def build_ensemble(members, chosen: dict[str, dict[str, Any]], input_size: int, 
         outputs_by_member.append(found)
     outputs = {}
     for output, spec in chosen.items():
-        terms = [layers.Rescaling(weight, name=f"{output}_weight{i}")(outputs_by_member[i][output])
+        mixed_name = DISTRIBUTION_LAYER if output == "age" and distributions else output
+        terms = [layers.Rescaling(weight, name=f"{mixed_name}_weight{i}")(outputs_by_member[i][mixed_name])
                  for i, weight in zip(spec["members"], spec["weights"], strict=True) if weight > 0]
-        mixed_output = terms[0] if len(terms) == 1 else layers.Add(name=f"{output}_sum")(terms)
-        outputs[output] = layers.Identity(name=output)(mixed_output)
+        mixed_output = terms[0] if len(terms) == 1 else layers.Add(name=f"{mixed_name}_sum")(terms)
+        if mixed_name == DISTRIBUTION_LAYER:
+            bins = layers.Identity(name=DISTRIBUTION_LAYER)(mixed_output)
+            outputs[output] = AgeExpectation(bins.shape[-1] - 1, AGE_SCALE, name="age")(bins)
+        else:
+            outputs[output] = layers.Identity(name=output)(mixed_output)
     return keras.Model(inputs, outputs, name="ensemble")
 
 

@@ -77,7 +77,8 @@ def test_writes_tables_with_the_right_columns(first_run, prepared, models_dir):
     assert summary["best"]["gender"]["accuracy"] == frame["accuracy"].max()
     groups = pd.DataFrame(summary["bias"]["groups"])
     assert set(groups["grouping"]) == {"race", "age band", "gender"}
-    assert set(groups.query("grouping == 'age band'")["group"]) <= {"0-12", "13-19", "20-39", "40-59", "60+"}
+    assert set(groups.query("grouping == 'age band'")["group"]) <= {"0-2", "3-9", "10-19", "20-29", "30-39", "40-49",
+                                                                   "50-59", "60-69", "70+"}
     by_gender = groups.query("grouping == 'gender' and model == 'multitask'")
     assert by_gender["n"].sum() == len(test_rows)
     gaps = pd.read_csv(out / "compare" / "bias_gaps.csv")

@@ -91,3 +91,32 @@ def test_an_ensemble_is_not_a_member(ensemble, trained_models, tmp_path):
     result = CliRunner().invoke(train_ensemble.app, ["--member", str(ensemble), "--member",
                                                      str(trained_models["age"]), "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "is an ensemble itself" in said(result)
+
+
+def test_heatmaps_of_the_ensemble_mix_its_nested_members(ensemble, prepared, tmp_path):
+    from agegender.gradcam import load_gradcam
+
+    assert [path.split("/")[-1] for path in load_gradcam(ensemble).layer_paths] == ["stage3_conv2"] * 3
+    faces = sorted(prepared["images"].glob("*.jpg"))[:2]
+    result = CliRunner().invoke(__import__("tasks.predict", fromlist=["app"]).app,
+                                [str(ensemble), *map(str, faces), "--no-detect", "--heatmaps", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert len(list(tmp_path.glob("*-face1-age.png"))) == 2 and len(list(tmp_path.glob("*-face1-gender.png"))) == 2
+
+
+def test_an_ensemble_of_dex_members_mixes_their_age_distributions(trained_models, prepared, tmp_path):
+    """With every age member a DEX head, the ensemble has an age distribution of its own (the members'
+    distributions mixed with the age weights) and its age is that distribution's expected value."""
+    from agegender.data import load_split
+    from agegender.faces import Predictor
+
+    out = tmp_path / "ensemble"
+    result = CliRunner().invoke(train_ensemble.app, [
+        "--member", str(trained_models["age"]), "--member", str(trained_models["gender"]), "--tta", "off",
+        "--data-dir", str(prepared["data_dir"]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    images, _ = load_split("val", 64, prepared["data_dir"])
+    mixed = Predictor.load(out, "keras").predict_arrays(images[:16], age_bins=True)
+    member = Predictor.load(trained_models["age"], "keras").predict_arrays(images[:16], age_bins=True)
+    np.testing.assert_allclose(mixed["age_bins"], member["age_bins"], atol=1e-5)  # the only age member
+    np.testing.assert_allclose(mixed["age"], mixed["age_bins"] @ np.arange(117), atol=0.02)
