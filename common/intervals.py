@@ -35,7 +35,7 @@ TARGET_COVERAGE = 0.8
 BASE_QUANTILES = (0.1, 0.9)  # an interval with the target's nominal coverage before scaling
 MIN_BAND_FACES = 30  # a predicted-age band with fewer validation faces takes the residual quantiles of all faces
 BISECTION_STEPS = 50
-METADATA_KEY = "age_interval"
+INTERVAL_KEY = "age_interval"
 DISTRIBUTION_LAYER = "age_bins"
 
 
@@ -168,7 +168,7 @@ class AgeInterval:
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any]) -> AgeInterval | None:
-        record = metadata.get(METADATA_KEY)
+        record = metadata.get(INTERVAL_KEY)
         if not record:
             return None
         return cls(record["method"], float(record["scale"]), record.get("offsets"),
@@ -228,6 +228,11 @@ class AgeInterval:
         return f"band residuals x spread^{self.spread_power:g}" if self.spread_power else "band residuals"
 
 
+def interval_label(record: dict[str, Any]) -> str:
+    """How a stored calibration builds its interval, in a few words."""
+    return AgeInterval.from_metadata({INTERVAL_KEY: record}).label
+
+
 def summarise(low: np.ndarray, high: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
     """Coverage and mean width (high - low, years) overall and per true-age band."""
     truth = np.asarray(truth, dtype=float)
@@ -282,5 +287,5 @@ def calibrate_folder(folder: Path, data_dir: Path, limit: int | None = None) -> 
         raise UserError(f"{folder} predicts no age, so it has no age interval to calibrate.")
     images, rows = load_split("val", predictor.image_size, data_dir, limit)
     record = calibrate_predictor(predictor, images, rows)
-    write_json(Path(folder) / METADATA_FILE, {**read_metadata(folder), METADATA_KEY: record})
+    write_json(Path(folder) / METADATA_FILE, {**read_metadata(folder), INTERVAL_KEY: record})
     return record

@@ -16,6 +16,7 @@ import pandas as pd
 from agegender.cli import UserError, console, write_json
 from agegender.data import AGE_SCALE, DATA_DIR, SEED, Augment, data_state, load_split, make_dataset
 from agegender.families import TASK_OUTPUTS
+from agegender.intervals import DISTRIBUTION_LAYER, INTERVAL_KEY, calibrate
 from agegender.metrics import age_metrics, gender_metrics
 from agegender.modelio import METRICS_FILE, make_metadata, save_model, staging_dir
 from agegender.plots import plot_age_error, plot_confusion, plot_history
@@ -331,12 +332,14 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
     return history_frame(history, timer), float(np.mean(timer.seconds)) if timer.seconds else 0.0
 
 
-def predict_split(model, split: SplitData, outputs: list[str], batch_size: int = 128) -> dict[str, np.ndarray]:
-    """Predictions in user units: age in years, p_female."""
+def predict_split(model, split: SplitData, outputs: list[str], batch_size: int = 128,
+                  age_bins: bool = False) -> dict[str, np.ndarray]:
+    """Predictions in user units: age in years, p_female (and with age_bins the age distribution of a model
+    that has one)."""
     from agegender.faces import Predictor
 
     predictor = Predictor(model, {"outputs": outputs, "age_scale": AGE_SCALE, "pixel_scaling": "divide_by_255"})
-    return predictor.predict_arrays(split.images, batch_size=batch_size)
+    return predictor.predict_arrays(split.images, batch_size=batch_size, age_bins=age_bins)
 
 
 def evaluate(predicted: dict[str, np.ndarray], rows: pd.DataFrame) -> dict[str, Any]:
@@ -372,9 +375,11 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
                metadata_extra: dict[str, Any] | None = None) -> TrainResult:
     """The tail every trainer shares: validation metrics, then (unless evaluate_test is False, as in a tuning
     trial, which must never see the test split) test metrics and the model folder saved to out_dir (skipped
-    when it is None), with metadata.json recording metadata_extra."""
+    when it is None), with metadata.json recording metadata_extra and, for a model with an age output, its 80%
+    age interval calibrated on the validation predictions."""
     outputs = list(TASK_OUTPUTS[task])
-    val_metrics = evaluate(predict_split(model, data["val"], outputs), data["val"].rows)
+    val_predicted = predict_split(model, data["val"], outputs, age_bins=True)
+    val_metrics = evaluate(val_predicted, data["val"].rows)
     result = TrainResult(model, history, val_metrics, None, seconds_per_epoch)
     if not evaluate_test:
         return result
@@ -384,6 +389,9 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
         extra = {"epochs_run": 0 if history is None else len(history), "seconds_per_epoch": seconds_per_epoch,
                  "train_images": len(data["train"].rows), "parameters": int(model.count_params()),
                  **(metadata_extra or {})}
+        if "age" in outputs:
+            extra[INTERVAL_KEY] = calibrate(val_predicted["age"], data["val"].rows["age"].to_numpy(),
+                                            val_predicted.get(DISTRIBUTION_LAYER))
         metadata = make_metadata(task, image_size, params, manifest_hash(data_dir), **extra)
         save_run(out_dir, model, metadata, history, result.test_metrics, predicted, data["test"].rows,
                  validation={**val_metrics, "limit": limit})

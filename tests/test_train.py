@@ -54,12 +54,21 @@ def test_reloaded_model_predicts_what_the_trained_model_predicted(trained_runs, 
     _, metadata = load_model(run.out_dir)
     before = Predictor(run.model, metadata).predict_arrays(images)
     reloaded = Predictor.load(run.out_dir, backend="keras").predict_arrays(images)
-    assert set(reloaded) == {"age": {"age"}, "gender": {"p_female"}, "multitask": {"age", "p_female"}}[task]
-    for key in before:
+    interval = {"age_low", "age_high"}  # a trained age model is calibrated, so every age carries its interval
+    assert set(reloaded) == set(before) == {"age": {"age", *interval}, "gender": {"p_female"},
+                                            "multitask": {"age", *interval, "p_female"}}[task]
+    for key in set(before) - interval:
         np.testing.assert_allclose(reloaded[key], before[key], rtol=1e-5, atol=1e-5)
         assert np.isfinite(reloaded[key]).all()
     if "p_female" in reloaded:
         assert ((reloaded["p_female"] >= 0) & (reloaded["p_female"] <= 1)).all()
+    if "age" in reloaded:
+        low, high = reloaded["age_low"], reloaded["age_high"]
+        np.testing.assert_array_equal(low, before["age_low"])  # the same whole years from the saved file
+        np.testing.assert_array_equal(high, before["age_high"])
+        assert (low == np.rint(low)).all() and (high == np.rint(high)).all() and (low >= 0).all()
+        said = np.rint(reloaded["age"])  # the age as shown, "about 31 (26-37)": always inside its interval
+        assert ((low <= said) & (said <= high)).all() and (high > low).any()
     # metrics.json was computed before saving, on the whole test split: the reloaded model gives it again
     saved = json.loads((run.out_dir / "metrics.json").read_text())
     again = evaluate(reloaded, rows)
@@ -68,6 +77,23 @@ def test_reloaded_model_predicts_what_the_trained_model_predicted(trained_runs, 
         assert values["n"] == saved[head]["n"] == len(rows)
         key = "accuracy" if head == "gender" else "mae"
         assert values[key] == pytest.approx(saved[head][key], abs=1e-4)
+
+
+@pytest.mark.parametrize("task", ["gender", "age", "multitask"])
+def test_the_trainer_calibrates_the_age_interval_on_validation(trained_models, prepared, task):
+    from agegender.intervals import summarise
+
+    metadata = json.loads((trained_models[task] / "metadata.json").read_text())
+    if task == "gender":
+        assert "age_interval" not in metadata
+        return
+    record = metadata["age_interval"]
+    assert record["split"] == "val" and record["target_coverage"] == 0.8
+    images, rows = load_split("val", TEST_IMAGE_SIZE, prepared["data_dir"])
+    predicted = Predictor.load(trained_models[task], backend="keras").predict_arrays(images)
+    found = summarise(predicted["age_low"], predicted["age_high"], rows["age"].to_numpy())
+    assert record["validation"]["faces"] == found["faces"] == len(rows)
+    assert found["coverage"] == pytest.approx(record["validation"]["coverage"]) and found["coverage"] >= 0.8
 
 
 @pytest.mark.parametrize("task", ["gender", "age", "multitask"])
