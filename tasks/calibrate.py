@@ -16,7 +16,7 @@ import typer
 
 from agegender.cli import UserError, console, user_errors
 from agegender.data import DATA_DIR, MODELS_DIR, load_manifest
-from agegender.intervals import band_names, calibrate_folder
+from agegender.intervals import band_names, calibrate_folder, interval_label
 from agegender.modelio import model_folders, read_metadata
 from agegender.tables import rich_table
 
@@ -44,10 +44,8 @@ def print_records(records: dict[str, dict]) -> None:
     rows = []
     for folder, record in records.items():
         val = record["validation"]
-        rows.append([Path(folder).name, record["method"] + (f" x spread^{record['spread_power']:g}"
-                                                            if record.get("spread_power") else ""),
-                     f"{record['scale']:.3f}", f"{val['faces']:,}", f"{val['coverage']:.1%}",
-                     f"{val['mean_width']:.1f}"])
+        rows.append([Path(folder).name, interval_label(record), f"{record['scale']:.3f}", f"{val['faces']:,}",
+                     f"{val['coverage']:.1%}", f"{val['mean_width']:.1f}"])
     console.print(rich_table("Age interval calibrated on the validation split (target 80%)",
                              ["model", "interval", "scale", "faces", "coverage", "mean width (y)"], rows,
                              left=["model", "interval"]))
