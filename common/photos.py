@@ -40,9 +40,11 @@ def collect_images(paths: list[Path]) -> list[Path]:
 
 def predict_files(predictor: Predictor, files: list[Path], detect: bool = True, batch_size: int = 64,
                   progress: Progress | None = None, detector: str = DEFAULT_DETECTOR,
-                  on_photo: PhotoHandler | None = None) -> tuple[pd.DataFrame, list[str]]:
+                  on_photo: PhotoHandler | None = None,
+                  read: Callable[[Path], Image.Image] = read_image) -> tuple[pd.DataFrame, list[str]]:
     """One row per face (or per image with --no-detect); returns (rows, unreadable-file messages). on_photo,
-    when given, is called with each readable photo and its rows."""
+    when given, is called with each readable photo and its rows; `read` decodes a file as read_image does
+    (tasks/predict.py passes one that decodes the next files on threads while the model works)."""
     rows, skipped = [], []
     task = progress.add_task("predicting", total=len(files)) if progress else None
     pending: list[tuple[Path, np.ndarray, Image.Image | None]] = []  # --no-detect crops, a batch at a time
@@ -60,7 +62,7 @@ def predict_files(predictor: Predictor, files: list[Path], detect: bool = True, 
 
     for path in files:
         try:
-            image = read_image(path)
+            image = read(path)
         except UnreadableImage as error:
             skipped.append(str(error))
         else:
