@@ -4,7 +4,8 @@
     python tasks/export.py results/models/multitask
 
 Writes two files next to model.keras and records in metadata.json how far each one's predictions are from the
-Keras model's on real test faces:
+Keras model's on real test faces (a model with an age distribution, a DEX head, exports it as an extra output
+named age_bins, which its calibrated age interval reads):
 - model.tflite, float32 like the Keras model (only summation order differs; checked to tight tolerances);
 - model-int8.tflite, the same with int8 weights (dynamic-range quantisation: activations are quantised on the
   fly, no calibration data), 2-3x faster again on a CPU. It is kept only when it stays within the INT8_
@@ -44,14 +45,16 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def convert(model, kind: str = "tflite") -> bytes:
-    """The Keras model as a TFLite flatbuffer with a batch dimension left free; "tflite-int8" stores int8
-    weights (dynamic-range quantisation)."""
+    """The Keras model (with its age distribution as an extra output when it has one) as a TFLite flatbuffer
+    with a batch dimension left free; "tflite-int8" stores int8 weights (dynamic-range quantisation)."""
     import contextlib
     import io
 
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    from agegender.intervals import with_age_distribution
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(with_age_distribution(model))
     if kind == "tflite-int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # without representative data: weights only
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints the whole SavedModel signature
@@ -78,6 +81,9 @@ def differences(keras_out: dict[str, np.ndarray], lite_out: dict[str, np.ndarray
             truth = rows["age"].to_numpy(dtype=float)
             found.update(age_mae_keras=float(np.mean(np.abs(keras_out["age"] - truth))),
                          age_mae_export=float(np.mean(np.abs(lite_out["age"] - truth))))
+    if "age_low" in keras_out:  # the calibrated interval: the share of faces given the same whole years
+        found["interval_agreement"] = float(np.mean((keras_out["age_low"] == lite_out["age_low"])
+                                                    & (keras_out["age_high"] == lite_out["age_high"])))
     if "p_female" in keras_out:
         gap = np.abs(keras_out["p_female"] - lite_out["p_female"])
         called_keras, called_lite = keras_out["p_female"] > 0.5, lite_out["p_female"] > 0.5
@@ -124,7 +130,8 @@ def export_one(folder: Path, keras_predictor, kind: str, images: np.ndarray, row
     write_bytes(folder / EXPORT_FILES[kind], blob)
 
     record = {"file": EXPORT_FILES[kind], "bytes": len(blob), "model_sha256": model_sha256,
-              "parameters": keras_predictor.parameters, "checked_on": f"{len(images)} {source_of(rows)}",
+              "parameters": keras_predictor.parameters, "outputs": sorted(lite._runner.get_output_details()),
+              "checked_on": f"{len(images)} {source_of(rows)}",
               **gaps, "tensorflow": tf.__version__, "created": datetime.now(UTC).isoformat(timespec="seconds")}
     return record, []
 
@@ -165,13 +172,14 @@ def export_model(folder: Path, data_dir: Path = DATA_DIR, faces: int = CHECK_FAC
 def describe(record: dict[str, Any]) -> list[str]:
     """A table row's cells for one export: size, how it differs from Keras, the faces it was checked on."""
     if "rejected" in record:
-        return ["not kept: " + "; ".join(record["rejected"]), "", "", "", ""]
+        return ["not kept (see below)", "", "", "", "", ""]
     age = (f"{record['mean_age_diff_years']:.3f} / {record['max_age_diff_years']:.2f}"
            if "max_age_diff_years" in record else "-")
     gender = (f"{record['mean_p_female_diff']:.4f} / {record['max_p_female_diff']:.3f}"
               if "max_p_female_diff" in record else "-")
     same = f"{record['gender_agreement']:.1%}" if "gender_agreement" in record else "-"
-    return [f"{record['bytes'] / 1e6:.1f} MB", age, gender, same, record["checked_on"]]
+    interval = f"{record['interval_agreement']:.1%}" if "interval_agreement" in record else "-"
+    return [f"{record['bytes'] / 1e6:.1f} MB", age, gender, same, interval, record["checked_on"]]
 
 
 @app.command()
@@ -187,14 +195,18 @@ def main(
         found = model_folders(folders, MODELS_DIR)
         if not found:
             raise UserError(f"No model folders in {MODELS_DIR}; train a model first.")
-        rows = []
+        rows, rejected = [], []
         for folder in found:
             with console.status(f"exporting {folder}"):
                 results = export_model(folder, data_dir, faces, int8)
             rows += [[folder.name, kind, *describe(record)] for kind, record in results.items()]
+            rejected += [f"{folder / EXPORT_FILES[kind]} not kept: {'; '.join(record['rejected'])}."
+                         for kind, record in results.items() if "rejected" in record]
         headers = ["model", "backend", "size", "age diff mean / max (y)", "p_female diff mean / max", "same gender",
-                   "checked on"]
+                   "same age interval", "checked on"]
         console.print(rich_table("TFLite exports (differences from model.keras)", headers, rows, left=headers))
+        for line in rejected:  # below the table, where a narrow terminal does not cut the reasons
+            console.print(f"[yellow]{line}[/]")
 
 
 if __name__ == "__main__":

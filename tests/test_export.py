@@ -81,7 +81,8 @@ def test_auto_backend_runs_the_fastest_export_and_predicts_what_keras_predicts(e
         want = keras_model.predict_arrays(images)
         for predictor, p_tolerance, age_tolerance in ((lite, 1e-4, 0.01), (int8, 0.05, 1.0)):
             got = predictor.predict_arrays(images, batch_size=16)
-            assert set(got) == set(want) == ({"p_female"} if name == "gender" else {"age", "p_female"})
+            assert set(got) == set(want) == ({"p_female"} if name == "gender"
+                                             else {"age", "age_low", "age_high", "p_female"})
             np.testing.assert_allclose(got["p_female"], want["p_female"], atol=p_tolerance)
             if "age" in want:  # float: every face; int8: the mean difference the export was checked against
                 gaps = np.abs(got["age"] - want["age"])
@@ -146,3 +147,33 @@ def test_a_corrupt_export_is_one_sentence(exported, tmp_path):
         (broken / name).write_bytes(b"not a flatbuffer")
         with pytest.raises(UserError, match=f"{name} is not a readable TFLite model"):
             Predictor.load(broken, backend)
+
+
+@pytest.mark.slow  # two conversions, ~15 s
+def test_a_dex_model_exports_its_age_distribution_for_its_interval(trained_models, prepared, tmp_path):
+    """The DEX age model's exports carry its distribution (age_bins), so the interval is the same from the
+    export; an export without it (made before) is passed over when the interval needs it."""
+    folder = tmp_path / "age"
+    shutil.copytree(trained_models["age"], folder)
+    result = runner.invoke(export.app, [str(folder), "--data-dir", str(prepared["data_dir"]), "--faces", "32",
+                                        "--no-int8"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((folder / "metadata.json").read_text())["exports"]["tflite"]
+    assert record["outputs"] == ["age", "age_bins"] and record["interval_agreement"] == 1.0
+    images, _ = load_split("test", TEST_IMAGE_SIZE, prepared["data_dir"], 24)
+    want = Predictor.load(folder, "keras").predict_arrays(images, age_bins=True)
+    got = Predictor.load(folder, "tflite").predict_arrays(images, age_bins=True)
+    np.testing.assert_allclose(got["age_bins"], want["age_bins"], atol=1e-4)
+    np.testing.assert_array_equal(got["age_low"], want["age_low"])
+    np.testing.assert_array_equal(got["age_high"], want["age_high"])
+
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata["age_interval"].update(method="quantiles")  # an interval read off the distribution
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    import tensorflow as tf
+
+    (folder / "model.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(  # no age_bins output
+        Predictor.load(folder, "keras").model).convert())
+    assert Predictor.load(folder).backend == "keras"
+    with pytest.raises(UserError, match="lacks the age distribution"):
+        Predictor.load(folder, "tflite")
