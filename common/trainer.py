@@ -3,16 +3,22 @@ app per family, over the registry (agegender.families) and the shared training l
 
 Every parameter a CNN family has is a flag; the flags of parameters another CNN family has are hidden from
 --help and refused. The run's parameters: the family's defaults, then --recipe, then --params, then flags.
+
+Each run has a folder (results/runs/<model folder>/<UTC time>, or --run-dir) with its TensorBoard logs and,
+while it trains, a backup of its state after every epoch: when a run is killed, the same command run again
+finds that folder and continues from the last finished epoch (agegender.distribute; --no-backup turns it off).
 """
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from agegender import cli
-from agegender.cli import console, user_errors
+from agegender.cli import UserError, console, user_errors
 from agegender.data import DATA_DIR, MODELS_DIR
+from agegender.distribute import BACKUP_FOLDER, RUN_KEY_FILE, interrupted_run, mark_run, run_key
 from agegender.families import FAMILIES
 from agegender.modelio import run_path
 from agegender.models import AGE_HEADS
@@ -25,6 +31,28 @@ def report(name: str, result: TrainResult) -> None:
     print_metrics(f"{name}: test split", result.test_metrics)
     console.print(f"Saved to {result.out_dir} ({result.seconds_per_epoch:.1f} s per epoch, "
                   f"{len(result.history)} epochs).")
+
+
+def run_folder(name: str, plan, limit, data_dir: Path, out: Path, init_from: Path | None, run_dir: Path | None,
+               backup: bool) -> tuple[Path, list]:
+    """The run's folder and, with backup, the callback that backs its state up there: --run-dir, else the
+    folder of an interrupted run of the same command (which then continues), else a new one."""
+    settings = {"family": name, "params": plan.params, "settings": plan.settings, "limit": limit,
+                "data_dir": str(Path(data_dir).resolve()), "out": str(Path(out).resolve()),
+                "init_from": None if init_from is None else str(init_from)}
+    key = run_key(settings)
+    folder = run_dir or (interrupted_run(run_path(Path(out).name).parent, key) if backup else None) \
+        or run_path(Path(out).name)
+    if not backup:
+        return folder, []
+    marker = folder / BACKUP_FOLDER / RUN_KEY_FILE
+    if marker.exists() and json.loads(marker.read_text()).get("key") != key:
+        raise UserError(f"{folder} holds the backup of an interrupted run with other settings; run that command "
+                        f"again to finish it, or delete {marker.parent} (or choose another --run-dir).")
+    mark_run(folder, key, settings)
+    from agegender.distribute import training_backup
+
+    return folder, [training_backup(folder / BACKUP_FOLDER)]
 
 
 def cnn_trainer(name: str) -> typer.Typer:
@@ -72,6 +100,10 @@ def cnn_trainer(name: str) -> typer.Typer:
         patience: cli.PatienceOption = None,
         tensorboard: cli.TensorBoardOption = True,
         run_dir: cli.RunDirOption = None,
+        backup: Annotated[bool, typer.Option(
+            "--backup/--no-backup",
+            help="Back the training state up in the run folder after every epoch, so that the same command "
+                 "continues a killed run from its last finished epoch.")] = True,
     ) -> None:
         flags = {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
                  "lr_schedule": lr_schedule, "augment": augment, "noise_augment": noise_augment,
@@ -88,9 +120,11 @@ def cnn_trainer(name: str) -> typer.Typer:
         with user_errors():
             plan = plan_run(name, recipe, params, flags,
                             {"epochs": epochs, "image_size": image_size, "patience": patience})
-            logs = (run_dir or run_path(Path(out).name)) / "tensorboard" if tensorboard else None
+            folder, extra_callbacks = run_folder(name, plan, limit, data_dir, out, init_from, run_dir, backup)
+            logs = folder / "tensorboard" if tensorboard else None
             result = family.train(plan.params, plan.settings["image_size"], plan.settings["epochs"], data_dir,
-                                  limit, out, init_from=init_from, patience=plan.settings["patience"],
+                                  limit, out, extra_callbacks=extra_callbacks, init_from=init_from,
+                                  patience=plan.settings["patience"],
                                   seed=plan.settings["seed"], tensorboard_dir=logs, metadata_extra=plan.metadata())
             report(name, result)
             if logs is not None:

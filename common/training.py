@@ -292,7 +292,9 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
     """Train with early stopping, LR reduction and checkpointing; returns (history, seconds per epoch).
 
     params["swa_epochs"] > 0 averages the weights of that many last epochs; what came of it goes into
-    summary["swa"] when a summary dict is given."""
+    summary["swa"] when a summary dict is given. An agegender.distribute.training_backup among extra_callbacks
+    backs the training state up after every epoch, so a killed run continues from its last finished epoch when
+    fit runs again (summary["resumed_at_epoch"] says where), its history covering every epoch."""
     import keras
 
     schedule = str(params.get("lr_schedule", "plateau"))
@@ -316,20 +318,27 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
     swa_epochs = min(int(params.get("swa_epochs", 0)), epochs)
     swa_rate = float(params.get("swa_learning_rate") or base_rate / 2)
     averager = WeightAverager(epochs, swa_epochs) if swa_epochs > 0 else None
+    every = [timer, StopOnSignal(), *callbacks(monitor, mode, patience, checkpoint, schedule, epochs, base_rate,
+                                               swa_epochs, swa_rate),
+             *([averager] if averager else []), *(extra_callbacks or [])]
+    backup = next((callback for callback in every if hasattr(callback, "keep_state_of")), None)
+    if backup is not None:  # after the callbacks whose state it keeps
+        backup.keep_state_of(every, timer, averager)
+        every = [*(callback for callback in every if callback is not backup), backup]
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=resolve_verbose(verbose),
                         shuffle=False,  # make_dataset shuffles (Keras warns that it would ignore True)
-                        callbacks=[timer, StopOnSignal(),
-                                   *callbacks(monitor, mode, patience, checkpoint, schedule, epochs, base_rate,
-                                              swa_epochs, swa_rate),
-                                   *([averager] if averager else []), *(extra_callbacks or [])])
+                        callbacks=every)
+    frame = history_frame(history, timer) if backup is None else backup.history()
+    if backup is not None and backup.resumed_at and summary is not None:
+        summary["resumed_at_epoch"] = backup.resumed_at
     if averager is not None and averager.averaged_epochs:
-        logged = history.history[monitor]
+        logged = frame[monitor]
         best_value = float(min(logged) if mode == "min" else max(logged))  # the epoch early stopping restored
         swa = {**average_weights(model, averager, train_ds, val_ds, monitor, mode, best_value),
                "learning_rate": swa_rate if schedule == "cosine" else None}  # plateau sets its own rates
         if summary is not None:
             summary["swa"] = swa
-    return history_frame(history, timer), float(np.mean(timer.seconds)) if timer.seconds else 0.0
+    return frame, float(frame["seconds"].mean()) if len(frame) else 0.0
 
 
 def predict_split(model, split: SplitData, outputs: list[str], batch_size: int = 128,
