@@ -303,6 +303,36 @@ def mean_heatmaps(cam: GradCam, images: np.ndarray, rows, batch_size: int = 32) 
             "layers": cam.layer_paths}
 
 
+def save_means(path: Path, means: dict[str, Any]) -> None:
+    """mean_heatmaps' result as one .npz, written atomically."""
+    import json
+
+    from agegender.cli import atomic_path
+
+    arrays = {"mean_face": means["mean_face"]}
+    for (output, band, gender), heat in means["maps"].items():
+        arrays[f"map|{output}|{band}|{gender}"] = heat
+    about = {"faces": means["faces"], "layers": means["layers"],
+             "counts": [[*key, count] for key, count in means["counts"].items()]}
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, about=np.array(json.dumps(about)), **arrays)
+
+
+def load_means(path: Path) -> dict[str, Any] | None:
+    """What save_means wrote, or None when it is missing or unreadable."""
+    import json
+
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            about = json.loads(str(stored["about"]))
+            maps = {tuple(key.split("|")[1:]): stored[key] for key in stored.files if key.startswith("map|")}
+            mean_face = stored["mean_face"]
+    except (OSError, KeyError, ValueError):
+        return None
+    return {"mean_face": mean_face, "faces": about["faces"], "layers": about["layers"], "maps": maps,
+            "counts": {tuple(item[:3]): item[3] for item in about["counts"]}}
+
+
 def plot_mean_heatmaps(name: str, means: dict[str, Any], path: Path) -> None:
     """One figure: a row per age band, a column per output and gender, each the mean heatmap over the mean
     face (cells with under MIN_CELL_FACES faces left empty)."""

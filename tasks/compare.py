@@ -1,4 +1,5 @@
-"""Compare every saved model on the test split: quality, cost, bias by group and robustness to image quality.
+"""Compare every saved model on the test split: quality, cost, bias by group, robustness to image quality, how
+often the calibrated 80% age interval holds the true age, and where each model looks (mean Grad-CAM heatmaps).
 
     python tasks/compare.py                                  # every model folder under results/models/
     python tasks/compare.py --models gender --models multitask --limit 500
@@ -40,6 +41,7 @@ from agegender.data import (
     load_split,
     manifest_path,
 )
+from agegender.intervals import INTERVAL_KEY, band_names, interval_label, summarise
 from agegender.metrics import (
     AGE_COLUMNS,
     COST_COLUMNS,
@@ -56,11 +58,12 @@ from agegender.plots import (
     plot_robustness,
     plot_signed_age_error,
 )
-from agegender.tables import best_values, frame_markdown, frame_rich, render
+from agegender.tables import best_values, frame_markdown, frame_rich, markdown_table, render, rich_table
 
-CACHE_VERSION = 1  # bump when the degradations or what the cache holds change
+CACHE_VERSION = 2  # bump when the degradations or what the cache holds change
 ROBUSTNESS_FACES = 1000  # seeded subset of the test split for the degraded copies; 0 = every test face
 TIMING_REPEATS = 30  # single-image calls timed per model (median reported)
+HEATMAP_FACES = 2000  # seeded subset of the test split the mean heatmaps average over; 0 = none
 BATCH = THROUGHPUT_BATCH
 
 # Image-quality conditions, applied to the uint8 crops at each model's input size (sizes relative to the side)
@@ -307,6 +310,76 @@ def robustness_table(results: list[ModelResult], rows: pd.DataFrame, subset: np.
     return pd.DataFrame(records)
 
 
+def interval_report(results: list[ModelResult], rows: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per model with an age output: its calibrated interval's coverage and mean width on the test split,
+    overall and per true-age band, beside its calibration on validation (or a note that it has none)."""
+    found = {}
+    for result in results:
+        if "clean/age" not in result.predictions:
+            continue
+        record = result.metadata.get(INTERVAL_KEY)
+        if record is None or "clean/age_low" not in result.predictions:
+            found[result.name] = {"interval": None, "note": "no age interval: not calibrated (tasks/calibrate.py)"}
+            continue
+        test = summarise(result.predictions["clean/age_low"], result.predictions["clean/age_high"],
+                         rows["age"].to_numpy())
+        found[result.name] = {"interval": interval_label(record), "target": record["target_coverage"],
+                              "validation_coverage": record["validation"]["coverage"],
+                              "validation_mean_width": record["validation"]["mean_width"], **test}
+    return found
+
+
+def interval_markdown(report: dict[str, dict[str, Any]]) -> str:
+    calibrated = {name: found for name, found in report.items() if found["interval"]}
+    lines = ["Each age comes with an interval in whole years, calibrated on the validation split to hold the true "
+             "age 80% of the time (`tasks/calibrate.py`, `agegender.intervals`); here, how often it held on the "
+             "test split, and how wide it was."]
+    if calibrated:
+        lines.append(markdown_table(
+            ["model", "interval", "validation coverage", "test coverage", "mean width (years)"],
+            [[name, found["interval"], f"{found['validation_coverage']:.1%}", f"{found['coverage']:.1%}",
+              f"{found['mean_width']:.1f}"] for name, found in calibrated.items()], right_after=2))
+        bands = [band for band in band_names() if any(band in f["by_band"] for f in calibrated.values())]
+        lines += ["By true age band (coverage, mean width in years):", markdown_table(
+            ["age band", *calibrated], [[band, *(cell_of(found["by_band"].get(band)) for found in calibrated.values())]
+                                        for band in bands], right_after=1)]
+    lines += [f"- `{name}`: {found['note']}." for name, found in report.items() if not found["interval"]]
+    return "\n\n".join(lines)
+
+
+def cell_of(found: dict[str, Any] | None) -> str:
+    return "–" if not found else f"{found['coverage']:.0%}, {found['mean_width']:.1f}"
+
+
+def heatmap_figures(results: list[ModelResult], data_dir: Path, folder: Path, limit: int | None, faces: int,
+                    skipped: list[str]) -> dict[str, str]:
+    """Per model, the figure of its mean Grad-CAM heatmaps by age band and gender over a seeded subset of test
+    faces (from model.keras), cached beside the predictions; {plot name: path under the results folder}."""
+    from agegender.gradcam import load_gradcam, load_means, mean_heatmaps, plot_mean_heatmaps, save_means
+
+    plots = {}
+    for result in results:
+        path = result.cache_file.parent / "heatmaps" / f"{result.cache_file.stem}-{faces}.npz"
+        means = load_means(path)
+        if means is None:
+            images, rows = load_split("test", int(result.metadata["image_size"]), data_dir, limit)
+            subset = robustness_subset(len(rows), faces)
+            try:
+                with console.status(f"mean heatmaps of {result.name} over {len(subset):,} test faces"):
+                    means = mean_heatmaps(load_gradcam(result.folder), images[subset],
+                                          rows.iloc[subset].reset_index(drop=True))
+            except UserError as error:
+                skipped.append(f"{result.name} heatmaps: {str(error).rstrip('.')}; skipped.")
+                continue
+            for old in path.parent.glob("*.npz"):  # this model's earlier ones
+                if re.fullmatch(rf"{re.escape(slug(result.name))}-[0-9a-f]{{16}}-\d+\.npz", old.name):
+                    old.unlink()
+            save_means(path, means)
+        plot_mean_heatmaps(result.name, means, folder / f"{slug(result.name)}-heatmaps.png")
+        plots[f"{result.name} mean heatmaps"] = f"compare/{slug(result.name)}-heatmaps.png"
+    return plots
+
+
 # ---------------------------------------------------------------- tables
 
 
@@ -401,7 +474,7 @@ def evaluate_models(found: list[tuple[str, Path]], data_dir: Path, cache_dir: Pa
 
 def compare(models_dir: Path = MODELS_DIR, data_dir: Path = DATA_DIR, out: Path = RESULTS_DIR,
             names: list[str] | None = None, limit: int | None = None,
-            robustness_faces: int = ROBUSTNESS_FACES) -> dict[str, Any]:
+            robustness_faces: int = ROBUSTNESS_FACES, heatmap_faces: int = HEATMAP_FACES) -> dict[str, Any]:
     """Evaluate, tabulate and plot into out/comparison.{md,csv,json} and out/compare/; returns the summary."""
     load_manifest(data_dir)  # fails in one sentence when prepare_data has not run
     found, skipped = select_models(Path(models_dir), names)
@@ -444,6 +517,9 @@ def compare(models_dir: Path = MODELS_DIR, data_dir: Path = DATA_DIR, out: Path 
         plots[f"{result.name} robustness"] = f"compare/{slug(result.name)}-robustness.png"
         plot_robustness(result.name, robustness[robustness["model"] == result.name],
                         folder / f"{slug(result.name)}-robustness.png")
+    if heatmap_faces:
+        plots.update(heatmap_figures(results, data_dir, folder, limit, heatmap_faces, skipped))
+    intervals = interval_report(results, rows)
 
     summary = {
         "settings": {"models_dir": str(models_dir), "data_dir": str(data_dir), "test_faces": len(rows),
@@ -459,6 +535,7 @@ def compare(models_dir: Path = MODELS_DIR, data_dir: Path = DATA_DIR, out: Path 
         "bias": {"groups": groups.to_dict("records"), "gaps": gaps.to_dict("records")},
         "robustness": robustness.to_dict("records"),
         "robustness_note": robust_note,
+        "age_interval": intervals,
         "plots": plots,
         "cache": {r.name: {"file": str(r.cache_file), "hit": r.cached} for r in results},
     }
@@ -507,6 +584,8 @@ def markdown_report(summary: dict, table: list[dict], groups: pd.DataFrame, gaps
         parts += ["Skipped:", "\n".join(f"- {line}" for line in summary["skipped"])]
     for name, notes in summary["notes"].items():
         parts += [f"Note on {name}: {'; '.join(notes)}."]
+    if summary["age_interval"]:
+        parts += ["## Age interval", interval_markdown(summary["age_interval"])]
     parts += ["## Bias: best and worst group per metric",
               frame_markdown(gaps, FORMATS) if len(gaps) else "(no group has a defined metric)"]
     for grouping in GROUPINGS:
@@ -545,10 +624,29 @@ def print_report(summary: dict, table: list[dict], groups: pd.DataFrame, gaps: p
         part = part[shown].dropna(axis=1, how="all")
         title = f"{name}: degraded test images ({summary['robustness_note']})"
         console.print(frame_rich(part, title, FORMATS, SHORT))
+    print_intervals(summary["age_interval"])
     hits = sum(item["hit"] for item in summary["cache"].values())
     console.print(f"{len(table)} model(s) compared ({hits} from cache), {len(summary['skipped'])} skipped. "
                   "Wrote comparison.md, comparison.csv, comparison.json and compare/ "
                   f"({len(summary['plots'])} plots).")
+
+
+def print_intervals(report: dict[str, dict[str, Any]]) -> None:
+    calibrated = {name: found for name, found in report.items() if found["interval"]}
+    if calibrated:
+        console.print(rich_table("Age interval on the test split (calibrated to 80% on validation)",
+                                 ["model", "interval", "val coverage", "test coverage", "mean width (y)"],
+                                 [[name, found["interval"], f"{found['validation_coverage']:.1%}",
+                                   f"{found['coverage']:.1%}", f"{found['mean_width']:.1f}"]
+                                  for name, found in calibrated.items()], left=["model", "interval"]))
+        bands = [band for band in band_names() if any(band in f["by_band"] for f in calibrated.values())]
+        console.print(rich_table("Age interval by true age band (test coverage, mean width in years)",
+                                 ["age band", *calibrated],
+                                 [[band, *(cell_of(found["by_band"].get(band)) for found in calibrated.values())]
+                                  for band in bands]))
+    for name, found in report.items():
+        if not found["interval"]:
+            console.print(f"[yellow]note[/] {name}: {found['note']}.")
 
 
 @app.command()
@@ -559,13 +657,16 @@ def main(
         min=10, help="Use a seeded subset of N test faces (quick look).")] = None,
     robustness_faces: Annotated[int, typer.Option(
         min=0, help="Seeded subset of test faces for the degraded copies; 0 = all.")] = ROBUSTNESS_FACES,
+    heatmap_faces: Annotated[int, typer.Option(
+        min=0, help="Seeded subset of test faces the mean Grad-CAM heatmaps average over; 0 = no heatmaps.")]
+    = HEATMAP_FACES,
     models_dir: Annotated[Path, typer.Option(help="Folder of model folders.")] = MODELS_DIR,
     data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
     out: Annotated[Path, typer.Option(help="Results folder for comparison.* and compare/.")] = RESULTS_DIR,
 ) -> None:
     """Compare every saved model on the test split: gender, age and cost tables, bias and robustness."""
     with user_errors():
-        compare(models_dir, data_dir, out, models, limit, robustness_faces)
+        compare(models_dir, data_dir, out, models, limit, robustness_faces, heatmap_faces)
 
 
 if __name__ == "__main__":

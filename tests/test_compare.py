@@ -158,3 +158,28 @@ def test_missing_data_fails_in_one_sentence(models_dir, tmp_path):
                                          "--out", str(tmp_path / "out")])
     assert result.exit_code != 0
     assert "No manifest" in result.output and "Traceback" not in result.output
+
+
+def test_the_age_interval_coverage_and_the_mean_heatmaps(first_run, models_dir, prepared):
+    from agegender.data import load_split
+    from agegender.faces import Predictor
+    from agegender.intervals import summarise
+
+    result, out = first_run
+    summary = json.loads((out / "comparison.json").read_text())
+    assert set(summary["age_interval"]) == {"multitask"}  # the gender model has no age
+    found = summary["age_interval"]["multitask"]
+    predictor = Predictor.load(models_dir / "multitask")
+    images, rows = load_split("test", predictor.image_size, prepared["data_dir"])
+    predicted = predictor.predict_arrays(images)
+    expected = summarise(predicted["age_low"], predicted["age_high"], rows["age"].to_numpy())
+    assert found["coverage"] == pytest.approx(expected["coverage"]) and found["faces"] == len(rows)
+    assert set(found["by_band"]) == set(expected["by_band"])
+    for band, values in expected["by_band"].items():
+        assert found["by_band"][band] == pytest.approx(values)
+    assert found["validation_coverage"] >= 0.8
+    markdown = (out / "comparison.md").read_text()
+    assert "## Age interval" in markdown and f"{found['coverage']:.1%}" in markdown
+    for name in ("gender", "multitask"):
+        assert (out / "compare" / f"{name}-heatmaps.png").stat().st_size > 10_000
+        assert summary["plots"][f"{name} mean heatmaps"] == f"compare/{name}-heatmaps.png"
