@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import pandas as pd
 from PIL import Image
 
 from agegender.cli import UserError, atomic_path, write_json
+from agegender.datasets import UTKFACE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("AGEGENDER_DATA_DIR", REPO_ROOT / "data"))
@@ -88,12 +90,38 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_manifest(data_dir: Path = DATA_DIR) -> pd.DataFrame:
-    """The manifest (file, age, gender, race, split); fails clearly when prepare_data has not run."""
+def load_manifest(data_dir: Path = DATA_DIR, datasets: Sequence[str] | None = (UTKFACE,)) -> pd.DataFrame:
+    """The manifest (file, age, gender, race, split, dataset) of the named datasets (None: every one); fails
+    clearly when prepare_data has not run.
+
+    UTKFace alone by default: only the tasks that train on extra datasets (--extra-source) ask for them. A
+    manifest of UTKFace alone has no dataset column on disk (so its hash stays what the shipped models
+    recorded); its rows get "utkface" here. A label column without a missing value is whole numbers."""
     path = manifest_path(data_dir)
     if not path.exists():
         raise UserError(f"No manifest at {path}: run `python tasks/prepare_data.py` first.")
-    return pd.read_csv(path)
+    manifest = pd.read_csv(path)
+    if "dataset" not in manifest:
+        manifest["dataset"] = UTKFACE
+    if datasets is not None:
+        known = list(dict.fromkeys(manifest["dataset"]))
+        unknown = [name for name in datasets if name not in known]
+        if unknown:
+            raise UserError(f"The manifest has no dataset {unknown[0]!r}; it has {', '.join(known)}.")
+        manifest = manifest[manifest["dataset"].isin(datasets)].reset_index(drop=True)
+    return whole_labels(manifest)
+
+
+def whole_labels(rows: pd.DataFrame) -> pd.DataFrame:
+    """The label columns without a missing value as int64 (pandas reads a column with gaps as floats)."""
+    complete = {column: "int64" for column in ("age", "gender", "race")
+                if column in rows and rows[column].notna().all() and rows[column].dtype != "int64"}
+    return rows.astype(complete) if complete else rows
+
+
+def manifest_datasets(data_dir: Path = DATA_DIR) -> list[str]:
+    """The datasets in the manifest, UTKFace first."""
+    return list(dict.fromkeys(load_manifest(data_dir, None)["dataset"]))
 
 
 def data_state(data_dir: Path = DATA_DIR) -> dict:
@@ -104,15 +132,50 @@ def data_state(data_dir: Path = DATA_DIR) -> dict:
     return json.loads(path.read_text())
 
 
-def image_root(data_dir: Path = DATA_DIR) -> Path:
-    """Folder that holds the manifest's image files."""
-    return Path(data_state(data_dir)["image_root"])
+def image_root(data_dir: Path = DATA_DIR, dataset: str = UTKFACE) -> Path:
+    """Folder that holds a dataset's image files (the manifest's file column is relative to it)."""
+    return Path(dataset_state(data_dir, dataset)["image_root"])
+
+
+def dataset_state(data_dir: Path, dataset: str) -> dict:
+    """What prepare_data recorded about one dataset: image_root, and faces (the CSV of the face found in each
+    image, which its cache is aligned on; None for UTKFace's crops, which are aligned already)."""
+    state = data_state(data_dir)
+    if dataset == UTKFACE:
+        return {"image_root": state["image_root"], "faces": None}
+    if dataset not in state.get("datasets", {}):
+        raise UserError(f"{data_dir / 'prepare.json'} records no dataset {dataset!r}: rerun prepare_data.")
+    return state["datasets"][dataset]
+
+
+# where each image's face was found (prepare_data's faces.csv): the box, the detector's confidence and the eyes
+FACE_COLUMNS = ("x", "y", "width", "height", "confidence", "left_x", "left_y", "right_x", "right_y")
+
+
+def read_faces(path: Path | str) -> dict[str, object]:
+    """{file: agegender.faces.Face} from a faces.csv (eyes None where the detector gave none)."""
+    from agegender.faces import Face
+
+    faces = {}
+    for row in pd.read_csv(path).itertuples(index=False):
+        eyes = (None, None) if pd.isna(row.left_x) else ((row.left_x, row.left_y), (row.right_x, row.right_y))
+        faces[row.file] = Face((int(row.x), int(row.y), int(row.width), int(row.height)), float(row.confidence),
+                               *eyes)
+    return faces
 
 
 def load_face_array(path: Path | str, image_size: int) -> np.ndarray:
     """Decode one image file to an RGB uint8 array of image_size x image_size (the training resize)."""
     with Image.open(path) as image:
         return resize_face(image, image_size)
+
+
+def load_aligned_face(path: Path | str, face, image_size: int) -> np.ndarray:
+    """One face of a photo, aligned as the inference path aligns it (agegender.faces.face_crop on the photo as
+    read_image reads it) at image_size."""
+    from agegender.faces import face_crop, read_image
+
+    return resize_face(face_crop(read_image(path), face, image_size), image_size)
 
 
 def resize_face(image: Image.Image, image_size: int) -> np.ndarray:
@@ -123,12 +186,17 @@ def resize_face(image: Image.Image, image_size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def decode_many(paths: list[Path], image_size: int, progress=None, threads: int = 4) -> np.ndarray:
-    """Decode and resize many images with a thread pool (PIL releases the GIL while decoding)."""
+def decode_many(paths: list[Path], image_size: int, progress=None, threads: int = 4,
+                faces: list | None = None) -> np.ndarray:
+    """Decode and resize many images with a thread pool (PIL releases the GIL while decoding); with `faces`
+    (one agegender.faces.Face per path), each image's face aligned instead."""
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
 
     def work(index: int) -> int:
-        out[index] = load_face_array(paths[index], image_size)
+        if faces is None:
+            out[index] = load_face_array(paths[index], image_size)
+        else:
+            out[index] = load_aligned_face(paths[index], faces[index], image_size)
         return index
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -142,6 +210,19 @@ def cache_dir(image_size: int, data_dir: Path = DATA_DIR) -> Path:
     return data_dir / "cache" / str(image_size)
 
 
+def cache_file(image_size: int, data_dir: Path, dataset: str, split: str) -> Path:
+    """A dataset's cached split: <size>/<split>.npy for UTKFace (as before extra datasets existed), else
+    <size>/<dataset>/<split>.npy."""
+    folder = cache_dir(image_size, data_dir)
+    return folder / f"{split}.npy" if dataset == UTKFACE else folder / dataset / f"{split}.npy"
+
+
+def faces_signature(data_dir: Path) -> dict[str, str]:
+    """{dataset: sha256 of its faces.csv} for the extra datasets (their crops depend on the faces found)."""
+    datasets = data_state(data_dir).get("datasets", {})
+    return {name: file_sha256(Path(where["faces"])) for name, where in datasets.items() if where.get("faces")}
+
+
 def cache_is_current(image_size: int, data_dir: Path = DATA_DIR) -> bool:
     folder = cache_dir(image_size, data_dir)
     meta_path = folder / "meta.json"
@@ -152,48 +233,65 @@ def cache_is_current(image_size: int, data_dir: Path = DATA_DIR) -> bool:
     return (
         meta.get("manifest_sha256") == state["manifest_sha256"]
         and meta.get("image_root") == state["image_root"]
-        and all((folder / f"{split}.npy").exists() for split in SPLITS)
+        and meta.get("faces", {}) == faces_signature(data_dir)
+        and all(cache_file(image_size, data_dir, dataset, split).exists()
+                for dataset in manifest_datasets(data_dir) for split in SPLITS)
     )
 
 
 def build_cache(image_size: int, data_dir: Path = DATA_DIR, progress_factory=None) -> Path:
-    """Decode every manifest image once at image_size into data/cache/<size>/<split>.npy (atomic)."""
-    manifest = load_manifest(data_dir)
+    """Decode every manifest image once at image_size into one file per dataset and split (atomic); the images
+    of an extra dataset are aligned on the face prepare_data found in each."""
+    manifest = load_manifest(data_dir, None)
     state = data_state(data_dir)
-    root = Path(state["image_root"])
     folder = cache_dir(image_size, data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        files = manifest.loc[manifest["split"] == split, "file"].tolist()
-        paths = [root / name for name in files]
-        advance = progress_factory(f"cache {image_size}px {split}", len(paths)) if progress_factory else None
-        arrays = decode_many(paths, image_size, progress=advance)
-        with atomic_path(folder / f"{split}.npy") as tmp:
-            np.save(tmp, arrays)
+    for dataset in dict.fromkeys(manifest["dataset"]):
+        where = dataset_state(data_dir, dataset)
+        root = Path(where["image_root"])
+        faces = read_faces(where["faces"]) if where.get("faces") else None
+        label = "" if dataset == UTKFACE else f"{dataset} "
+        for split in SPLITS:
+            files = manifest.loc[(manifest["dataset"] == dataset) & (manifest["split"] == split), "file"].tolist()
+            advance = progress_factory(f"cache {image_size}px {label}{split}", len(files)) if progress_factory else None
+            arrays = decode_many([root / name for name in files], image_size, progress=advance,
+                                 faces=None if faces is None else [faces[name] for name in files])
+            with atomic_path(cache_file(image_size, data_dir, dataset, split)) as tmp:
+                np.save(tmp, arrays)
     meta = {"manifest_sha256": state["manifest_sha256"], "image_root": state["image_root"],
             "image_size": image_size}
+    if faces_signature(data_dir):  # only with extra datasets, so a UTKFace-only meta.json keeps its keys
+        meta["faces"] = faces_signature(data_dir)
     write_json(folder / "meta.json", meta)
     return folder
 
 
-def load_split(split: str, image_size: int, data_dir: Path = DATA_DIR,
-               limit: int | None = None) -> tuple[np.ndarray, pd.DataFrame]:
-    """Cached uint8 images and the manifest rows of one split, building the cache when needed.
+def load_split(split: str, image_size: int, data_dir: Path = DATA_DIR, limit: int | None = None,
+               datasets: Sequence[str] | None = (UTKFACE,)) -> tuple[np.ndarray, pd.DataFrame]:
+    """Cached uint8 images and the manifest rows of one split of the named datasets (None: every dataset in the
+    manifest; UTKFace alone by default), building the cache when needed.
 
-    `limit` keeps a seeded random subset of at most that many images."""
+    `limit` keeps a seeded random subset of at most that many images of each dataset."""
     if split not in SPLITS:
         raise UserError(f"Unknown split {split!r}; expected one of {', '.join(SPLITS)}.")
     if not cache_is_current(image_size, data_dir):
         build_cache(image_size, data_dir)
-    manifest = load_manifest(data_dir)
-    rows = manifest[manifest["split"] == split].reset_index(drop=True)
-    images = np.load(cache_dir(image_size, data_dir) / f"{split}.npy", mmap_mode="r")
-    if len(images) != len(rows):
-        raise UserError(f"The {image_size}px cache does not match the manifest: rerun prepare_data with --force.")
-    if limit is not None and limit < len(rows):
-        keep = np.sort(np.random.default_rng(SEED).choice(len(rows), size=limit, replace=False))
-        return np.asarray(images[keep]), rows.iloc[keep].reset_index(drop=True)
-    return np.asarray(images), rows
+    manifest = load_manifest(data_dir, datasets)
+    parts = []
+    for dataset in dict.fromkeys(manifest["dataset"]):
+        rows = manifest[(manifest["split"] == split) & (manifest["dataset"] == dataset)].reset_index(drop=True)
+        images = np.load(cache_file(image_size, data_dir, dataset, split), mmap_mode="r")
+        if len(images) != len(rows):
+            raise UserError(f"The {image_size}px cache does not match the manifest: rerun prepare_data with --force.")
+        if limit is not None and limit < len(rows):
+            keep = np.sort(np.random.default_rng(SEED).choice(len(rows), size=limit, replace=False))
+            parts.append((np.asarray(images[keep]), rows.iloc[keep].reset_index(drop=True)))
+        else:
+            parts.append((np.asarray(images), rows))
+    if len(parts) == 1:
+        return parts[0]
+    return (np.concatenate([images for images, _ in parts]),
+            whole_labels(pd.concat([rows for _, rows in parts], ignore_index=True)))
 
 
 # ---------------------------------------------------------------- tf.data pipeline
@@ -389,11 +487,15 @@ def augment_batch(images, augment: Augment, seed):
 
 
 def make_dataset(images: np.ndarray, targets: dict[str, np.ndarray], batch_size: int, training: bool,
-                 augment: Augment | None = None, seed: int = SEED, sample_weight: np.ndarray | None = None):
-    """Batches of (float images in [0, 1], {output name: target}[, weights]) from cached uint8 arrays.
+                 augment: Augment | None = None, seed: int = SEED, sample_weight: np.ndarray | None = None,
+                 sampling: np.ndarray | None = None):
+    """Batches of (float images in [0, 1], {output name: target}[, weights]) from cached uint8 arrays; a missing
+    label is a NaN target, which the losses and metrics of agegender.models leave out.
 
     Shuffling and augmentation happen only when training; whole batches are gathered and augmented at
-    once, which keeps the per-image overhead of tf.data out of the loop."""
+    once, which keeps the per-image overhead of tf.data out of the loop. With `sampling` (a chance per image,
+    agegender.sampling), a training epoch is as many draws with replacement by those chances as there are images
+    of non-zero chance (fresh draws each epoch, reproducible from `seed`) instead of a shuffle."""
     import tensorflow as tf
 
     image_tensor = tf.convert_to_tensor(images)
@@ -401,9 +503,12 @@ def make_dataset(images: np.ndarray, targets: dict[str, np.ndarray], batch_size:
                       for name, v in targets.items()}
     weight_tensor = None if sample_weight is None else tf.convert_to_tensor(sample_weight, tf.float32)
     count = len(images)
-    indices = tf.data.Dataset.range(count)
-    if training:
-        indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    if training and sampling is not None:
+        indices = sampled_indices(sampling, seed)
+    else:
+        indices = tf.data.Dataset.range(count)
+        if training:
+            indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
     indices = indices.batch(batch_size)
     # a fresh pair of seeds per batch, different every epoch, reproducible from `seed`
     batch_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
@@ -420,3 +525,25 @@ def make_dataset(images: np.ndarray, targets: dict[str, np.ndarray], batch_size:
 
     dataset = tf.data.Dataset.zip(indices, batch_seeds)
     return dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def sampled_indices(probabilities: np.ndarray, seed: int):
+    """A tf.data stream of image indices drawn with replacement by those probabilities (inverse-CDF sampling), as
+    many as there are images of non-zero probability, new draws each time it is iterated (each epoch),
+    reproducible from `seed`."""
+    import tensorflow as tf
+
+    count = len(probabilities)
+    draws = int(np.count_nonzero(probabilities))
+    cdf = np.cumsum(np.asarray(probabilities, dtype=np.float64) / np.sum(probabilities))
+    cdf[-1] = 1.0
+    cdf_tensor = tf.constant(cdf, tf.float64)
+
+    def draw(epoch_seed):
+        uniform = tf.random.stateless_uniform([draws], epoch_seed, dtype=tf.float64)
+        picked = tf.searchsorted(cdf_tensor, uniform, side="right")
+        return tf.data.Dataset.from_tensor_slices(tf.minimum(picked, count - 1))
+
+    epoch_seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2).take(1)
+    # a known length, so Keras counts the steps of an epoch instead of running the stream dry
+    return epoch_seeds.flat_map(draw).apply(tf.data.experimental.assert_cardinality(draws))

@@ -50,3 +50,87 @@ COST_COLUMNS = [("backend", "runs", "{}", None), ("parameters", "parameters", "{
                 ("ms_batch1", "CPU ms/image (batch 1)", "{:.2f}", "min"),
                 ("images_per_s", f"images/s (batch {THROUGHPUT_BATCH})", "{:,.0f}", "max")]
 METRIC_COLUMNS = GENDER_COLUMNS + AGE_COLUMNS
+
+
+# ---------------------------------------------------------------- figures per group (evaluate; compare's bias view)
+
+GROUPINGS = ("race", "age band", "gender")
+CLASS_METRICS = ("precision", "recall", "f1", "roc_auc")  # undefined inside a one-gender group
+GROUPING_LABELS = {"race": "race", "age band": "age", "gender": "gender"}  # the label each grouping reads
+
+
+def labelled_metrics(predictions: dict[str, np.ndarray], rows) -> dict:
+    """Every metric in one flat dict (gender and age metrics share no names), each over the rows that have its
+    label (a NaN label is missing); predictions: {"p_female": ..., "age": ...}, the keys a model has. n: rows;
+    n_gender and n_age: rows the gender and age figures are over."""
+    found: dict = {"n": len(rows)}
+    if "p_female" in predictions and "gender" in rows:
+        known = rows["gender"].notna().to_numpy()
+        if known.any():
+            found["n_gender"] = int(known.sum())
+            gender = gender_metrics(rows["gender"].to_numpy()[known], np.asarray(predictions["p_female"])[known])
+            found.update({key: gender[key] for key, *_ in GENDER_COLUMNS})
+    if "age" in predictions and "age" in rows:
+        known = rows["age"].notna().to_numpy()
+        if known.any():
+            found["n_age"] = int(known.sum())
+            age = age_metrics(rows["age"].to_numpy()[known], np.asarray(predictions["age"])[known])
+            found.update({key: age[key] for key, *_ in AGE_COLUMNS})
+    return found
+
+
+def group_labels(rows, grouping: str):
+    """(each row's group name, NaN where its label is missing; the groups in reporting order)."""
+    from agegender.data import AGE_BANDS, GENDER_LABELS, RACE_LABELS, age_band
+
+    if grouping == "race":
+        return rows["race"].map(lambda race: RACE_LABELS.get(int(race)) if race == race else None), \
+            list(RACE_LABELS.values())
+    if grouping == "age band":
+        return rows["age"].map(lambda age: age_band(age) if age == age else None), \
+            [age_band(low) for low, _ in AGE_BANDS]
+    if grouping == "gender":
+        return rows["gender"].map(lambda gender: GENDER_LABELS[str(int(gender))] if gender == gender else None), \
+            list(GENDER_LABELS.values())
+    raise ValueError(f"unknown grouping {grouping!r}; expected one of {GROUPINGS}")
+
+
+def group_metrics(predictions: dict[str, np.ndarray], rows, groupings=GROUPINGS) -> list[dict]:
+    """One record per group present ({"grouping", "group", "n", metrics...}): every metric inside each race, age
+    band and gender whose label the rows have; the class metrics are NaN inside a one-gender group."""
+    records = []
+    for grouping in groupings:
+        if GROUPING_LABELS[grouping] not in rows or rows[GROUPING_LABELS[grouping]].isna().all():
+            continue
+        labels, order = group_labels(rows, grouping)
+        for group in order:
+            mask = (labels == group).to_numpy()
+            if not mask.any():
+                continue
+            subset = {key: np.asarray(values)[mask] for key, values in predictions.items()}
+            found = labelled_metrics(subset, rows[mask])
+            if rows.loc[mask, "gender"].dropna().nunique() < 2:
+                found.update({key: float("nan") for key in CLASS_METRICS if key in found})
+            records.append({"grouping": grouping, "group": group, **found})
+    return records
+
+
+def group_gaps(groups, by=("grouping",)) -> list[dict]:
+    """Per metric and grouping (and any other `by` columns, e.g. the model): the best and worst group and the
+    gap between them, from group_metrics' records as a data frame; metrics defined in fewer than 2 groups are
+    left out."""
+    gaps = []
+    if len(groups) == 0:
+        return gaps
+    for keys, part in groups.groupby(list(by), sort=False):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        for key, _, _, better in METRIC_COLUMNS:
+            if key not in part or part[key].notna().sum() < 2:
+                continue
+            valid = part[part[key].notna()]
+            best = valid.loc[valid[key].idxmax() if better == "max" else valid[key].idxmin()]
+            worst = valid.loc[valid[key].idxmin() if better == "max" else valid[key].idxmax()]
+            gaps.append({**dict(zip(by, keys, strict=True)), "metric": key, "best_group": best["group"],
+                         "best": float(best[key]), "worst_group": worst["group"], "worst": float(worst[key]),
+                         "gap": float(abs(best[key] - worst[key]))})
+    return gaps

@@ -68,19 +68,70 @@ CNN_METRICS = {"gender": {"gender": ["binary_accuracy", "auc"]}, "age": {"age": 
                "multitask": {"age": ["mae"], "gender": ["binary_accuracy"]}}
 
 
+def labelled(y_true):
+    """1 where the target is a label, 0 where it is missing (NaN), and the targets with 0 in the gaps."""
+    known = keras.ops.logical_not(keras.ops.isnan(y_true))
+    return keras.ops.cast(known, "float32"), keras.ops.where(known, y_true, keras.ops.zeros_like(y_true))
+
+
+@keras.saving.register_keras_serializable("agegender")
+class MaskedLoss(keras.losses.Loss):
+    """A per-image loss over the images that have the label: a missing one (NaN target) adds nothing, and the
+    others' mean is taken over their own count (Keras divides the batch's sum by the batch size, so each value
+    is scaled by batch size / labelled images). Without a missing label it is the plain loss."""
+
+    def __init__(self, kind: str = "mae", label_smoothing: float = 0.0, name: str | None = None, **kwargs):
+        super().__init__(name=name or f"masked_{kind}", **kwargs)
+        self.kind, self.label_smoothing = kind, float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        mask, y_true = labelled(keras.ops.cast(y_true, "float32"))
+        if self.kind == "mae":
+            per_image = keras.ops.mean(keras.ops.abs(y_pred - y_true), axis=-1)
+        else:
+            per_image = keras.losses.binary_crossentropy(y_true, y_pred, label_smoothing=self.label_smoothing)
+        mask = keras.ops.min(mask, axis=-1)
+        count = keras.ops.cast(keras.ops.shape(mask)[0], "float32")
+        return per_image * mask * count / keras.ops.maximum(keras.ops.sum(mask), 1.0)
+
+    def get_config(self):
+        return {**super().get_config(), "kind": self.kind, "label_smoothing": self.label_smoothing}
+
+
+def masked_metric(base):
+    """A Keras metric class that skips images whose label is missing (NaN target), under the same name."""
+
+    class Masked(base):
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            mask, y_true = labelled(keras.ops.cast(y_true, "float32"))
+            weight = mask if sample_weight is None else mask * keras.ops.reshape(
+                keras.ops.cast(sample_weight, "float32"), keras.ops.shape(mask))
+            return super().update_state(y_true, y_pred, sample_weight=weight)
+
+    Masked.__name__ = f"Masked{base.__name__}"
+    return Masked
+
+
+MASKED_METRICS = {"mae": masked_metric(keras.metrics.MeanAbsoluteError),
+                  "mse": masked_metric(keras.metrics.MeanSquaredError),
+                  "binary_accuracy": masked_metric(keras.metrics.BinaryAccuracy),
+                  "auc": masked_metric(keras.metrics.AUC)}
+
+
 def compile_outputs(model, rate: float, params: dict, metrics: dict[str, list[str]]) -> None:
     """AdamW at `rate`; MAE on age / 120 and binary cross-entropy (label-smoothed by
-    params["gender_label_smoothing"]) on gender, weighted by params["<output>_loss_weight"]."""
+    params["gender_label_smoothing"]) on gender, weighted by params["<output>_loss_weight"]. Losses and metrics
+    leave out the images whose label is missing (a NaN target: a dataset without ages trains the gender head
+    alone); the metrics keep Keras's names (age_mae, gender_binary_accuracy, ...)."""
     outputs = list(metrics)
-    losses = {"age": "mae",
-              "gender": keras.losses.BinaryCrossentropy(
-                  label_smoothing=float(params.get("gender_label_smoothing", 0.0)))}
-    named = {"auc": lambda: keras.metrics.AUC(name="auc")}
+    losses = {"age": lambda: MaskedLoss("mae"),
+              "gender": lambda: MaskedLoss("binary_crossentropy",
+                                           label_smoothing=float(params.get("gender_label_smoothing", 0.0)))}
     model.compile(
         optimizer=keras.optimizers.AdamW(rate, weight_decay=float(params["weight_decay"])),
-        loss={name: losses[name] for name in outputs},
+        loss={name: losses[name]() for name in outputs},
         loss_weights={name: float(params.get(f"{name}_loss_weight", 1.0)) for name in outputs},
-        metrics={name: [named[m]() if m in named else m for m in found] for name, found in metrics.items()},
+        metrics={name: [MASKED_METRICS[m](name=m) for m in found] for name, found in metrics.items()},
     )
 
 

@@ -23,12 +23,18 @@ from agegender.families import FAMILIES
 from agegender.modelio import run_path
 from agegender.models import AGE_HEADS
 from agegender.recipes import plan_run
+from agegender.sampling import parse_balance, parse_dataset_weights
 from agegender.training import LR_SCHEDULES, TrainResult, print_metrics
 
 
 def report(name: str, result: TrainResult) -> None:
-    print_metrics(f"{name}: validation split", result.val_metrics)
-    print_metrics(f"{name}: test split", result.test_metrics)
+    for split, metrics in (("validation", result.val_metrics), ("test", result.test_metrics)):
+        datasets = metrics.get("datasets") or {}
+        if len(datasets) > 1:  # several datasets: each one's figures
+            for dataset, found in datasets.items():
+                print_metrics(f"{name}: {split} split, {dataset}", found)
+        else:
+            print_metrics(f"{name}: {split} split", metrics)
     console.print(f"Saved to {result.out_dir} ({result.seconds_per_epoch:.1f} s per epoch, "
                   f"{len(result.history)} epochs).")
 
@@ -92,6 +98,12 @@ def cnn_trainer(name: str) -> typer.Typer:
             min=0, hidden=other("age_loss_weight"), help="Weight of the age loss.")] = None,
         gender_loss_weight: Annotated[float | None, typer.Option(
             min=0, hidden=other("gender_loss_weight"), help="Weight of the gender loss.")] = None,
+        balance: Annotated[str | None, typer.Option(
+            help="Draw training images so that every group of these labels (any of race, gender, age_band, "
+                 "comma-separated) is seen equally often within each dataset.")] = None,
+        dataset_weight: Annotated[list[str] | None, typer.Option(
+            help="NAME=W (repeatable): each image of that dataset in the manifest is drawn W times as often as "
+                 "one of weight 1 (the default); 0 leaves it out of training.")] = None,
         limit: cli.LimitOption = None,
         params: cli.ParamsOption = None,
         data_dir: cli.DataDirOption = DATA_DIR,
@@ -118,6 +130,7 @@ def cnn_trainer(name: str) -> typer.Typer:
         cli.check_choice(age_head_kind, AGE_HEADS, "--age-head")
         cli.check_choice(lr_schedule, LR_SCHEDULES, "--lr-schedule")
         with user_errors():
+            balanced, weights = parse_balance(balance), parse_dataset_weights(dataset_weight)
             plan = plan_run(name, recipe, params, flags,
                             {"epochs": epochs, "image_size": image_size, "patience": patience})
             folder, extra_callbacks = run_folder(name, plan, limit, data_dir, out, init_from, run_dir, backup)
@@ -125,7 +138,8 @@ def cnn_trainer(name: str) -> typer.Typer:
             result = family.train(plan.params, plan.settings["image_size"], plan.settings["epochs"], data_dir,
                                   limit, out, extra_callbacks=extra_callbacks, init_from=init_from,
                                   patience=plan.settings["patience"],
-                                  seed=plan.settings["seed"], tensorboard_dir=logs, metadata_extra=plan.metadata())
+                                  seed=plan.settings["seed"], tensorboard_dir=logs, metadata_extra=plan.metadata(),
+                                  balance=balanced, dataset_weights=weights)
             report(name, result)
             if logs is not None:
                 console.print(f"TensorBoard logs in {logs} (nox -s tensorboard).")

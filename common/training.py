@@ -15,6 +15,7 @@ import pandas as pd
 
 from agegender.cli import UserError, console, write_json
 from agegender.data import AGE_SCALE, DATA_DIR, SEED, Augment, data_state, load_split, make_dataset
+from agegender.datasets import UTKFACE
 from agegender.families import TASK_OUTPUTS
 from agegender.intervals import DISTRIBUTION_LAYER, INTERVAL_KEY, calibrate
 from agegender.metrics import age_metrics, gender_metrics
@@ -51,11 +52,18 @@ def split_cap(split: str, limit: int | None) -> int | None:
 
 
 def load_data(image_size: int, data_dir: Path = DATA_DIR, limit: int | None = None,
-              splits=("train", "val", "test")) -> dict[str, SplitData]:
-    """Cached arrays per split; `limit` caps the training images (val and test get a proportional cap)."""
+              splits=("train", "val", "test"), datasets=(UTKFACE,),
+              outputs: list[str] | None = None) -> dict[str, SplitData]:
+    """Cached arrays per split of the named datasets (None: every one in the manifest); `limit` caps the training
+    images of each (val and test get a proportional cap). With `outputs`, only the images with at least one of
+    those labels (a gender-only dataset gives an age model nothing)."""
     data = {}
     for split in splits:
-        images, rows = load_split(split, image_size, data_dir, split_cap(split, limit))
+        images, rows = load_split(split, image_size, data_dir, split_cap(split, limit), datasets)
+        if outputs is not None:
+            keep = rows[list(outputs)].notna().any(axis=1).to_numpy()
+            if not keep.all():
+                images, rows = images[keep], rows[keep].reset_index(drop=True)
         data[split] = SplitData(images, rows)
     return data
 
@@ -64,10 +72,14 @@ def age_sample_weights(ages: np.ndarray, power: float) -> np.ndarray | None:
     """Weights ~ (frequency of the 5-year age bin) ** -power, mean 1; power 0 means none."""
     if power <= 0:
         return None
-    bins = np.minimum(np.asarray(ages) // 5, 20).astype(int)
+    ages = np.asarray(ages, dtype=float)
+    known = ~np.isnan(ages)  # an image without an age keeps weight 1 (its age loss is masked anyway)
+    bins = np.minimum(ages[known] // 5, 20).astype(int)
     counts = np.bincount(bins, minlength=21).astype(float)
-    weights = counts[bins] ** -power
-    return (weights / weights.mean()).astype(np.float32)
+    weights = np.ones(len(ages))
+    weights[known] = counts[bins] ** -power
+    weights[known] /= weights[known].mean()
+    return weights.astype(np.float32)
 
 
 LR_SCHEDULES = ("plateau", "cosine")
@@ -288,8 +300,10 @@ def tensorboard_callback(log_dir: Path):
 def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str, Any], epochs: int,
         monitor: str, mode: str = "min", patience: int | None = None, extra_callbacks: list | None = None,
         checkpoint: Path | None = None, verbose: int | str = "auto",
-        summary: dict[str, Any] | None = None, seed: int = SEED) -> tuple[pd.DataFrame, float]:
-    """Train with early stopping, LR reduction and checkpointing; returns (history, seconds per epoch).
+        summary: dict[str, Any] | None = None, seed: int = SEED,
+        sampling: np.ndarray | None = None) -> tuple[pd.DataFrame, float]:
+    """Train with early stopping, LR reduction and checkpointing; returns (history, seconds per epoch). With
+    `sampling` (a chance per training image, agegender.sampling), epochs draw images by it instead of shuffling.
 
     params["swa_epochs"] > 0 averages the weights of that many last epochs; what came of it goes into
     summary["swa"] when a summary dict is given. An agegender.distribute.training_backup among extra_callbacks
@@ -308,7 +322,7 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
     weights = train_sample_weights(train.rows, outputs, params)
     batch_size = int(params["batch_size"])
     train_ds = make_dataset(train.images, train.targets(outputs), batch_size, training=True, augment=augment,
-                            sample_weight=weights)
+                            sample_weight=weights, sampling=sampling)
     val_ds = make_dataset(val.images, val.targets(outputs), batch_size, training=False)
     # one step first so the metric names exist, then check what the callbacks watch
     model.evaluate(val_ds.take(1), verbose=0)
@@ -352,12 +366,29 @@ def predict_split(model, split: SplitData, outputs: list[str], batch_size: int =
 
 
 def evaluate(predicted: dict[str, np.ndarray], rows: pd.DataFrame) -> dict[str, Any]:
+    """Gender and age metrics over the images that have each label. With several datasets, the top level is
+    UTKFace's (the figures every model is compared on) and "datasets" holds each dataset's."""
+    if "dataset" in rows and rows["dataset"].nunique() > 1:
+        each = {name: evaluate({key: value[(rows["dataset"] == name).to_numpy()] for key, value in predicted.items()},
+                               rows[rows["dataset"] == name])
+                for name in dict.fromkeys(rows["dataset"])}
+        return {**each.get(UTKFACE, {}), "datasets": each}
     metrics: dict[str, Any] = {}
-    if "p_female" in predicted:
-        metrics["gender"] = gender_metrics(rows["gender"].to_numpy(), predicted["p_female"])
-    if "age" in predicted:
-        metrics["age"] = age_metrics(rows["age"].to_numpy(), predicted["age"])
+    if "p_female" in predicted and rows["gender"].notna().any():
+        known = rows["gender"].notna().to_numpy()
+        metrics["gender"] = gender_metrics(rows["gender"].to_numpy()[known], predicted["p_female"][known])
+    if "age" in predicted and rows["age"].notna().any():
+        known = rows["age"].notna().to_numpy()
+        metrics["age"] = age_metrics(rows["age"].to_numpy()[known], predicted["age"][known])
     return metrics
+
+
+def primary(predicted: dict[str, np.ndarray], rows: pd.DataFrame) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+    """The UTKFace part of predictions and rows (the plots and the age interval are UTKFace's)."""
+    if "dataset" not in rows or rows["dataset"].eq(UTKFACE).all():
+        return predicted, rows
+    keep = rows["dataset"].eq(UTKFACE).to_numpy()
+    return ({key: value[keep] for key, value in predicted.items()}, rows[keep].reset_index(drop=True))
 
 
 def save_run(out_dir: Path, model, metadata: dict[str, Any], history: pd.DataFrame | None, test_metrics: dict,
@@ -399,10 +430,11 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
                  "train_images": len(data["train"].rows), "parameters": int(model.count_params()),
                  **(metadata_extra or {})}
         if "age" in outputs:
-            extra[INTERVAL_KEY] = calibrate(val_predicted["age"], data["val"].rows["age"].to_numpy(),
-                                            val_predicted.get(DISTRIBUTION_LAYER))
+            val_age, val_rows = primary(val_predicted, data["val"].rows)
+            extra[INTERVAL_KEY] = calibrate(val_age["age"], val_rows["age"].to_numpy(),
+                                            val_age.get(DISTRIBUTION_LAYER))
         metadata = make_metadata(task, image_size, params, manifest_hash(data_dir), **extra)
-        save_run(out_dir, model, metadata, history, result.test_metrics, predicted, data["test"].rows,
+        save_run(out_dir, model, metadata, history, result.test_metrics, *primary(predicted, data["test"].rows),
                  validation={**val_metrics, "limit": limit})
         result.out_dir = Path(out_dir)
     return result
@@ -413,12 +445,23 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
                 extra_callbacks: list | None = None, monitor: str = "val_loss", mode: str = "min",
                 evaluate_test: bool = True, verbose: int | str = "auto",
                 metadata_extra: dict[str, Any] | None = None, init_from: Path | None = None,
-                patience: int | None = None, seed: int = SEED, tensorboard_dir: Path | None = None) -> TrainResult:
+                patience: int | None = None, seed: int = SEED, tensorboard_dir: Path | None = None,
+                balance: tuple[str, ...] = (), dataset_weights: dict[str, float] | None = None) -> TrainResult:
     """Build, fit, evaluate on validation (and test) and save to out_dir (skipped when it is None); with
-    tensorboard_dir, TensorBoard logs every epoch there."""
+    tensorboard_dir, TensorBoard logs every epoch there.
+
+    Every dataset in the manifest is used (the images with a label this task predicts); `dataset_weights`
+    ({name: weight}, 1 unless given, 0 leaves one out of training) and `balance` (labels whose groups are drawn
+    equally often, agegender.sampling) set how often each training image is drawn."""
+    from agegender.sampling import check_dataset_weights, describe_sampling, sampling_probabilities
+
     started = time.perf_counter()
     outputs = list(TASK_OUTPUTS[task])
-    data = load_data(image_size, data_dir, limit)
+    data = load_data(image_size, data_dir, limit, datasets=None, outputs=outputs)
+    weights = check_dataset_weights(dataset_weights or {}, list(dict.fromkeys(data["train"].rows["dataset"])))
+    sampling = sampling_probabilities(data["train"].rows, tuple(balance), weights)
+    if sampling is not None:
+        describe_sampling(data["train"].rows, sampling, tuple(balance))
     model = build_model(image_size, params)
     metadata_extra = {"family": task, **({"age_head": params.get("age_head")} if "age" in outputs else {}),
                       **(metadata_extra or {})}
@@ -428,7 +471,10 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
     extra_callbacks = [*(extra_callbacks or []), *([tensorboard_callback(tensorboard_dir)] if tensorboard_dir else [])]
     summary: dict[str, Any] = {}
     history, seconds = fit(model, data, outputs, params, epochs, monitor, mode, patience,
-                           extra_callbacks=extra_callbacks, verbose=verbose, summary=summary, seed=seed)
+                           extra_callbacks=extra_callbacks, verbose=verbose, summary=summary, seed=seed,
+                           sampling=sampling)
+    if sampling is not None or len(weights) > 1:
+        metadata_extra["sampling"] = {"balance": list(balance), "dataset_weights": weights}
     metadata_extra.update(summary, monitor=monitor, patience=patience, seed=seed,
                           tensorboard=None if tensorboard_dir is None else str(tensorboard_dir),
                           train_seconds=round(time.perf_counter() - started, 1))

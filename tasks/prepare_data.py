@@ -1,10 +1,19 @@
-"""Prepare UTKFace: read the source, explore the labels, split train/val/test and cache decoded images.
+"""Prepare UTKFace (and any extra labelled datasets): read the sources, explore the labels, split train/val/test
+and cache decoded images.
 
     python tasks/prepare_data.py --source ../shared/data/utkface/UTKFace.tar.gz
+    python tasks/prepare_data.py --data-dir data-celeba --extra-source ../shared/data/celeba/celeba-10k.tar.gz
+
+An extra dataset (agegender.datasets: images + labels.csv) gets its rows in the manifest tagged with its name, its
+own split (same seed, stratified by the labels it has), the face found in each image (the cache holds the crops
+aligned as the inference path aligns them), and its own summary and plot. Its unusable rows are listed with a
+reason, never fatal. With extra datasets the manifest gains a dataset column, so its hash changes: prepare them
+into their own --data-dir to keep the UTKFace-only one that the shipped models recorded.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tarfile
@@ -19,10 +28,11 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.model_selection import train_test_split
 
-from agegender.cli import UserError, console, user_errors, write_json, write_text
+from agegender.cli import UserError, check_choice, console, user_errors, write_json, write_text
 from agegender.data import (
     AGE_BANDS,
     DATA_DIR,
+    FACE_COLUMNS,
     IMAGE_SUFFIXES,
     RACE_LABELS,
     RESULTS_DIR,
@@ -37,7 +47,9 @@ from agegender.data import (
     manifest_path,
     parse_utkface_name,
 )
-from agegender.plots import plot_data
+from agegender.datasets import UTKFACE, LabelledDataset, dataset_name, open_dataset, source_signature
+from agegender.faces import DEFAULT_DETECTOR, DETECTORS, detect_faces, read_image
+from agegender.plots import plot_data, pyplot, save
 from agegender.tables import rich_table
 
 HUB_REPO = os.environ.get("UTKFACE_HUB_REPO", "py97/UTKFace-Cropped")
@@ -175,6 +187,120 @@ def split_manifest(frame: pd.DataFrame, test_size: float, val_size: float) -> pd
     return pd.concat(parts).sort_values(["split", "file"]).reset_index(drop=True)
 
 
+# ---------------------------------------------------------------- extra datasets
+
+MIN_EXTRA_IMAGES = 10  # fewer usable images than this cannot be split three ways
+
+
+def extra_strata(frame: pd.DataFrame, minimum: int = 4) -> pd.Series | None:
+    """The split's strata for an extra dataset: age stratum x gender where every row has both, else the one of
+    them every row has; None (a plain random split) when neither is complete or the groups are too small."""
+    parts = []
+    if frame["age"].notna().all():
+        parts.append(frame["age"].map(lambda age: band_name(age, SPLIT_AGE_STRATA)))
+    if frame["gender"].notna().all():
+        parts.append(frame["gender"].astype(int).astype(str))
+    if not parts:
+        return None
+    labels = parts[0] if len(parts) == 1 else parts[0] + "_" + parts[1]
+    if len(parts) == 2:
+        labels = labels.where(labels.map(labels.value_counts()) >= minimum, parts[1])
+    labels = labels.where(labels.map(labels.value_counts()) >= minimum, labels.value_counts().idxmax())
+    return labels if labels.nunique() > 1 and labels.value_counts().min() >= minimum else None
+
+
+def split_extra(frame: pd.DataFrame, test_size: float, val_size: float) -> pd.DataFrame:
+    """An extra dataset's seeded split (test first, then val out of the rest), stratified where its labels allow."""
+    rest, test = train_test_split(frame, test_size=test_size, random_state=SEED, stratify=extra_strata(frame))
+    train, val = train_test_split(rest, test_size=val_size, random_state=SEED, stratify=extra_strata(rest))
+    parts = [part.assign(split=name) for name, part in (("train", train), ("val", val), ("test", test))]
+    return pd.concat(parts).sort_values(["split", "file"]).reset_index(drop=True)
+
+
+def find_faces(dataset: LabelledDataset, faces_path: Path, detector: str, force: bool,
+               progress_factory) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """The largest face in each image (faces.csv: file + FACE_COLUMNS), reused while the source, its usable
+    rows and the detector are unchanged; images without a face as problems."""
+    stamp = {"source": source_signature(dataset.source), "detector": detector, "files": len(dataset.rows)}
+    stamp_path = faces_path.with_suffix(".json")
+    if not force and faces_path.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
+        found = pd.read_csv(faces_path)
+    else:
+        records = []
+        advance = progress_factory(f"finding faces in {dataset.name} ({detector})", len(dataset.rows))
+        for name in dataset.rows["file"]:
+            faces = detect_faces(read_image(dataset.root / name), detector)
+            if faces:
+                face = faces[0]
+                eyes = (*face.left_eye, *face.right_eye) if face.left_eye and face.right_eye else (None,) * 4
+                records.append({"file": name, **dict(zip(FACE_COLUMNS, (*face.box, face.confidence, *eyes),
+                                                         strict=True))})
+            advance()
+        found = pd.DataFrame(records, columns=["file", *FACE_COLUMNS])
+        write_text(faces_path, found.to_csv(index=False))
+        write_json(stamp_path, stamp)
+    missing = sorted(set(dataset.rows["file"]) - set(found["file"]))
+    return found, [{"file": name, "reason": "no face found"} for name in missing]
+
+
+def prepare_extra(source: str, data_dir: Path, results_dir: Path, test_size: float, val_size: float, force: bool,
+                  detector: str, progress_factory) -> tuple[pd.DataFrame, dict, dict]:
+    """One extra dataset: (its manifest rows, what prepare.json records about it, its summary)."""
+    name = dataset_name(source)
+    folder = data_dir / "datasets" / name
+    with console.status(f"Reading {source} ..."):
+        dataset = open_dataset(source, folder / "files", force, name, progress_factory)
+    faces, no_face = find_faces(dataset, folder / "faces.csv", detector, force, progress_factory)
+    rows = dataset.rows[dataset.rows["file"].isin(set(faces["file"]))].reset_index(drop=True)
+    problems = dataset.problems + no_face
+    if len(rows) < MIN_EXTRA_IMAGES:
+        raise UserError(f"Only {len(rows)} usable images in {source} ({len(problems)} listed as unusable); an "
+                        f"extra dataset needs at least {MIN_EXTRA_IMAGES}.")
+    manifest = split_extra(rows, test_size, val_size).assign(dataset=name)
+    state = {"source": str(Path(source).expanduser()), "image_root": str(dataset.root),
+             "faces": str((folder / "faces.csv").resolve()), "detector": detector}
+    splits = manifest["split"].value_counts().reindex(["train", "val", "test"]).fillna(0).astype(int)
+    summary = {"source": state["source"], "image_root": state["image_root"], "detector": detector,
+               "rows_listed": dataset.listed, "images_usable": len(rows), "skipped": problems,
+               "labels": dataset.labels, "splits": splits.to_dict(),
+               "exploration": explore_extra(manifest, name, results_dir / "data" / name)}
+    return manifest, state, summary
+
+
+def explore_extra(manifest: pd.DataFrame, name: str, out_dir: Path) -> dict:
+    """Counts of each label an extra dataset has (a table and one bar chart per label), and how many lack it."""
+    named = {"gender": manifest["gender"].map({0: "male", 1: "female"}),
+             "race": manifest["race"].map(RACE_LABELS),
+             "age band": manifest["age"].map(lambda age: None if pd.isna(age) else age_band(age))}
+    band_order = [age_band(low) for low, _ in AGE_BANDS]
+    counts, rows = {}, []
+    for label, values in named.items():
+        if values.notna().any():
+            found = values.value_counts()
+            order = [band for band in band_order if band in found] if label == "age band" else found.index
+            counts[label] = {str(value): int(found[value]) for value in order}
+        counts.setdefault(label, {})
+        missing = int(values.isna().sum())
+        for value, count in counts[label].items():
+            rows.append([label, value, f"{count:,}", f"{count / len(manifest):.1%}"])
+        if missing:
+            rows.append([label, "unknown", f"{missing:,}", f"{missing / len(manifest):.1%}"])
+    console.print(rich_table(f"{name}: {len(manifest):,} labelled faces", ["label", "value", "count", "share"],
+                             rows, left=("label", "value")))
+    present = {label: found for label, found in counts.items() if found}
+    plots = {}
+    if present:
+        plt = pyplot()
+        fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.5), squeeze=False)
+        for ax, (label, found) in zip(axes[0], present.items(), strict=True):
+            ax.bar(list(found), list(found.values()), color="#4c72b0")
+            ax.set(title=f"{name}: {label}", ylabel="faces")
+            ax.tick_params(axis="x", labelrotation=45)
+        save(fig, out_dir / "labels.png", dpi=110)
+        plots["labels"] = str(out_dir / "labels.png")
+    return {**counts, "plots": plots}
+
+
 # ---------------------------------------------------------------- exploration
 
 
@@ -221,9 +347,16 @@ def progress_bar() -> Progress:
 
 def prepare(source: str | None = None, data_dir: Path = DATA_DIR, results_dir: Path = RESULTS_DIR,
             image_sizes: list[int] | None = None, limit: int | None = None, test_size: float = 0.2,
-            val_size: float = 0.2, force: bool = False) -> dict:
+            val_size: float = 0.2, force: bool = False, extra_sources: list[str] | None = None,
+            detector: str = DEFAULT_DETECTOR) -> dict:
     """Run the whole preparation and return the summary (also written to results/data/summary.json)."""
     image_sizes = image_sizes or DEFAULT_SIZES
+    extra_sources = extra_sources or []
+    names = [dataset_name(extra) for extra in extra_sources]
+    clash = next((name for name in names if name == UTKFACE or names.count(name) > 1), None)
+    if clash:
+        raise UserError(f"Two datasets would both be named {clash!r} (a dataset is named after its folder or "
+                        "archive); rename one.")
     if not (0 < test_size < 1 and 0 < val_size < 1):
         raise UserError("--test-size and --val-size must be between 0 and 1.")
     if any(size < 16 or size > 1024 for size in image_sizes):
@@ -236,29 +369,42 @@ def prepare(source: str | None = None, data_dir: Path = DATA_DIR, results_dir: P
         raise UserError(f"Only {len(labelled)} usable images in {source_path}; at least 20 are needed to split.")
     manifest = split_manifest(labelled, test_size, val_size)
 
-    path = manifest_path(data_dir)
-    write_text(path, manifest.to_csv(index=False))
-    manifest_sha = file_sha256(path)
-    write_json(data_dir / "prepare.json", {"source": str(source_path), "image_root": str(root),
-                                           "manifest_sha256": manifest_sha, "limit": limit,
-                                           "test_size": test_size, "val_size": val_size, "seed": SEED})
-
-    exploration = explore(manifest, results_dir / "data")
-    caches = {}
+    extras, extra_states, extra_summaries = [], {}, {}
     with progress_bar() as progress:
         def factory(description, total):
             task = progress.add_task(description, total=total)
             return lambda: progress.advance(task)
 
+        for extra, name in zip(extra_sources, names, strict=True):
+            rows, extra_states[name], extra_summaries[name] = prepare_extra(
+                extra, data_dir, results_dir, test_size, val_size, force, detector, factory)
+            extras.append(rows)
+    if extras:  # a dataset column only with extra datasets: a UTKFace-only manifest keeps its format and hash
+        manifest = pd.concat([manifest.assign(dataset=UTKFACE), *extras], ignore_index=True)
+        manifest = manifest.astype({column: "Int64" for column in ("age", "gender", "race")})
+
+    path = manifest_path(data_dir)
+    write_text(path, manifest.to_csv(index=False))
+    manifest_sha = file_sha256(path)
+    write_json(data_dir / "prepare.json", {"source": str(source_path), "image_root": str(root),
+                                           "manifest_sha256": manifest_sha, "limit": limit,
+                                           "test_size": test_size, "val_size": val_size, "seed": SEED,
+                                           **({"datasets": extra_states} if extra_states else {})})
+
+    utkface = manifest[manifest["dataset"] == UTKFACE] if extras else manifest
+    exploration = explore(utkface.astype({column: int for column in ("age", "gender", "race")}),
+                          results_dir / "data")
+    caches = {}
+    with progress_bar() as progress:
         for size in image_sizes:
             rebuilt = force or not cache_is_current(size, data_dir)
             if rebuilt:
                 build_cache(size, data_dir, progress_factory=factory)
             folder = cache_dir(size, data_dir)
             caches[str(size)] = {"path": str(folder), "rebuilt": rebuilt,
-                                 "bytes": sum(f.stat().st_size for f in folder.glob("*.npy"))}
+                                 "bytes": sum(f.stat().st_size for f in folder.rglob("*.npy"))}
 
-    splits = manifest["split"].value_counts().reindex(["train", "val", "test"]).fillna(0).astype(int)
+    splits = utkface["split"].value_counts().reindex(["train", "val", "test"]).fillna(0).astype(int)
     summary = {
         "source": str(source_path),
         "image_root": str(root),
@@ -272,6 +418,7 @@ def prepare(source: str | None = None, data_dir: Path = DATA_DIR, results_dir: P
         "limit": limit,
         "caches": caches,
         "exploration": exploration,
+        **({"datasets": extra_summaries} if extra_summaries else {}),
     }
     write_json(results_dir / "data" / "summary.json", summary)
     print_summary(summary)
@@ -289,6 +436,14 @@ def print_summary(summary: dict) -> None:
     console.print(rich_table("prepare_data summary", ["item", "value"], rows))
     for item in summary["skipped"]:
         console.print(f"[yellow]skipped[/] {item['file']}: {item['reason']}")
+    for name, extra in summary.get("datasets", {}).items():
+        rows = [["source", extra["source"]], ["rows in labels.csv", f"{extra['rows_listed']:,}"],
+                ["usable (face found)", f"{extra['images_usable']:,}"], ["skipped", f"{len(extra['skipped']):,}"],
+                ["labels", ", ".join(extra["labels"])],
+                *([f"{split} split", f"{count:,}"] for split, count in extra["splits"].items())]
+        console.print(rich_table(f"dataset {name}", ["item", "value"], rows))
+        for item in extra["skipped"]:
+            console.print(f"[yellow]skipped[/] {name}: {item['file']}: {item['reason']}")
 
 
 @app.command()
@@ -304,10 +459,17 @@ def main(
     test_size: Annotated[float, typer.Option(help="Share of images held out for test.")] = 0.2,
     val_size: Annotated[float, typer.Option(help="Share of the remaining images used for validation.")] = 0.2,
     force: Annotated[bool, typer.Option(help="Unpack and rebuild every cache even if up to date.")] = False,
+    extra_source: Annotated[list[str] | None, typer.Option(
+        help="An extra labelled dataset (repeatable): a folder, .tar.gz or .zip of images with labels.csv "
+             "(file and any of age, gender with 1 = female, race; empty where unknown).")] = None,
+    detector: Annotated[str, typer.Option(
+        help=f"Face detector for the extra datasets' images: {', '.join(DETECTORS)}.")] = DEFAULT_DETECTOR,
 ) -> None:
-    """Read UTKFace, explore it, split it and cache decoded images for training."""
+    """Read UTKFace (and any extra datasets), explore them, split them and cache decoded images for training."""
+    check_choice(detector, tuple(DETECTORS), "--detector")
     with user_errors():
-        prepare(source, data_dir, results_dir, image_size, limit, test_size, val_size, force)
+        prepare(source, data_dir, results_dir, image_size, limit, test_size, val_size, force, extra_source,
+                detector)
 
 
 if __name__ == "__main__":

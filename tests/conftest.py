@@ -73,3 +73,39 @@ def trained_models(trained_runs) -> dict[str, Path]:
     """The folders of the two-epoch models (shared by several test files)."""
     return {name: run.out_dir for name, run in trained_runs.items()}
 
+
+
+@pytest.fixture(scope="session")
+def labelled_dataset(utkface_subset, tmp_path_factory) -> Path:
+    """A small dataset in the labels.csv format (agegender.datasets) built from 30 UTKFace images renamed
+    images/NN.jpg: the first 15 with age, gender and race, the other 15 with gender alone; plus four unusable rows
+    (a missing file, an image that does not decode, a malformed age, a file listed twice)."""
+    from agegender.data import parse_utkface_name
+
+    folder = tmp_path_factory.mktemp("labelled") / "faces-ds"
+    (folder / "images").mkdir(parents=True)
+    lines = ["file,age,gender,race,note"]
+    for index, path in enumerate(sorted(utkface_subset.iterdir())[:30]):
+        label = parse_utkface_name(path.name)
+        (folder / "images" / f"{index:02d}.jpg").write_bytes(path.read_bytes())
+        full = index < 15
+        lines.append(f"images/{index:02d}.jpg,{label.age if full else ''},{label.gender},"
+                     f"{label.race if full else ''},kept")
+    (folder / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    lines += ["images/missing.jpg,30,1,0,gone", "images/broken.jpg,30,1,0,broken", "images/00.jpg,31,0,0,twice",
+              "images/99.jpg,abc,1,,malformed"]
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prepared_extra(utkface_subset, labelled_dataset, tmp_path_factory) -> dict[str, Path]:
+    """prepare_data on 120 of the UTKFace subset plus labelled_dataset as an extra source, at 32 px:
+    {"data_dir", "results_dir", "summary"}."""
+    from tasks.prepare_data import prepare
+
+    root = tmp_path_factory.mktemp("prepared-extra")
+    data_dir, results_dir = root / "data", root / "results"
+    summary = prepare(str(utkface_subset), data_dir, results_dir, [32], limit=120,
+                      extra_sources=[str(labelled_dataset)])
+    return {"data_dir": data_dir, "results_dir": results_dir, "summary": summary}

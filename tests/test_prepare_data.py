@@ -119,3 +119,58 @@ def test_unreachable_hub_says_to_pass_a_source(tmp_path, monkeypatch):
     output = " ".join(result.output.split())
     assert "Hugging Face Hub" in output and "--source" in output and "UTKFACE_SOURCE" in output
     assert "Traceback" not in result.output
+
+
+def test_an_extra_source_gets_tagged_rows_its_own_split_summary_and_aligned_cache(prepared_extra, labelled_dataset):
+    from agegender.data import cache_file, load_aligned_face, load_manifest, read_faces
+
+    data_dir, results_dir = prepared_extra["data_dir"], prepared_extra["results_dir"]
+    manifest = pd.read_csv(data_dir / "manifest.csv")
+    assert list(manifest.columns) == ["file", "age", "gender", "race", "split", "dataset"]
+    extra = manifest[manifest["dataset"] == "faces-ds"]
+    assert len(manifest) - len(extra) == 120
+    assert set(extra["split"]) == set(SPLITS) and extra["gender"].notna().all()
+    assert extra["age"].isna().sum() == len(extra) - extra["age"].notna().sum() > 0  # gaps stay empty
+    summary = json.loads((results_dir / "data" / "summary.json").read_text())
+    assert summary["images_labelled"] == 120 and sum(summary["splits"].values()) == 120
+    found = summary["datasets"]["faces-ds"]
+    assert found["rows_listed"] == 34 and found["images_usable"] == len(extra)
+    assert found["labels"] == ["age", "gender", "race"]
+    assert found["splits"] == extra["split"].value_counts().to_dict()
+    reasons = {item["file"]: item["reason"] for item in found["skipped"]}
+    assert {"images/missing.jpg", "images/broken.jpg", "images/99.jpg", "images/00.jpg"} <= set(reasons)
+    assert len(reasons) == 34 - len(extra)  # every row not in the manifest is listed with its reason
+    assert (results_dir / "data" / "faces-ds" / "labels.png").stat().st_size > 1000
+
+    # the default reads UTKFace alone; the extra dataset's cache holds crops aligned on the faces found
+    assert set(load_manifest(data_dir)["dataset"]) == {"utkface"}
+    assert set(load_manifest(data_dir, None)["dataset"]) == {"utkface", "faces-ds"}
+    images, rows = load_split("train", 32, data_dir, datasets=["faces-ds"])
+    faces = read_faces(data_dir / "datasets" / "faces-ds" / "faces.csv")
+    np.testing.assert_array_equal(images[0], load_aligned_face(labelled_dataset / rows["file"][0],
+                                                              faces[rows["file"][0]], 32))
+    assert cache_file(32, data_dir, "faces-ds", "train").exists() and cache_file(32, data_dir, "utkface",
+                                                                                    "train").name == "train.npy"
+    both, both_rows = load_split("val", 32, data_dir, datasets=None)
+    assert len(both) == len(both_rows) == (manifest["split"] == "val").sum()
+
+
+def test_a_second_run_reuses_the_faces_and_the_cache(prepared_extra, utkface_subset, labelled_dataset):
+    data_dir = prepared_extra["data_dir"]
+    faces = data_dir / "datasets" / "faces-ds" / "faces.csv"
+    stamp = faces.stat().st_mtime_ns
+    result = runner.invoke(prepare_data.app, ["--source", str(utkface_subset), "--data-dir", str(data_dir),
+                                              "--results-dir", str(prepared_extra["results_dir"]),
+                                              "--image-size", "32", "--limit", "120",
+                                              "--extra-source", str(labelled_dataset)])
+    assert result.exit_code == 0, result.output
+    assert "(up to date)" in result.output and "(rebuilt)" not in result.output
+    assert faces.stat().st_mtime_ns == stamp
+
+
+def test_extra_sources_cannot_share_a_name(utkface_subset, labelled_dataset, tmp_path):
+    result = runner.invoke(prepare_data.app, ["--source", str(utkface_subset), "--data-dir", str(tmp_path / "d"),
+                                              "--extra-source", str(labelled_dataset),
+                                              "--extra-source", str(labelled_dataset)])
+    assert result.exit_code != 0 and "both be named 'faces-ds'" in " ".join(result.output.split())
+    assert "Traceback" not in result.output

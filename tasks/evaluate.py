@@ -1,0 +1,248 @@
+"""Score saved models on any labelled dataset through the full photo path: find the face in each image, align it,
+predict (agegender.faces, as predict does), and compare with the labels.
+
+    python tasks/evaluate.py results/models/multitask --dataset ../shared/data/celeba/celeba-10k.tar.gz
+    python tasks/evaluate.py results/models/age --dataset my_faces/ --no-detect --limit 500
+
+A dataset is a folder, .tar.gz or .zip of images with labels.csv (file, and any of age, gender with 1 = female,
+race; empty where unknown; agegender.datasets). Each image's largest face is scored; an image where the detector
+finds none counts in the faces-not-found rate and in no other figure. Metrics are given for the labels the
+dataset has, and per race, age band and gender where it has those (with each metric's best and worst group).
+Writes results/evaluations/<dataset>/: evaluation.md, evaluation.json, predictions.csv and, for a model with an
+age output on a dataset with ages, <model>-age_error.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import pandas as pd
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from agegender.cli import UserError, check_choice, console, err_console, user_errors, write_json, write_text
+from agegender.data import DATA_DIR, RESULTS_DIR, SEED
+from agegender.datasets import dataset_name, open_dataset
+from agegender.faces import BACKENDS, DEFAULT_DETECTOR, DETECTORS, Predictor, detect_faces, face_crop, read_image
+from agegender.metrics import AGE_COLUMNS, GENDER_COLUMNS, group_gaps, group_metrics, labelled_metrics
+from agegender.plots import plot_age_error
+from agegender.tables import frame_markdown, frame_rich, markdown_table, rich_table
+
+EVALUATIONS_DIR = RESULTS_DIR / "evaluations"
+FORMATS = {key: fmt for key, _, fmt, _ in GENDER_COLUMNS + AGE_COLUMNS} | {
+    "n": "{:,.0f}", "n_gender": "{:,.0f}", "n_age": "{:,.0f}", "faces_found": "{:,.0f}",
+    "not_found_rate": "{:.1%}", "best": "{:.3f}", "worst": "{:.3f}", "gap": "{:.3f}"}
+SHORT = {"accuracy": "acc", "precision": "prec", "roc_auc": "AUC", "n_gender": "n gender", "n_age": "n age",
+         "not_found_rate": "no face", "faces_found": "found"}
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=True)
+
+
+def find_faces(root: Path, files: list[str], detector: str, progress: Progress) -> dict[str, Any]:
+    """{file: its largest face, or None where the detector found none}: found once, shared by every model."""
+    task = progress.add_task(f"finding faces ({detector})", total=len(files))
+    faces = {}
+    for name in files:
+        found = detect_faces(read_image(root / name), detector)
+        faces[name] = found[0] if found else None
+        progress.advance(task)
+    return faces
+
+
+def predict_dataset(predictor: Predictor, root: Path, faces: dict[str, Any], detect: bool, batch_size: int,
+                    progress: Progress, label: str) -> dict[str, np.ndarray]:
+    """Predictions for the files with a face (in faces' order), each crop made as Predictor.predict_image makes
+    it: the face aligned at the model's input size, or with --no-detect the whole image resized."""
+    files = [name for name, face in faces.items() if face is not None or not detect]
+    task = progress.add_task(f"predicting {label}", total=len(files))
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(files), batch_size):
+        crops = []
+        for name in files[start:start + batch_size]:
+            image = read_image(root / name)
+            crop = face_crop(image, faces[name], predictor.image_size) if detect else image
+            crops.append(predictor.prepare_crop(crop))
+            progress.advance(task)
+        for key, value in predictor.predict_arrays(np.stack(crops), batch_size).items():
+            parts.setdefault(key, []).append(value)
+    return {key: np.concatenate(values) for key, values in parts.items() if key in ("age", "p_female")}
+
+
+def model_names(model_dirs: list[Path]) -> list[str]:
+    """Each model's folder name, numbered where two share one."""
+    names: list[str] = []
+    for folder in model_dirs:
+        name, count = folder.resolve().name, 2
+        while name in names:
+            name, count = f"{folder.resolve().name}-{count}", count + 1
+        names.append(name)
+    return names
+
+
+def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, limit: int | None = None,
+             out_dir: Path = EVALUATIONS_DIR, data_dir: Path = DATA_DIR, detector: str = DEFAULT_DETECTOR,
+             backend: str = "auto", batch_size: int = 64, name: str | None = None) -> dict[str, Any]:
+    """Score every model on the dataset; returns the summary written to <out_dir>/<dataset>/evaluation.json."""
+    name = name or dataset_name(dataset)
+    predictors = [Predictor.load(folder, backend) for folder in model_dirs]
+    names = model_names(model_dirs)
+    with progress_bar() as progress:
+        def factory(description, total):
+            task = progress.add_task(description, total=total)
+            return lambda: progress.advance(task)
+
+        with console.status(f"Reading {dataset} ..."):
+            labelled = open_dataset(dataset, data_dir / "datasets" / name / "files", name=name,
+                                    progress_factory=factory, limit=limit, seed=SEED)
+        if labelled.rows.empty:
+            raise UserError(f"{dataset} has no usable labelled image ({len(labelled.problems)} listed as unusable).")
+        files = labelled.rows["file"].tolist()
+        faces = find_faces(labelled.root, files, detector, progress) if detect else dict.fromkeys(files)
+        found = np.array([faces[file] is not None or not detect for file in files])
+        rows = labelled.rows[found].reset_index(drop=True)
+        rows = rows.astype({column: "float64" for column in ("age", "gender", "race")})  # NaN where unknown
+        predictions = {model: predict_dataset(predictor, labelled.root, faces, detect, batch_size, progress, model)
+                       for model, predictor in zip(names, predictors, strict=True)}
+
+    folder = Path(out_dir) / name
+    models, groups, predicted_rows = {}, [], []
+    for model, predictor, model_dir in zip(names, predictors, model_dirs, strict=True):
+        predicted = predictions[model]
+        overall = labelled_metrics(predicted, rows)
+        model_groups = group_metrics(predicted, rows)
+        groups += [{"model": model, **record} for record in model_groups]
+        plots = {}
+        if "age" in predicted and rows["age"].notna().any():
+            known = rows["age"].notna().to_numpy()
+            plot = folder / f"{model}-age_error.png"
+            plot_age_error(rows["age"].to_numpy()[known], predicted["age"][known], plot)
+            plots["age_error"] = plot.name
+        models[model] = {"folder": str(model_dir), "task": predictor.metadata.get("task"), "backend": predictor.backend,
+                         "metrics": overall, "plots": plots}
+        predicted_rows.append(pd.DataFrame({"model": model, "file": rows["file"],
+                                            **{key: value for key, value in predicted.items()}}))
+    group_frame = pd.DataFrame(groups)
+    gaps = pd.DataFrame(group_gaps(group_frame, by=("model", "grouping")))
+    images = len(files)
+    summary = {
+        "dataset": name, "source": str(dataset), "labels": labelled.labels, "rows_listed": labelled.listed,
+        "limit": limit, "detect": detect, "detector": detector if detect else None,
+        "images": images, "faces_found": int(found.sum()),
+        "not_found_rate": float(1 - found.mean()) if images else 0.0,
+        "not_found": [file for file, hit in zip(files, found, strict=True) if not hit],
+        "skipped": labelled.problems, "models": models,
+        "groups": group_frame.to_dict("records"), "gaps": gaps.to_dict("records"),
+    }
+    write_json(folder / "evaluation.json", without_nan(summary))
+    write_text(folder / "evaluation.md", markdown_report(summary, group_frame, gaps))
+    write_text(folder / "predictions.csv", pd.concat(predicted_rows).to_csv(index=False, float_format="%.4f"))
+    print_report(summary, group_frame, gaps, folder)
+    return summary
+
+
+def without_nan(value: Any) -> Any:
+    """NaN (an undefined metric) as null, so the JSON is strict."""
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_nan(item) for item in value]
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, np.integer | np.floating):
+        return without_nan(value.item())
+    return value
+
+
+def overall_frame(summary: dict[str, Any]) -> pd.DataFrame:
+    """One row per model: faces found, the not-found rate and every metric the dataset's labels allow."""
+    records = [{"model": model, "faces_found": summary["faces_found"], "not_found_rate": summary["not_found_rate"],
+                **found["metrics"]} for model, found in summary["models"].items()]
+    frame = pd.DataFrame(records)
+    return frame.drop(columns=[column for column in ("n",) if column in frame])
+
+
+def markdown_report(summary: dict[str, Any], groups: pd.DataFrame, gaps: pd.DataFrame) -> str:
+    how = (f"faces found with {summary['detector']} and aligned as predict aligns them" if summary["detect"]
+           else "each image taken as an aligned face crop (--no-detect)")
+    parts = [f"# Evaluation on {summary['dataset']}",
+             f"`python tasks/evaluate.py` on {summary['source']}: {summary['images']:,} labelled images"
+             + (f" (a seeded subset of {summary['limit']:,})" if summary["limit"] else "")
+             + f", labels: {', '.join(summary['labels'])}; {how}. An image without a face counts only in the "
+               "not-found rate.",
+             "## Overall", frame_markdown(overall_frame(summary), FORMATS)]
+    if len(gaps):
+        parts += ["## Bias: best and worst group per metric", frame_markdown(gaps, FORMATS)]
+    for grouping in dict.fromkeys(groups["grouping"]) if len(groups) else []:
+        part = groups[groups["grouping"] == grouping].drop(columns="grouping")
+        parts += [f"### By {grouping}", frame_markdown(part.dropna(axis=1, how="all"), FORMATS)]
+    plots = [(model, found["plots"]["age_error"]) for model, found in summary["models"].items()
+             if "age_error" in found["plots"]]
+    if plots:
+        parts += ["## Age error by true age", "\n".join(f"- [{model}]({path})" for model, path in plots)]
+    if summary["skipped"]:
+        parts += [f"## Unusable rows ({len(summary['skipped']):,})",
+                  markdown_table(["file", "reason"], [[item["file"], item["reason"]]
+                                                      for item in summary["skipped"][:200]])]
+    return "\n\n".join(parts) + "\n"
+
+
+def print_report(summary: dict[str, Any], groups: pd.DataFrame, gaps: pd.DataFrame, folder: Path) -> None:
+    title = (f"{summary['dataset']}: {summary['images']:,} images, {summary['faces_found']:,} with a face "
+             f"({summary['not_found_rate']:.1%} not found)")
+    shown = [c for c in ("model", "n_gender", "accuracy", "f1", "roc_auc", "n_age", "mae", "cs5")
+             if c in overall_frame(summary)]
+    console.print(frame_rich(overall_frame(summary)[shown], title, FORMATS, SHORT))
+    headline = [c for c in ("model", "group", "n", "accuracy", "f1", "mae", "cs5") if c in groups]
+    for grouping in dict.fromkeys(groups["grouping"]) if len(groups) else []:
+        part = groups.loc[groups["grouping"] == grouping, headline].dropna(axis=1, how="all")
+        console.print(frame_rich(part, f"By {grouping}", FORMATS, SHORT))
+    if len(gaps):
+        named = gaps[gaps["metric"].isin(["accuracy", "mae"])]
+        console.print(rich_table("Gap between the best and worst group", ["model", "grouping", "metric", "best group",
+                                                                         "worst group", "gap"],
+                                 [[r.model, r.grouping, r.metric, f"{r.best_group} {r.best:.3f}",
+                                   f"{r.worst_group} {r.worst:.3f}", f"{r.gap:.3f}"] for r in named.itertuples()],
+                                 left=("model", "grouping", "metric", "best group", "worst group")))
+    for item in summary["skipped"][:20]:
+        err_console.print(f"[yellow]skipped[/] {item['file']}: {item['reason']}")
+    if len(summary["skipped"]) > 20:
+        err_console.print(f"[yellow]... and {len(summary['skipped']) - 20} more unusable rows[/] (evaluation.md)")
+    console.print(f"Wrote {folder / 'evaluation.md'}, evaluation.json and predictions.csv.")
+
+
+@app.command()
+def main(
+    model_dirs: Annotated[list[Path], typer.Argument(help="Saved model folders, e.g. results/models/multitask.")],
+    dataset: Annotated[Path, typer.Option(
+        help="A labelled dataset: folder, .tar.gz or .zip of images with labels.csv (file; any of age, gender "
+             "with 1 = female, race).")],
+    detect: Annotated[bool, typer.Option(
+        "--detect/--no-detect", help="Find and align each image's face (default), or take each image as an "
+                                     "aligned face crop.")] = True,
+    limit: Annotated[int | None, typer.Option(min=1, help="Score a seeded random subset of N labelled images.")]
+    = None,
+    out: Annotated[Path, typer.Option(help="Where <dataset>/evaluation.md and .json go.")] = EVALUATIONS_DIR,
+    name: Annotated[str | None, typer.Option(help="The dataset's name in the results (default: from its path).")]
+    = None,
+    detector: Annotated[str, typer.Option(help=f"Face detector: {', '.join(DETECTORS)}.")] = DEFAULT_DETECTOR,
+    backend: Annotated[str, typer.Option(help="auto, keras, tflite or tflite-int8 (as predict).")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Faces per model call.")] = 64,
+    data_dir: Annotated[Path, typer.Option(help="Where an archive is unpacked (<data-dir>/datasets/<name>).")]
+    = DATA_DIR,
+) -> None:
+    """Score saved models on a labelled dataset: metrics, faces-not-found rate, bias tables, age error by age."""
+    check_choice(backend, BACKENDS, "--backend")
+    check_choice(detector, tuple(DETECTORS), "--detector")
+    with user_errors():
+        evaluate(model_dirs, dataset, detect, limit, out, data_dir, detector, backend, batch_size, name)
+
+
+if __name__ == "__main__":
+    app()

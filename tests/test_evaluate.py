@@ -1,0 +1,97 @@
+"""tasks/evaluate.py on a small labelled dataset (30 UTKFace faces in the labels.csv format, half without age and
+race): its figures match predict's output scored by hand, per label and per group present."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from agegender.metrics import age_metrics, gender_metrics
+from tasks import evaluate, predict
+
+runner = CliRunner()
+
+
+def run_evaluate(*args: str):
+    result = runner.invoke(evaluate.app, list(args))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def predicted_by_predict(model, labelled_dataset, tmp_path, *flags: str) -> pd.DataFrame:
+    """predict's CSV for the dataset's images, one row per image (its first face), files relative to the folder."""
+    out = tmp_path / "predict.csv"
+    result = runner.invoke(predict.app, [str(model), str(labelled_dataset / "images"), "--out", str(out), *flags])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out)
+    if "face" in frame:
+        frame = frame[frame["face"].fillna(0) <= 1]
+    frame["file"] = frame["file"].map(lambda path: "images/" + path.split("/")[-1])
+    return frame.drop_duplicates("file").set_index("file")
+
+
+def test_no_detect_scores_each_label_over_the_rows_that_have_it(trained_models, labelled_dataset, tmp_path):
+    result = run_evaluate(str(trained_models["multitask"]), str(trained_models["gender"]), "--dataset",
+                          str(labelled_dataset), "--no-detect", "--out", str(tmp_path / "out"),
+                          "--data-dir", str(tmp_path / "data"))
+    folder = tmp_path / "out" / "faces-ds"
+    summary = json.loads((folder / "evaluation.json").read_text())
+    assert summary["images"] == 30 and summary["faces_found"] == 30 and summary["not_found_rate"] == 0
+    assert {item["file"] for item in summary["skipped"]} == {"images/missing.jpg", "images/broken.jpg",
+                                                             "images/99.jpg", "images/00.jpg"}
+    labels = pd.read_csv(labelled_dataset / "labels.csv").query("note == 'kept'").set_index("file")
+    predictions = pd.read_csv(folder / "predictions.csv")
+
+    # the same figures as predict's own output, scored by hand
+    by_predict = predicted_by_predict(trained_models["multitask"], labelled_dataset, tmp_path, "--no-detect")
+    mine = predictions[predictions["model"] == "multitask"].set_index("file")
+    np.testing.assert_allclose(mine["age"], by_predict.loc[mine.index, "age"], atol=2e-4)
+    np.testing.assert_allclose(mine["p_female"], by_predict.loc[mine.index, "p_female"], atol=2e-4)
+    metrics = summary["models"]["multitask"]["metrics"]
+    with_age = labels["age"].notna()
+    expected_age = age_metrics(labels.loc[with_age, "age"], by_predict.loc[labels.index[with_age], "age"])
+    assert metrics["n_age"] == 15 and metrics["mae"] == pytest.approx(expected_age["mae"], abs=1e-3)
+    expected_gender = gender_metrics(labels["gender"], by_predict.loc[labels.index, "p_female"])
+    assert metrics["n_gender"] == 30 and metrics["accuracy"] == pytest.approx(expected_gender["accuracy"])
+    assert "mae" not in summary["models"]["gender"]["metrics"]
+
+    # groups: race and age bands from the 15 rows that have them, gender from all 30
+    groups = pd.DataFrame(summary["groups"])
+    multitask = groups[groups["model"] == "multitask"]
+    assert multitask.loc[multitask["grouping"] == "gender", "n"].sum() == 30
+    assert multitask.loc[multitask["grouping"] == "race", "n"].sum() == 15
+    assert multitask.loc[multitask["grouping"] == "age band", "n"].sum() == 15
+    assert (folder / "multitask-age_error.png").stat().st_size > 1000
+    assert not (folder / "gender-age_error.png").exists()
+    report = (folder / "evaluation.md").read_text()
+    assert "## Bias: best and worst group per metric" in report and "### By race" in report
+    assert "images/missing.jpg" in report and "missing file" in result.output
+
+
+def test_detection_scores_the_face_predict_finds(trained_models, labelled_dataset, tmp_path):
+    run_evaluate(str(trained_models["multitask"]), "--dataset", str(labelled_dataset), "--limit", "12",
+                 "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"))
+    summary = json.loads((tmp_path / "out" / "faces-ds" / "evaluation.json").read_text())
+    images = summary["images"]  # the usable ones among 12 labelled rows drawn
+    assert 8 <= images <= 12 and images + len(summary["skipped"]) >= 12 and summary["detector"] == "blazeface-back"
+    assert summary["faces_found"] + len(summary["not_found"]) == images
+    assert summary["not_found_rate"] == pytest.approx(len(summary["not_found"]) / images)
+    predictions = pd.read_csv(tmp_path / "out" / "faces-ds" / "predictions.csv").set_index("file")
+    assert len(predictions) == summary["faces_found"] > 0
+    by_predict = predicted_by_predict(trained_models["multitask"], labelled_dataset, tmp_path)
+    np.testing.assert_allclose(predictions["age"], by_predict.loc[predictions.index, "age"], atol=2e-4)
+    assert by_predict.loc[summary["not_found"], "reason"].eq("no face found").all()
+
+
+def test_bad_inputs_end_in_one_sentence(trained_models, labelled_dataset, tmp_path):
+    for args, message in (([str(trained_models["gender"]), "--dataset", str(tmp_path / "nowhere")], "does not exist"),
+                          ([str(trained_models["gender"]), "--dataset", str(labelled_dataset / "images")],
+                           "has no labels.csv"),
+                          ([str(tmp_path / "no-model"), "--dataset", str(labelled_dataset)], "no-model")):
+        result = runner.invoke(evaluate.app, [*args, "--out", str(tmp_path / "out")])
+        assert result.exit_code != 0 and message in " ".join(result.output.split())
+        assert "Traceback" not in result.output
