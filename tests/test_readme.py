@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -108,3 +109,30 @@ def test_bad_input_is_one_sentence(stale, tmp_path, case, message):
     assert result.exit_code == 1 and message in said(result) and "Traceback" not in result.output
     assert stale.read_text() == before
     assert said(result).startswith("Error: ") and said(result).count("Error") == 1
+
+
+def transfer_csv(path: Path, faces: tuple[int, int]) -> Path:
+    frame = pd.DataFrame({"model": ["transfer-wrn16-8-imdbwiki", "transfer-efficientnetb0-scratch"],
+                          "weights": ["imdb-wiki", "no pretrained weights (reference)"],
+                          "train images": [13646, 2000], "age MAE": [5.5, 13.5], "gender accuracy": [0.93, 0.74],
+                          "test faces": list(faces)})
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_the_pretraining_block_shows_the_gain_on_the_same_faces(tmp_path):
+    """Where the README has transfer markers, the block between them is filled from the transfer comparison,
+    and a comparison whose rows were scored on different faces is refused."""
+    path = tmp_path / "README.md"
+    path.write_text(f"{readme.START}\nold\n{readme.END}\n\n{readme.TRANSFER_START}\nold\n{readme.TRANSFER_END}\n")
+    comparison = str(REPO / "results" / "comparison.json")
+    same = transfer_csv(tmp_path / "same.csv", (4265, 4265))
+    result = runner.invoke(readme.app, ["--readme", str(path), "--comparison", comparison, "--transfer", str(same)])
+    assert result.exit_code == 0, said(result)
+    _, block, _ = readme.split(path.read_text(), path, readme.TRANSFER_START, readme.TRANSFER_END)
+    assert "same 4,265 UTKFace test faces" in block and "| transfer-efficientnetb0-scratch |" in block
+    assert "gain: 8.00 years of age MAE and 19.0 points" in block
+
+    mixed = transfer_csv(tmp_path / "mixed.csv", (4265, 1000))
+    result = runner.invoke(readme.app, ["--readme", str(path), "--comparison", comparison, "--transfer", str(mixed)])
+    assert result.exit_code == 1 and "different test faces" in said(result)
