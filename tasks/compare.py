@@ -69,6 +69,7 @@ BATCH = THROUGHPUT_BATCH
 # Image-quality conditions, applied to the uint8 crops at each model's input size (sizes relative to the side)
 CONDITIONS: dict[str, str] = {
     "clean": "test images as they are",
+    "grayscale": "converted to grey (ITU-R 601 luma) in all three channels, as old and scanned photos are",
     "darker": "pixel values x 0.5",
     "brighter": "pixel values x 1.6 (highlights clip)",
     "low_contrast": "contrast x 0.4 around each image's mean grey",
@@ -144,6 +145,8 @@ def degrade(images: np.ndarray, condition: str, seed: int = SEED) -> np.ndarray:
         out = pixels * 0.5
     elif condition == "brighter":
         out = pixels * 1.6
+    elif condition == "grayscale":
+        out = np.repeat(pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32), 3).reshape(pixels.shape)
     elif condition == "low_contrast":
         grey = pixels.mean(axis=(1, 2, 3), keepdims=True)
         out = grey + (pixels - grey) * 0.4
