@@ -453,12 +453,16 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
     Every dataset in the manifest is used (the images with a label this task predicts); `dataset_weights`
     ({name: weight}, 1 unless given, 0 leaves one out of training) and `balance` (labels whose groups are drawn
     equally often, agegender.sampling) set how often each training image is drawn."""
+    from agegender.data import manifest_datasets
     from agegender.sampling import check_dataset_weights, describe_sampling, sampling_probabilities
 
     started = time.perf_counter()
     outputs = list(TASK_OUTPUTS[task])
     data = load_data(image_size, data_dir, limit, datasets=None, outputs=outputs)
-    weights = check_dataset_weights(dataset_weights or {}, list(dict.fromkeys(data["train"].rows["dataset"])))
+    weights = check_dataset_weights(dataset_weights or {}, manifest_datasets(data_dir))
+    weights = {name: weight for name, weight in weights.items() if name in set(data["train"].rows["dataset"])}
+    if not any(weights.values()):  # e.g. an age model whose only weighted dataset has no ages
+        raise UserError(f"No training image of a dataset with weight above 0 has a label the {task} model learns.")
     sampling = sampling_probabilities(data["train"].rows, tuple(balance), weights)
     if sampling is not None:
         describe_sampling(data["train"].rows, sampling, tuple(balance))

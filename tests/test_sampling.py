@@ -129,3 +129,11 @@ def test_the_trainer_trains_on_every_dataset_with_balance_and_weights(prepared_e
     bad = CliRunner().invoke(train_multitask.app, ["--data-dir", str(prepared_extra["data_dir"]), "--out",
                                                    str(tmp_path / "x"), "--balance", "colour"])
     assert bad.exit_code != 0 and "Cannot balance over 'colour'" in " ".join(bad.output.split())
+    from tasks import train_age
+
+    for flags, message in ((["utkface=0", "faces-ds=0"], "nothing is left to train on"),
+                           (["imdb=1"], "'imdb', which the manifest lacks")):
+        bad = CliRunner().invoke(train_age.app, ["--data-dir", str(prepared_extra["data_dir"]), "--out",
+                                                 str(tmp_path / "x"), "--image-size", "32", "--epochs", "1",
+                                                 *(part for flag in flags for part in ("--dataset-weight", flag))])
+        assert bad.exit_code != 0 and message in " ".join(bad.output.split()), bad.output
