@@ -163,6 +163,7 @@ def test_missing_data_fails_in_one_sentence(models_dir, tmp_path):
 def test_the_age_interval_coverage_and_the_mean_heatmaps(first_run, models_dir, prepared):
     from agegender.data import load_split
     from agegender.faces import Predictor
+    from agegender.gradcam import load_means
     from agegender.intervals import summarise
 
     result, out = first_run
@@ -180,6 +181,22 @@ def test_the_age_interval_coverage_and_the_mean_heatmaps(first_run, models_dir, 
     assert found["validation_coverage"] >= 0.8
     markdown = (out / "comparison.md").read_text()
     assert "## Age interval" in markdown and f"{found['coverage']:.1%}" in markdown
-    for name in ("gender", "multitask"):
+    for name, outputs in (("gender", {"gender"}), ("multitask", {"age", "gender"})):
         assert (out / "compare" / f"{name}-heatmaps.png").stat().st_size > 10_000
         assert summary["plots"][f"{name} mean heatmaps"] == f"compare/{name}-heatmaps.png"
+        # the figure's cells: per output, every test face counted once in its true-age band and gender
+        [cached] = (out / "compare" / "cache" / "heatmaps").glob(f"{name}-*.npz")
+        means = load_means(cached)
+        assert means["faces"] == len(rows) and {output for output, _, _ in means["maps"]} == outputs
+        for output in outputs:
+            assert sum(count for key, count in means["counts"].items() if key[0] == output) == len(rows)
+        assert all(heat.min() >= 0 and heat.max() <= 1 for heat in means["maps"].values())
+
+
+def test_a_model_without_a_calibrated_interval_says_so():
+    rows = pd.DataFrame({"age": [5, 30, 70]})
+    result = compare.ModelResult("old", Path("old"), {"outputs": ["age"]},
+                                 {"clean/age": np.array([6.0, 28.0, 60.0])}, {}, False, Path("old.npz"))
+    report = compare.interval_report([result], rows)
+    assert report == {"old": {"interval": None, "note": "no age interval: not calibrated (tasks/calibrate.py)"}}
+    assert "- `old`: no age interval: not calibrated" in compare.interval_markdown(report)
