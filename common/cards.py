@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from agegender.data import AGE_BANDS, RACE_LABELS, RESULTS_DIR
+from agegender.data import AGE_BANDS, RACE_LABELS, RESULTS_DIR, age_band
 from agegender.faces import DEFAULT_DETECTOR, DETECTORS
+from agegender.intervals import INTERVAL_KEY, interval_label
 from agegender.modelio import METADATA_FILE, METRICS_FILE
 from agegender.tables import markdown_table
 
@@ -85,6 +86,29 @@ def bias_markdown(name: str, comparison: dict[str, Any] | None) -> str:
     return "\n".join(parts)
 
 
+def interval_markdown(name: str, metadata: dict[str, Any], comparison: dict[str, Any] | None) -> str:
+    """The age interval's calibration (metadata.json) and the coverage compare measured on the test split."""
+    record = metadata.get(INTERVAL_KEY)
+    if not record:
+        return ("This model gives no age interval: it has not been calibrated (`python tasks/calibrate.py "
+                "MODEL_DIR`).")
+    val = record["validation"]
+    parts = [f"Each age comes with an interval in whole years meant to hold the true age "
+             f"{record['target_coverage']:.0%} of the time, such as \"about 31 (26–37)\". It was calibrated on the "
+             f"validation split ({val['faces']:,} faces: {val['coverage']:.1%} held, mean width "
+             f"{val['mean_width']:.1f} years; interval: {interval_label(record)})."]
+    test = ((comparison or {}).get("age_interval") or {}).get(name)
+    if not test:
+        parts.append("Its coverage on the test split is not measured yet: run `python tasks/compare.py`.")
+        return "\n".join(parts)
+    parts.append(f"On the test split it held the true age of **{test['coverage']:.1%}** of {test['faces']:,} "
+                 f"faces (mean width {test['mean_width']:.1f} years); by true age band:\n")
+    parts.append(markdown_table(["age band", "faces", "coverage", "mean width (years)"], [
+        [band, found["faces"], f"{found['coverage']:.1%}", f"{found['mean_width']:.1f}"]
+        for band, found in test["by_band"].items()]))
+    return "\n".join(parts)
+
+
 def detector_text(name: str = DEFAULT_DETECTOR) -> str:
     spec = DETECTORS[name]
     threshold = "" if spec.min_confidence is None else f", confidence {spec.min_confidence} or more"
@@ -102,7 +126,7 @@ def about_markdown(name: str, folder: Path, comparison: dict[str, Any] | None = 
     said = {"age": "age in years", "gender": "gender (probability of female)"}
     predicts = " and ".join(said[o] for o in outputs if o in said) or "unknown outputs"
     races = ", ".join(RACE_LABELS.values())
-    bands = ", ".join(f"{low}-{high}" if high < 200 else f"{low}+" for low, high in AGE_BANDS)
+    bands = ", ".join(age_band(low) for low, _ in AGE_BANDS)
     return "\n".join([
         f"## Model `{name}`",
         f"Predicts {predicts} from a face. Task `{metadata.get('task', '?')}`, backbone "
@@ -119,6 +143,7 @@ def about_markdown(name: str, folder: Path, comparison: dict[str, Any] | None = 
         "## Measured accuracy",
         metrics_markdown(metrics),
         "",
+        *(["## Age interval", interval_markdown(name, metadata, comparison), ""] if "age" in outputs else []),
         "## Known biases",
         bias_markdown(name, comparison),
         "",
