@@ -162,8 +162,9 @@ def without_nan(value: Any) -> Any:
 
 def overall_frame(summary: dict[str, Any]) -> pd.DataFrame:
     """One row per model: faces found, the not-found rate and every metric the dataset's labels allow."""
-    records = [{"model": model, "faces_found": summary["faces_found"], "not_found_rate": summary["not_found_rate"],
-                **found["metrics"]} for model, found in summary["models"].items()]
+    records = [{"model": model, "backend": found["backend"], "faces_found": summary["faces_found"],
+                "not_found_rate": summary["not_found_rate"], **found["metrics"]}
+               for model, found in summary["models"].items()]
     frame = pd.DataFrame(records)
     return frame.drop(columns=[column for column in ("n",) if column in frame])
 
@@ -196,7 +197,7 @@ def markdown_report(summary: dict[str, Any], groups: pd.DataFrame, gaps: pd.Data
 def print_report(summary: dict[str, Any], groups: pd.DataFrame, gaps: pd.DataFrame, folder: Path) -> None:
     title = (f"{summary['dataset']}: {summary['images']:,} images, {summary['faces_found']:,} with a face "
              f"({summary['not_found_rate']:.1%} not found)")
-    shown = [c for c in ("model", "n_gender", "accuracy", "f1", "roc_auc", "n_age", "mae", "cs5")
+    shown = [c for c in ("model", "backend", "n_gender", "accuracy", "f1", "roc_auc", "n_age", "mae", "cs5")
              if c in overall_frame(summary)]
     console.print(frame_rich(overall_frame(summary)[shown], title, FORMATS, SHORT))
     headline = [c for c in ("model", "group", "n", "accuracy", "f1", "mae", "cs5") if c in groups]
