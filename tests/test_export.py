@@ -104,6 +104,22 @@ def test_an_int8_export_outside_tolerance_is_not_kept(exported, prepared, tmp_pa
     assert Predictor.load(folder).backend == "tflite"
 
 
+@pytest.mark.slow
+def test_a_float_export_over_the_committed_file_size_is_not_written(exported, prepared, tmp_path, monkeypatch):
+    """A model too big for a float32 flatbuffer under the size bound (the WideResNet, the ensemble) is served by
+    its int8 export alone; a float export left from before is removed."""
+    folder = tmp_path / "big"
+    shutil.copytree(exported["gender"], folder)
+    small = (folder / "model-int8.tflite").stat().st_size + 1  # only the int8 flatbuffer fits
+    monkeypatch.setattr(export, "FLOAT16_ABOVE_BYTES", small)
+    result = runner.invoke(export.app, [str(folder), "--data-dir", str(prepared["data_dir"]), "--faces", "64"])
+    assert result.exit_code == 0, result.output
+    assert "not kept" in said(result) and "int8 export serves" in said(result)
+    assert not (folder / "model.tflite").exists() and (folder / "model-int8.tflite").stat().st_size < small
+    assert set(json.loads((folder / "metadata.json").read_text())["exports"]) == {"tflite-int8"}
+    assert Predictor.load(folder).backend == "tflite-int8"
+
+
 def test_predict_cli_gives_the_same_rows_with_either_backend(exported, prepared, tmp_path):
     rows = pd.read_csv(prepared["data_dir"] / "manifest.csv").query("split == 'test'").head(5)
     paths = [str(prepared["images"] / name) for name in rows["file"]]
