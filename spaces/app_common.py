@@ -1,17 +1,18 @@
-"""The Gradio UI every Space shares: a photo in, a box per face with the model's gender and age out.
+"""The Gradio UI every Space shares: a photo in, a box per face with the model's gender and age (with its 80%
+interval) out; what the model looked at in a chosen face (Grad-CAM heatmaps); and a live webcam tab whose faces
+are tracked from frame to frame so their numbers hold still.
 
 Each `spaces/<name>/app.py` is a few lines over `launch_app()`. This file runs in two layouts:
 
 - in the repository: `spaces/app_common.py`, with the project installed (`pip install -e .`, which installs
   `common/` as the package `agegender`) and `results/` one folder up;
 - in a Space staged by `tasks/publish.py`: `app_common.py`, `agegender/` (a copy of `common/`), `examples/`,
-  `results/` and `hub_models.json` side by side.
+  `results/` side by side.
 
-In the repository the model is `results/models/<name>/` (or the best of `results/models/<name>/*/`), read with no
-network. A staged Space carries no model: hub_models.json names its model repo and the revision publish pushed,
-and `agegender.hub` downloads that revision through the Hub cache. Either way the bias analysis is
-`results/comparison.json`, found through `agegender.data` (`AGEGENDER_RESULTS_DIR` moves it and the models).
-Faces are found and prepared by `agegender.faces.Predictor`: the same code as `tasks/predict.py`.
+Either way the model lives in `results/models/<name>/` (or the best of `results/models/<name>/*/`) and the
+bias analysis in `results/comparison.json`, found through `agegender.data` (`AGEGENDER_RESULTS_DIR` moves both).
+Faces are found and prepared by `agegender.faces.Predictor` and drawn by `agegender.drawing`: the same code as
+`tasks/predict.py`; heatmaps come from `agegender.gradcam`, the webcam's tracking from `agegender.tracking`.
 
 Importing this module loads neither Gradio nor TensorFlow; `build_demo()` does.
 """
@@ -25,60 +26,25 @@ from typing import Any
 from agegender.cards import about_markdown, load_comparison
 from agegender.cli import UserError
 from agegender.data import MODELS_DIR
+from agegender.drawing import age_text, draw_faces, gender_probability
 from agegender.faces import DEFAULT_DETECTOR, available_detectors
 from agegender.families import FAMILIES
-from agegender.hub import PINS_FILE, hub_entry, read_pins
+from agegender.gradcam import load_gradcam
 from agegender.modelio import ModelEntry, find_model
+from agegender.tracking import WINDOW, LiveSession
 
 HERE = Path(__file__).resolve().parent
 
 SPACES = tuple(FAMILIES)  # one Space per model family, titled by the registry
 EXAMPLES_DIR = HERE / "examples"
 EXAMPLES = ("astronaut.jpg", "two_faces.jpg", "landscape.jpg")  # public domain / generated, never UTKFace
-COLOURS = {"female": (214, 51, 132), "male": (13, 110, 253), None: (25, 135, 84)}  # box colour by gender
 CACHE_CLEANUP = (1800, 3600)  # Gradio deletes uploaded/temporary files older than an hour, every 30 minutes
+LIVE_DETECTOR = "blazeface-back"  # the fastest detector: every webcam frame goes through it
+LIVE_EVERY_S = 0.2  # how often the browser sends a webcam frame
+LIVE_LIMIT_S = 600  # a viewer's stream stops after this long (a Space's CPU is shared)
 
 
 # ---------------------------------------------------------------- prediction and drawing
-
-
-def gender_probability(row: dict[str, Any]) -> float:
-    """The probability of the gender the model chose."""
-    return row["p_female"] if row["gender"] == "female" else 1.0 - row["p_female"]
-
-
-def face_label(index: int, row: dict[str, Any]) -> str:
-    parts = [f"{index}:"]
-    if "gender" in row:
-        parts.append(f"{row['gender']} {gender_probability(row):.0%}")
-    if "age" in row:
-        parts.append(f"{row['age']:.0f} y")
-    return " ".join(parts)
-
-
-def draw_faces(image, rows: list[dict[str, Any]]):
-    """A copy of the image with a numbered box and label per face, sized to the photo."""
-    from PIL import ImageDraw, ImageFont
-
-    out = image.copy()
-    draw = ImageDraw.Draw(out)
-    side = max(image.size)
-    width = max(2, round(side / 300))
-    try:
-        font = ImageFont.load_default(size=max(12, round(side / 40)))
-    except (TypeError, OSError):  # Pillow built without FreeType
-        font = ImageFont.load_default()
-    for index, row in enumerate(rows, start=1):
-        x, y, w, h = row["box"]
-        colour = COLOURS.get(row.get("gender"), COLOURS[None])
-        draw.rectangle((x, y, x + w, y + h), outline=colour, width=width)
-        text = face_label(index, row)
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tw, th = right - left, bottom - top
-        ty = y - th - 2 * width if y - th - 2 * width >= 0 else y + h  # above the box, else below it
-        draw.rectangle((x, ty, x + tw + 2 * width, ty + th + 2 * width), fill=colour)
-        draw.text((x + width - left, ty + width - top), text, fill=(255, 255, 255), font=font)
-    return out
 
 
 def table_headers(outputs: list[str]) -> list[str]:
@@ -86,7 +52,7 @@ def table_headers(outputs: list[str]) -> list[str]:
     if "gender" in outputs:
         headers += ["gender", "probability", "P(female)"]
     if "age" in outputs:
-        headers += ["age (years)"]
+        headers += ["age (years)", "80% interval", "age band"]
     return headers + ["box (x, y, width, height)", "detector confidence"]
 
 
@@ -97,7 +63,8 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
         if "gender" in row:
             line += [row["gender"], round(gender_probability(row), 3), round(row["p_female"], 3)]
         if "age" in row:
-            line += [round(row["age"], 1)]
+            interval = f"{row['age_low']}–{row['age_high']}" if "age_low" in row else "none (not calibrated)"
+            line += [round(row["age"], 1), interval, row["age_band"]]
         table.append(line + [", ".join(str(v) for v in row["box"]), round(row["confidence"], 3)])
     return table
 
@@ -112,7 +79,7 @@ def summary_message(rows: list[dict[str, Any]], size: tuple[int, int]) -> str:
         if "gender" in row:
             said.append(f"{row['gender']} ({gender_probability(row):.0%} probability)")
         if "age" in row:
-            said.append(f"about {row['age']:.0f} years old")
+            said.append(f"about {age_text(row)} years old")
         lines.append(f"- Face {index}: {', '.join(said)}")
     return "\n".join(lines)
 
@@ -124,6 +91,38 @@ def predict_photo(predictor, source, detector: str = DEFAULT_DETECTOR) -> tuple[
     image = read_image(source)
     rows = [row for row in predictor.predict_image(image, detector=detector) if "box" in row]
     return (draw_faces(image, rows) if rows else image), summary_message(rows, image.size), rows
+
+
+def looked_at(predictor, cam, source, face: int, detector: str = DEFAULT_DETECTOR) -> list[tuple[Any, str]]:
+    """(picture, caption) pairs for one face of a photo (numbered as in its boxes): its aligned crop, then the
+    crop under each output's Grad-CAM heatmap."""
+    from agegender.faces import face_crop, read_image
+    from agegender.gradcam import DISPLAY_SIDE, face_heatmaps, row_face
+
+    image = read_image(source)
+    rows = [row for row in predictor.predict_image(image, detector=detector) if "box" in row]
+    if not rows:
+        raise UserError("No face was found in this photo, so there is nothing to show.")
+    if not 1 <= face <= len(rows):
+        raise UserError(f"There is no face {face}: the photo has {len(rows)} (numbered from 1 on the boxes).")
+    row = rows[face - 1]
+    said = {"age": f"age: what made it say {age_text(row)}" if "age" in row else "",
+            "gender": f"gender: what made it say {row['gender']}" if "gender" in row else ""}
+    found = face_heatmaps(cam, image, [row])
+    return [(face_crop(image, row_face(row), DISPLAY_SIDE), f"face {face}, aligned as the model sees it"),
+            *((item["image"], said[item["output"]]) for item in found)]
+
+
+def live_frame(predictor, frame, session: LiveSession | None) -> tuple[Any, str, LiveSession | None]:
+    """One webcam frame: (the frame with tracked, smoothed labels, a line with the frame rate, the viewer's
+    session, started on the first frame)."""
+    if frame is None:
+        return None, "", session
+    session = session or LiveSession(predictor, LIVE_DETECTOR)
+    drawn, rows, fps = session.frame(frame)
+    rate = "measuring the frame rate..." if fps is None else f"{fps:.1f} frames per second"
+    faces = f"{len(rows)} face{'s' if len(rows) != 1 else ''}"
+    return drawn, f"{faces}, {rate}; each face's numbers are averaged over its last {WINDOW} frames.", session
 
 
 # ---------------------------------------------------------------- the Gradio app
@@ -139,6 +138,20 @@ def model_panel(entry: ModelEntry, suffix: str = "") -> tuple[Any, Any]:
 
     predictor = Predictor.load(entry.folder)
     headers = table_headers(predictor.outputs)
+    cams: dict[str, Any] = {}  # the Grad-CAM model, loaded from model.keras when first asked for
+
+    def heatmaps(path: str | None, face: float | None, detector: str = DEFAULT_DETECTOR):
+        if not path:
+            raise gr.Error("Upload, paste or take a photo first.")
+        try:
+            if "cam" not in cams:
+                cams["cam"] = load_gradcam(entry.folder)
+            return looked_at(predictor, cams["cam"], path, int(face or 1), detector or DEFAULT_DETECTOR)
+        except UserError as error:
+            raise gr.Error(str(error)) from error
+
+    def live(frame, session):
+        return live_frame(predictor, frame, session)
 
     def predict(path: str | None, detector: str = DEFAULT_DETECTOR):
         if not path:
@@ -168,28 +181,39 @@ def model_panel(entry: ModelEntry, suffix: str = "") -> tuple[Any, Any]:
                 message = gr.Markdown(elem_id=f"message{suffix}")
                 table = gr.Dataframe(pd.DataFrame(columns=headers), label="One row per face",
                                      interactive=False)
+                with gr.Accordion("What the model looked at", open=False):
+                    gr.Markdown("Grad-CAM heatmaps of one face: the warmer a region, the more it moved the model "
+                                "towards the age and the gender it gave.")
+                    with gr.Row():
+                        face = gr.Number(1, minimum=1, precision=0, label="Face number", elem_id=f"face{suffix}")
+                        look = gr.Button("Show heatmaps", elem_id=f"heatmaps{suffix}")
+                    gallery = gr.Gallery(label="Aligned face and its heatmaps", columns=3, height="auto")
+        with gr.Tab("Live webcam"):
+            gr.Markdown("Faces are boxed and labelled as the webcam streams; each face keeps its number while it "
+                        "stays in view, and its age and gender are averaged over its last frames.")
+            with gr.Row():
+                webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam",
+                                  elem_id=f"webcam{suffix}")
+                live_view = gr.Image(type="pil", format="jpeg", label="Faces, tracked", interactive=False)
+            live_message = gr.Markdown(elem_id=f"live{suffix}")
+            session = gr.State(None)
         with gr.Tab("About this model"):
             about_text = gr.Markdown(about(), elem_id=f"about{suffix}")
     button.click(predict, inputs=[photo, detector], outputs=[annotated, message, table],
                  api_name=f"predict{suffix}")
+    look.click(heatmaps, inputs=[photo, face, detector], outputs=[gallery], api_name=f"heatmaps{suffix}")
+    webcam.stream(live, inputs=[webcam, session], outputs=[live_view, live_message, session],
+                  stream_every=LIVE_EVERY_S, time_limit=LIVE_LIMIT_S, api_name=f"live{suffix}")
     return about, about_text
 
 
-def space_models(spaces: list[str] | tuple[str, ...], models_dir: Path = MODELS_DIR,
-                 pins_file: Path = HERE / PINS_FILE) -> list[ModelEntry]:
-    """In a staged Space (a pins file beside this one), each model from its Hub repo at the pinned revision;
-    in the repository, the trained models in models_dir."""
-    pins = read_pins(pins_file)
-    if pins is not None:
-        return [hub_entry(pin) for pin in pins if pin.space in spaces]
-    return [entry for entry in (find_model(space, models_dir) for space in spaces) if entry is not None]
-
-
 def build_demo(spaces: list[str] | tuple[str, ...], models_dir: Path = MODELS_DIR):
-    """One model: its Predict and About tabs. Several: a tab per model (the combined Space).
+    """One model: its Predict (with "What the model looked at"), Live webcam and About tabs. Several: a tab per
+    model (the combined Space).
 
-    API names: /predict and /about for one model; /predict_<name> and /about_<name> for several."""
-    entries = space_models(spaces, models_dir)
+    API names: /predict, /heatmaps, /live and /about for one model; /predict_<name>, /heatmaps_<name>,
+    /live_<name> and /about_<name> for several."""
+    entries = [entry for entry in (find_model(space, models_dir) for space in spaces) if entry is not None]
     if not entries:
         wanted = " or ".join(str(Path(models_dir) / space) for space in spaces)
         raise UserError(f"No trained model in {wanted}: train one (e.g. `python {FAMILIES[spaces[0]].script}`) "

@@ -159,7 +159,8 @@ def test_face_photo_gets_a_box_and_the_predict_path_numbers(name, clients, train
         assert "gender" not in table["headers"]
     if name in ("age", "multitask"):
         assert rows[0]["age (years)"] == pytest.approx(expected["age"], abs=0.06)
-        assert f"about {expected['age']:.0f} years old" in message
+        assert f"about {expected['age']:.0f} ({expected['age_low']}–{expected['age_high']}) years old" in message
+        assert rows[0]["80% interval"] == f"{expected['age_low']}–{expected['age_high']}"
     else:
         assert "age (years)" not in table["headers"]
 
