@@ -7,10 +7,12 @@ Each `spaces/<name>/app.py` is a few lines over `launch_app()`. This file runs i
 - in the repository: `spaces/app_common.py`, with the project installed (`pip install -e .`, which installs
   `common/` as the package `agegender`) and `results/` one folder up;
 - in a Space staged by `tasks/publish.py`: `app_common.py`, `agegender/` (a copy of `common/`), `examples/`,
-  `results/` side by side.
+  `results/` and `hub_models.json` side by side.
 
-Either way the model lives in `results/models/<name>/` (or the best of `results/models/<name>/*/`) and the
-bias analysis in `results/comparison.json`, found through `agegender.data` (`AGEGENDER_RESULTS_DIR` moves both).
+In the repository the model is `results/models/<name>/` (or the best of `results/models/<name>/*/`), read with no
+network. A staged Space carries no model: hub_models.json names its model repo and the revision publish pushed,
+and `agegender.hub` downloads that revision through the Hub cache. Either way the bias analysis is
+`results/comparison.json`, found through `agegender.data` (`AGEGENDER_RESULTS_DIR` moves it and the models).
 Faces are found and prepared by `agegender.faces.Predictor` and drawn by `agegender.drawing`: the same code as
 `tasks/predict.py`; heatmaps come from `agegender.gradcam`, the webcam's tracking from `agegender.tracking`.
 
@@ -30,6 +32,7 @@ from agegender.drawing import age_text, draw_faces, gender_probability
 from agegender.faces import DEFAULT_DETECTOR, available_detectors
 from agegender.families import FAMILIES
 from agegender.gradcam import load_gradcam
+from agegender.hub import PINS_FILE, hub_entry, read_pins
 from agegender.modelio import ModelEntry, find_model
 from agegender.tracking import WINDOW, LiveSession
 
@@ -207,13 +210,23 @@ def model_panel(entry: ModelEntry, suffix: str = "") -> tuple[Any, Any]:
     return about, about_text
 
 
+def space_models(spaces: list[str] | tuple[str, ...], models_dir: Path = MODELS_DIR,
+                 pins_file: Path = HERE / PINS_FILE) -> list[ModelEntry]:
+    """In a staged Space (a pins file beside this one), each model from its Hub repo at the pinned revision;
+    in the repository, the trained models in models_dir."""
+    pins = read_pins(pins_file)
+    if pins is not None:
+        return [hub_entry(pin) for pin in pins if pin.space in spaces]
+    return [entry for entry in (find_model(space, models_dir) for space in spaces) if entry is not None]
+
+
 def build_demo(spaces: list[str] | tuple[str, ...], models_dir: Path = MODELS_DIR):
     """One model: its Predict (with "What the model looked at"), Live webcam and About tabs. Several: a tab per
     model (the combined Space).
 
     API names: /predict, /heatmaps, /live and /about for one model; /predict_<name>, /heatmaps_<name>,
     /live_<name> and /about_<name> for several."""
-    entries = [entry for entry in (find_model(space, models_dir) for space in spaces) if entry is not None]
+    entries = space_models(spaces, models_dir)
     if not entries:
         wanted = " or ".join(str(Path(models_dir) / space) for space in spaces)
         raise UserError(f"No trained model in {wanted}: train one (e.g. `python {FAMILIES[spaces[0]].script}`) "
