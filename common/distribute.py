@@ -14,13 +14,14 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agegender.cli import atomic_path, console, write_json
+from agegender.cli import UserError, atomic_path, console, write_json
 
 BACKUP_FOLDER = "backup"
 RUN_KEY_FILE = "run.json"  # what the run was started with: a rerun resumes only the same command
@@ -155,3 +156,81 @@ def training_backup(folder: Path):
             shutil.rmtree(folder, ignore_errors=True)
 
     return _Backup()
+
+
+# ---------------------------------------------------------------- strategies and mixed precision
+
+STRATEGIES = ("auto", "one", "mirrored", "multi-worker")
+
+
+def cluster_task() -> tuple[str, int, int]:
+    """(task type, index, number of workers) from TF_CONFIG; ("worker", 0, 1) without it."""
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    cluster, task = config.get("cluster", {}), config.get("task", {})
+    workers = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+    return str(task.get("type", "worker")), int(task.get("index", 0)), max(1, workers)
+
+
+def is_chief() -> bool:
+    """Whether this process writes the model folder and logs: the chief, or worker 0 when there is none."""
+    kind, index, _ = cluster_task()
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    return kind == "chief" or (kind == "worker" and index == 0 and "chief" not in config.get("cluster", {}))
+
+
+def make_strategy(name: str):
+    """(the tf.distribute strategy, what metadata.json records about it). auto: mirrored when more than one
+    GPU is visible, else one. mirrored: every GPU, or without one every logical CPU device (tests split the CPU
+    in two). multi-worker: MultiWorkerMirroredStrategy over the cluster TF_CONFIG describes."""
+    import tensorflow as tf
+
+    if name not in STRATEGIES:
+        raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {name!r}.")
+    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+    chosen = ("mirrored" if len(gpus) > 1 else "one") if name == "auto" else name
+    if chosen == "one":
+        strategy, devices = tf.distribute.get_strategy(), gpus[:1] or ["/device:CPU:0"]
+    elif chosen == "mirrored":
+        devices = gpus or [device.name for device in tf.config.list_logical_devices("CPU")]
+        # NCCL is for GPUs; CPU replicas reduce through one device
+        strategy = tf.distribute.MirroredStrategy(
+            devices=devices, cross_device_ops=None if gpus else tf.distribute.ReductionToOneDevice())
+    else:
+        if not os.environ.get("TF_CONFIG"):
+            raise UserError("--strategy multi-worker reads the cluster from the TF_CONFIG environment variable; "
+                            "set it on every machine (docs/scaling.md shows one for two machines).")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        devices = gpus or ["/device:CPU:0"]
+    kind, index, workers = cluster_task() if chosen == "multi-worker" else ("worker", 0, 1)
+    return strategy, {"strategy": chosen, "asked": name, "replicas": int(strategy.num_replicas_in_sync),
+                      "devices": devices, "workers": workers, "task": f"{kind}:{index}"}
+
+
+def set_precision(mixed: bool) -> dict[str, Any]:
+    """The Keras dtype policy for the models built next: mixed_float16 (float16 maths, float32 weights; the
+    output layers of agegender.models keep float32) or float32. On a CPU, float16 is slower, so it is only
+    used there when asked with a warning."""
+    import keras
+    import tensorflow as tf
+
+    policy = "mixed_float16" if mixed else "float32"
+    if mixed and not tf.config.list_logical_devices("GPU"):
+        console.print("[yellow]--mixed-precision pays on a GPU; this machine has none, so float16 maths run on "
+                      "the CPU (slower).[/]")
+    keras.mixed_precision.set_global_policy(policy)
+    return {"mixed_precision": mixed, "dtype_policy": policy}
+
+
+@contextlib.contextmanager
+def distributed(strategy_name: str = "one", mixed_precision: bool = False):
+    """Build and train inside: the strategy's scope and the dtype policy, yielding what metadata.json records
+    under "distribution". The policy goes back to float32 afterwards."""
+    import keras
+
+    strategy, record = make_strategy(strategy_name)
+    record.update(set_precision(mixed_precision))
+    try:
+        with strategy.scope():
+            yield record
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

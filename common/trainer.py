@@ -10,6 +10,8 @@ finds that folder and continues from the last finished epoch (agegender.distribu
 """
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +20,17 @@ import typer
 from agegender import cli
 from agegender.cli import UserError, console, user_errors
 from agegender.data import DATA_DIR, MODELS_DIR
-from agegender.distribute import BACKUP_FOLDER, RUN_KEY_FILE, interrupted_run, mark_run, run_key
+from agegender.distribute import (
+    BACKUP_FOLDER,
+    RUN_KEY_FILE,
+    STRATEGIES,
+    cluster_task,
+    distributed,
+    interrupted_run,
+    is_chief,
+    mark_run,
+    run_key,
+)
 from agegender.families import FAMILIES
 from agegender.modelio import run_path
 from agegender.models import AGE_HEADS
@@ -46,9 +58,10 @@ def run_folder(name: str, plan, limit, data_dir: Path, out: Path, init_from: Pat
     settings = {"family": name, "params": plan.params, "settings": plan.settings, "limit": limit,
                 "data_dir": str(Path(data_dir).resolve()), "out": str(Path(out).resolve()),
                 "init_from": None if init_from is None else str(init_from)}
-    key = run_key(settings)
-    folder = run_dir or (interrupted_run(run_path(Path(out).name).parent, key) if backup else None) \
-        or run_path(Path(out).name)
+    kind, index, _ = cluster_task()
+    run_name = Path(out).name if is_chief() else f"{Path(out).name}-{kind}{index}"  # each worker backs up its own
+    key = run_key({**settings, "task": f"{kind}:{index}"})
+    folder = run_dir or (interrupted_run(run_path(run_name).parent, key) if backup else None) or run_path(run_name)
     if not backup:
         return folder, []
     marker = folder / BACKUP_FOLDER / RUN_KEY_FILE
@@ -116,6 +129,12 @@ def cnn_trainer(name: str) -> typer.Typer:
             "--backup/--no-backup",
             help="Back the training state up in the run folder after every epoch, so that the same command "
                  "continues a killed run from its last finished epoch.")] = True,
+        strategy: Annotated[str, typer.Option(
+            help="auto (mirrored when more than one GPU is visible, else one), one, mirrored (every GPU of this "
+                 "machine) or multi-worker (the machines TF_CONFIG lists; docs/scaling.md). --batch-size stays "
+                 "the global batch.")] = "auto",
+        mixed_precision: Annotated[bool, typer.Option(
+            help="mixed_float16 maths (float32 weights and outputs): for GPUs with tensor cores.")] = False,
     ) -> None:
         flags = {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
                  "lr_schedule": lr_schedule, "augment": augment, "noise_augment": noise_augment,
@@ -129,18 +148,22 @@ def cnn_trainer(name: str) -> typer.Typer:
             raise typer.BadParameter(f"the {name} model has no {refused[0]} parameter", param_hint=flag)
         cli.check_choice(age_head_kind, AGE_HEADS, "--age-head")
         cli.check_choice(lr_schedule, LR_SCHEDULES, "--lr-schedule")
-        with user_errors():
+        cli.check_choice(strategy, STRATEGIES, "--strategy")
+        with user_errors(), distributed(strategy, mixed_precision) as setup:
             balanced, weights = parse_balance(balance), parse_dataset_weights(dataset_weight)
             plan = plan_run(name, recipe, params, flags,
                             {"epochs": epochs, "image_size": image_size, "patience": patience})
             folder, extra_callbacks = run_folder(name, plan, limit, data_dir, out, init_from, run_dir, backup)
-            logs = folder / "tensorboard" if tensorboard else None
+            logs = folder / "tensorboard" if tensorboard and is_chief() else None
+            model_out = out if is_chief() else Path(tempfile.mkdtemp(prefix="agegender-worker-")) / Path(out).name
             result = family.train(plan.params, plan.settings["image_size"], plan.settings["epochs"], data_dir,
-                                  limit, out, extra_callbacks=extra_callbacks, init_from=init_from,
-                                  patience=plan.settings["patience"],
-                                  seed=plan.settings["seed"], tensorboard_dir=logs, metadata_extra=plan.metadata(),
+                                  limit, model_out, extra_callbacks=extra_callbacks, init_from=init_from,
+                                  patience=plan.settings["patience"], seed=plan.settings["seed"],
+                                  tensorboard_dir=logs, metadata_extra={**plan.metadata(), "distribution": setup},
                                   balance=balanced, dataset_weights=weights)
             report(name, result)
+            if not is_chief():  # a worker's copy of the model: the chief saved the one that counts
+                shutil.rmtree(model_out.parent, ignore_errors=True)
             if logs is not None:
                 console.print(f"TensorBoard logs in {logs} (nox -s tensorboard).")
 

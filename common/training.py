@@ -466,6 +466,9 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
     sampling = sampling_probabilities(data["train"].rows, tuple(balance), weights)
     if sampling is not None:
         describe_sampling(data["train"].rows, sampling, tuple(balance))
+    import keras
+
+    keras.utils.set_random_seed(seed)  # the initial weights too: the same seed gives the same run (and replicas)
     model = build_model(image_size, params)
     metadata_extra = {"family": task, **({"age_head": params.get("age_head")} if "age" in outputs else {}),
                       **(metadata_extra or {})}
