@@ -1,6 +1,7 @@
-"""The Gradio Spaces as a visitor meets them: staged by publish, launched from their build folder on 127.0.0.1,
-queried through gradio_client with a real face photo (NASA's public-domain astronaut portrait) and photos with
-no face, two faces or unusual modes, and driven once through headless Chromium."""
+"""The Gradio Spaces as a visitor meets them: staged and pushed by publish (to tests/fake_hub.py's stand-in Hub,
+whose pushed model revisions fill a Hub cache, as a Space's first start would), launched from their build folder
+on 127.0.0.1 offline, queried through gradio_client with a real face photo (NASA's public-domain astronaut
+portrait) and photos with no face, two faces or unusual modes, and driven once through headless Chromium."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 from PIL import Image
 
 from tasks import publish
+from tests.fake_hub import FakeHub, published_spaces
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "spaces" / "examples"
@@ -41,18 +43,29 @@ def results_dir(trained_models, prepared, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def staged(trained_models, results_dir, tmp_path_factory) -> dict[str, publish.StagedSpace]:
-    build = tmp_path_factory.mktemp("spaces-build")
-    options = {"models_dir": trained_models["gender"].parent, "results_dir": results_dir, "build_dir": build}
-    singles, _ = publish.stage(list(MODELS), **options)
-    combined, _ = publish.stage(list(MODELS), combined=True, **options)
-    return {item.space: item for item in [*singles, *combined]}
+def hub_cache(tmp_path_factory) -> Path:
+    """The Hub cache the Spaces load their models from (filled by the staged fixture)."""
+    return tmp_path_factory.mktemp("spaces-hub-cache")
 
 
-def space_env(**extra: str) -> dict[str, str]:
-    """The environment of a Space: no project paths or settings leak in from the test run."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGEGENDER_", "PYTHONPATH"))}
+@pytest.fixture(scope="module")
+def staged(trained_models, results_dir, hub_cache, tmp_path_factory) -> dict[str, publish.StagedRepo]:
+    """Every single-model Space and the combined one, pushed with their model repos: {Space name: StagedRepo}."""
+    root = tmp_path_factory.mktemp("spaces-build")
+    hub = FakeHub(root / "fake-hub")
+    options = {"models_dir": trained_models["gender"].parent, "results_dir": results_dir, "cache_dir": hub_cache,
+               "hub": hub}
+    return {**published_spaces(list(MODELS), build_dir=root / "singles", **options),
+            **published_spaces(list(MODELS), build_dir=root / "combined", combined=True, **options)}
+
+
+def space_env(hub_cache: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a Space: offline with its Hub cache, no project paths or settings leaking in from the
+    test run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGEGENDER_", "PYTHONPATH", "HF_HUB_CACHE"))}
     env.update(GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    if hub_cache is not None:
+        env["HF_HUB_CACHE"] = str(hub_cache)
     return env
 
 
@@ -85,7 +98,7 @@ def wait_until_up(server: Server, deadline: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def servers(staged, tmp_path_factory):
+def servers(staged, hub_cache, tmp_path_factory):
     """Every staged Space started at once with `python app.py` in its folder, as the Hub starts it."""
     logs = tmp_path_factory.mktemp("spaces-logs")
     running = {}
@@ -96,7 +109,7 @@ def servers(staged, tmp_path_factory):
             with open(log, "w") as handle:
                 process = subprocess.Popen(
                     [sys.executable, "app.py"], cwd=staged[name].folder, stdout=handle, stderr=subprocess.STDOUT,
-                    env=space_env(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
+                    env=space_env(hub_cache, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
                                   GRADIO_TEMP_DIR=str(logs / f"{name}-files")))
             running[name] = Server(f"http://127.0.0.1:{port}/", process, log)
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -197,6 +210,20 @@ def test_two_faces_and_any_mode_or_size(clients, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_space_shows_what_the_model_looked_at_in_a_chosen_face(clients):
+    from gradio_client import handle_file
+
+    gallery = clients["multitask"].predict(handle_file(str(TWO_FACES)), 2, "blazeface-back", api_name="/heatmaps")
+    assert [item["caption"].split(":")[0] for item in gallery] == ["face 2, aligned as the model sees it", "age",
+                                                                    "gender"]
+    pictures = [np.asarray(Image.open(item["image"]).convert("RGB"), np.int16) for item in gallery]
+    assert all(picture.shape == (256, 256, 3) for picture in pictures)
+    assert np.abs(pictures[1] - pictures[0]).mean() > 5  # the heatmap is drawn over the crop
+    with pytest.raises(Exception, match="There is no face 3"):
+        clients["multitask"].predict(handle_file(str(TWO_FACES)), 3, "blazeface-back", api_name="/heatmaps")
+
+
+@pytest.mark.slow
 def test_a_file_that_is_not_an_image_is_refused_and_the_space_keeps_working(clients, tmp_path):
     broken = tmp_path / "photo.jpg"
     broken.write_bytes(b"this is not a JPEG" * 50)
@@ -209,7 +236,7 @@ def test_a_file_that_is_not_an_image_is_refused_and_the_space_keeps_working(clie
 def test_combined_space_has_a_tab_and_endpoints_per_model(clients):
     client = clients[publish.COMBINED]
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {f"/{kind}_{name}" for kind in ("predict", "about") for name in MODELS} <= endpoints
+    assert {f"/{kind}_{name}" for kind in ("predict", "heatmaps", "about") for name in MODELS} <= endpoints
     _, message, table = ask(client, ASTRONAUT, "/predict_age")
     assert message.startswith("**Found 1 face.**") and "age (years)" in table["headers"]
 
@@ -232,12 +259,12 @@ def test_the_detector_chosen_in_the_space_finds_the_face(clients, trained_models
 
 
 @pytest.mark.slow
-def test_about_page_reads_metrics_and_bias_from_the_published_files(clients, staged, results_dir):
+def test_about_page_reads_metrics_and_bias_from_the_published_files(clients, staged, results_dir, trained_models):
     import json
 
     about = clients[publish.COMBINED].predict(api_name="/about_multitask")
     folder = staged[publish.COMBINED].folder
-    metrics = json.loads((folder / "results/models/multitask/metrics.json").read_text())
+    metrics = json.loads((trained_models["multitask"] / "metrics.json").read_text())  # pushed to its model repo
     assert f"| gender accuracy | {metrics['gender']['accuracy']:.4f} |" in about
     assert f"| age MAE | {metrics['age']['mae']:.2f} years |" in about
     assert "non-commercial research only" in about and "## Intended use and limits" in about
@@ -273,7 +300,7 @@ def test_app_run_from_the_repository_without_a_model_says_so(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
                     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-def test_browser_uploads_a_photo_and_reads_the_result(servers, staged):
+def test_browser_uploads_a_photo_and_reads_the_result(servers, trained_models):
     import json
 
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install -e .[dev])")
@@ -299,7 +326,7 @@ def test_browser_uploads_a_photo_and_reads_the_result(servers, staged):
         assert message.startswith("Found 1 face.") and ("female" in message or "male" in message)
         driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'About this model')]").click()
         about = wait.until(lambda d: "Measured accuracy" in (text := d.find_element(By.ID, "about").text) and text)
-        metrics = json.loads((staged["gender"].folder / "results/models/gender/metrics.json").read_text())
+        metrics = json.loads((trained_models["gender"] / "metrics.json").read_text())
         assert f"{metrics['gender']['accuracy']:.4f}" in about and "UTKFace" in about
     finally:
         driver.quit()
