@@ -161,6 +161,7 @@ def training_backup(folder: Path):
 # ---------------------------------------------------------------- strategies and mixed precision
 
 STRATEGIES = ("auto", "one", "mirrored", "multi-worker")
+TRY_MULTI_WORKER = "AGEGENDER_TRY_MULTI_WORKER"  # set: build the multi-worker strategy despite the known failure
 
 
 def cluster_task() -> tuple[str, int, int]:
@@ -186,7 +187,9 @@ def make_strategy(name: str):
 
     if name not in STRATEGIES:
         raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {name!r}.")
-    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+    # physical devices: listing logical ones starts TensorFlow's runtime, after which the multi-worker
+    # strategy can no longer set up its collectives
+    gpus = [f"/device:GPU:{index}" for index, _ in enumerate(tf.config.list_physical_devices("GPU"))]
     chosen = ("mirrored" if len(gpus) > 1 else "one") if name == "auto" else name
     if chosen == "one":
         strategy, devices = tf.distribute.get_strategy(), gpus[:1] or ["/device:CPU:0"]
@@ -199,6 +202,12 @@ def make_strategy(name: str):
         if not os.environ.get("TF_CONFIG"):
             raise UserError("--strategy multi-worker reads the cluster from the TF_CONFIG environment variable; "
                             "set it on every machine (docs/scaling.md shows one for two machines).")
+        if not os.environ.get(TRY_MULTI_WORKER):
+            raise UserError(
+                "--strategy multi-worker does not train with this Keras: Keras 3 fails inside fit() under "
+                "tf.distribute.MultiWorkerMirroredStrategy (a PerReplica conversion error; keras-team/keras#20585, "
+                f"seen here with two workers on one machine); set {TRY_MULTI_WORKER}=1 to try a newer Keras, or "
+                "use --strategy mirrored on one machine with several GPUs.")
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         devices = gpus or ["/device:CPU:0"]
     kind, index, workers = cluster_task() if chosen == "multi-worker" else ("worker", 0, 1)
@@ -214,7 +223,7 @@ def set_precision(mixed: bool) -> dict[str, Any]:
     import tensorflow as tf
 
     policy = "mixed_float16" if mixed else "float32"
-    if mixed and not tf.config.list_logical_devices("GPU"):
+    if mixed and not tf.config.list_physical_devices("GPU"):
         console.print("[yellow]--mixed-precision pays on a GPU; this machine has none, so float16 maths run on "
                       "the CPU (slower).[/]")
     keras.mixed_precision.set_global_policy(policy)

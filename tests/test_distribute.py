@@ -118,3 +118,18 @@ def test_two_replicas_train_as_one_device_does(prepared, tmp_path):
     assert mixed.model.outputs[0].dtype == "float32"
     predicted = mixed.predict_arrays(np.zeros((2, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3), np.uint8))
     assert predicted["p_female"].dtype == np.float32 and np.isfinite(predicted["p_female"]).all()
+
+
+def test_multi_worker_needs_tf_config_and_says_why_it_cannot_train(prepared, monkeypatch):
+    command = ["--epochs", "1", "--limit", "16", "--image-size", str(TEST_IMAGE_SIZE), "--no-tensorboard",
+               "--data-dir", str(prepared["data_dir"]), "--strategy", "multi-worker"]
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    result = runner.invoke(train_gender.app, command)
+    assert result.exit_code == 1 and "TF_CONFIG" in " ".join(result.output.split())
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+                                                "task": {"type": "worker", "index": 0}}))
+    result = runner.invoke(train_gender.app, command)
+    assert result.exit_code == 1 and "keras-team/keras#20585" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    result = runner.invoke(train_gender.app, [*command[:-1], "ring"])
+    assert result.exit_code == 2 and "--strategy" in " ".join(result.output.split())
