@@ -103,3 +103,39 @@ def finetune_transfer(session: nox.Session) -> None:
     """Fine-tune the pretrained backbones (needs ImageNet weights or --weights none/PATH; posargs go through)."""
     install(session)
     session.run("python", "tasks/finetune_transfer.py", *(session.posargs or ["--all"]))
+
+
+@nox.session(python=PYTHON)
+def gpu_recipe(session: nox.Session) -> None:
+    """The multi-task model's recipe with GPU settings, for a machine with one or more GPUs (docs/scaling.md):
+    every GPU (--strategy auto), mixed precision, the global batch 64 -> 256 with the learning rate scaled by
+    sqrt(256/64) = 2, the recipe's 69 epochs. Writes the model to results/gpu/multitask (train_all promotes models,
+    this does not) and its figures (device, throughput, seconds per epoch, test metrics) to results/bench/gpu.json.
+    posargs go to train_multitask.py (e.g. --epochs 10 for a first look)."""
+    install(session)
+    session.run("python", "tasks/prepare_data.py")
+    out = "results/gpu/multitask"
+    session.run("python", "tasks/train_multitask.py", "--recipe", "recipes/multitask.toml", "--strategy", "auto",
+                "--mixed-precision", "--batch-size", "256", "--learning-rate", "0.0006", "--out", out,
+                *session.posargs)
+    summary = """
+import json, sys
+from pathlib import Path
+import tensorflow as tf
+from agegender.cli import write_json
+folder = Path(sys.argv[1])
+metadata = json.loads((folder / "metadata.json").read_text())
+metrics = json.loads((folder / "metrics.json").read_text())
+gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+        for gpu in tf.config.list_physical_devices("GPU")]
+seconds = metadata["seconds_per_epoch"]
+write_json(Path(sys.argv[2]), {
+    "model": str(folder), "gpus": gpus, "distribution": metadata.get("distribution"),
+    "batch_size": metadata["params"]["batch_size"], "learning_rate": metadata["params"]["learning_rate"],
+    "epochs_run": metadata["epochs_run"], "seconds_per_epoch": seconds,
+    "train_images_per_second": metadata["train_images"] / seconds if seconds else None,
+    "train_seconds": metadata.get("train_seconds"),
+    "test": {"age_mae": metrics["age"]["mae"], "gender_accuracy": metrics["gender"]["accuracy"]}})
+print(f"Wrote {sys.argv[2]}.")
+"""
+    session.run("python", "-c", summary, out, "results/bench/gpu.json")
