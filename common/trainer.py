@@ -52,12 +52,12 @@ def report(name: str, result: TrainResult) -> None:
 
 
 def run_folder(name: str, plan, limit, data_dir: Path, out: Path, init_from: Path | None, run_dir: Path | None,
-               backup: bool) -> tuple[Path, list]:
+               backup: bool, sampling: dict) -> tuple[Path, list]:
     """The run's folder and, with backup, the callback that backs its state up there: --run-dir, else the
     folder of an interrupted run of the same command (which then continues), else a new one."""
     settings = {"family": name, "params": plan.params, "settings": plan.settings, "limit": limit,
                 "data_dir": str(Path(data_dir).resolve()), "out": str(Path(out).resolve()),
-                "init_from": None if init_from is None else str(init_from)}
+                "init_from": None if init_from is None else str(init_from), "sampling": sampling}
     kind, index, _ = cluster_task()
     run_name = Path(out).name if is_chief() else f"{Path(out).name}-{kind}{index}"  # each worker backs up its own
     key = run_key({**settings, "task": f"{kind}:{index}"})
@@ -153,7 +153,8 @@ def cnn_trainer(name: str) -> typer.Typer:
             balanced, weights = parse_balance(balance), parse_dataset_weights(dataset_weight)
             plan = plan_run(name, recipe, params, flags,
                             {"epochs": epochs, "image_size": image_size, "patience": patience})
-            folder, extra_callbacks = run_folder(name, plan, limit, data_dir, out, init_from, run_dir, backup)
+            folder, extra_callbacks = run_folder(name, plan, limit, data_dir, out, init_from, run_dir, backup,
+                                                 {"balance": balanced, "dataset_weights": weights})
             logs = folder / "tensorboard" if tensorboard and is_chief() else None
             model_out = out if is_chief() else Path(tempfile.mkdtemp(prefix="agegender-worker-")) / Path(out).name
             result = family.train(plan.params, plan.settings["image_size"], plan.settings["epochs"], data_dir,
