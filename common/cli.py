@@ -62,6 +62,21 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def without_nan(value: Any) -> Any:
+    """NaN (an undefined metric) as null and numpy scalars as Python ones, so the JSON written is strict."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_nan(item) for item in value]
+    if isinstance(value, np.integer | np.floating):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
 def write_json(path: Path, data: Any) -> None:
     """JSON written atomically, so readers never see half a file."""
     write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")

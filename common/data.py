@@ -62,8 +62,9 @@ def parse_utkface_name(name: str) -> FaceLabel | None:
 
 def band_name(age: float, bands: list[tuple[int, int]] = AGE_BANDS) -> str:
     """The name ("20-29", "70+") of the band holding an age in years, rounded to a whole year first (an age
-    below the first band counts in it)."""
-    years = max(round(float(age)), bands[0][0])
+    below the first band counts in it, one above the last in the last: an untrained regression head can say
+    anything)."""
+    years = min(max(round(float(age)), bands[0][0]), bands[-1][1])
     for low, high in bands:
         if low <= years <= high:
             return f"{low}+" if high >= 200 else f"{low}-{high}"

@@ -68,8 +68,13 @@ CNN_METRICS = {"gender": {"gender": ["binary_accuracy", "auc"]}, "age": {"age": 
                "multitask": {"age": ["mae"], "gender": ["binary_accuracy"]}}
 
 
-def labelled(y_true):
-    """1 where the target is a label, 0 where it is missing (NaN), and the targets with 0 in the gaps."""
+def labelled(y_true, y_pred=None):
+    """1 where the target is a label, 0 where it is missing (NaN), and the targets with 0 in the gaps; targets
+    given one rank below the predictions (N against N x 1, as fit on plain arrays passes them) get the
+    predictions' last axis, as Keras's own losses do."""
+    y_true = keras.ops.cast(y_true, "float32")
+    if y_pred is not None and len(y_true.shape) == len(y_pred.shape) - 1:
+        y_true = keras.ops.expand_dims(y_true, -1)
     known = keras.ops.logical_not(keras.ops.isnan(y_true))
     return keras.ops.cast(known, "float32"), keras.ops.where(known, y_true, keras.ops.zeros_like(y_true))
 
@@ -85,7 +90,7 @@ class MaskedLoss(keras.losses.Loss):
         self.kind, self.label_smoothing = kind, float(label_smoothing)
 
     def call(self, y_true, y_pred):
-        mask, y_true = labelled(keras.ops.cast(y_true, "float32"))
+        mask, y_true = labelled(y_true, y_pred)
         if self.kind == "mae":
             per_image = keras.ops.mean(keras.ops.abs(y_pred - y_true), axis=-1)
         else:
@@ -103,7 +108,7 @@ def masked_metric(base):
 
     class Masked(base):
         def update_state(self, y_true, y_pred, sample_weight=None):
-            mask, y_true = labelled(keras.ops.cast(y_true, "float32"))
+            mask, y_true = labelled(y_true, y_pred)
             weight = mask if sample_weight is None else mask * keras.ops.reshape(
                 keras.ops.cast(sample_weight, "float32"), keras.ops.shape(mask))
             return super().update_state(y_true, y_pred, sample_weight=weight)

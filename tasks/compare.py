@@ -26,7 +26,7 @@ import typer
 from PIL import Image, ImageFilter
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agegender.cli import UserError, atomic_path, console, user_errors, write_json, write_text
+from agegender.cli import UserError, atomic_path, console, user_errors, without_nan, write_json, write_text
 from agegender.data import (
     AGE_BANDS,
     DATA_DIR,
@@ -50,6 +50,7 @@ from agegender.metrics import (
     THROUGHPUT_BATCH,
     age_metrics,
     gender_metrics,
+    group_gaps,
 )
 from agegender.modelio import METADATA_FILE, MODEL_FILE, find_models, read_metadata
 from agegender.plots import (
@@ -281,17 +282,7 @@ def bias_tables(results: list[ModelResult], rows: pd.DataFrame) -> tuple[pd.Data
                     metrics.update({key: float("nan") for key in CLASS_METRICS if key in metrics})
                 records.append({"model": result.name, "grouping": grouping, "group": group, **metrics})
     groups = pd.DataFrame(records)
-    gaps = []
-    for (model, grouping), part in groups.groupby(["model", "grouping"], sort=False):
-        for key, _, _, better in METRIC_COLUMNS:
-            if key not in part or part[key].notna().sum() < 2:
-                continue
-            valid = part[part[key].notna()]
-            best = valid.loc[valid[key].idxmax() if better == "max" else valid[key].idxmin()]
-            worst = valid.loc[valid[key].idxmin() if better == "max" else valid[key].idxmax()]
-            gaps.append({"model": model, "grouping": grouping, "metric": key, "best_group": best["group"],
-                         "best": best[key], "worst_group": worst["group"], "worst": worst[key],
-                         "gap": abs(best[key] - worst[key])})
+    gaps = group_gaps(groups, by=("model", "grouping"))
     return groups, pd.DataFrame(gaps)
 
 
@@ -558,17 +549,6 @@ def write_outputs(summary: dict, table: list[dict], groups: pd.DataFrame, gaps: 
     write_text(out / "compare" / "robustness.csv", robustness.to_csv(index=False))
     write_json(out / "comparison.json", without_nan(summary))
     write_text(out / "comparison.md", markdown_report(summary, table, groups, gaps, robustness))
-
-
-def without_nan(value: Any) -> Any:
-    """NaN (an undefined metric) as null, so comparison.json is strict JSON."""
-    if isinstance(value, dict):
-        return {key: without_nan(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [without_nan(item) for item in value]
-    if isinstance(value, float) and value != value:
-        return None
-    return value
 
 
 def markdown_report(summary: dict, table: list[dict], groups: pd.DataFrame, gaps: pd.DataFrame,

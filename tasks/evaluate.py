@@ -22,7 +22,16 @@ import pandas as pd
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agegender.cli import UserError, check_choice, console, err_console, user_errors, write_json, write_text
+from agegender.cli import (
+    UserError,
+    check_choice,
+    console,
+    err_console,
+    user_errors,
+    without_nan,
+    write_json,
+    write_text,
+)
 from agegender.data import DATA_DIR, RESULTS_DIR, SEED
 from agegender.datasets import dataset_name, open_dataset
 from agegender.faces import BACKENDS, DEFAULT_DETECTOR, DETECTORS, Predictor, detect_faces, face_crop, read_image
@@ -145,19 +154,6 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
     write_text(folder / "predictions.csv", pd.concat(predicted_rows).to_csv(index=False, float_format="%.4f"))
     print_report(summary, group_frame, gaps, folder)
     return summary
-
-
-def without_nan(value: Any) -> Any:
-    """NaN (an undefined metric) as null, so the JSON is strict."""
-    if isinstance(value, dict):
-        return {key: without_nan(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [without_nan(item) for item in value]
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, np.integer | np.floating):
-        return without_nan(value.item())
-    return value
 
 
 def overall_frame(summary: dict[str, Any]) -> pd.DataFrame:

@@ -51,15 +51,19 @@ def convert(model, kind: str = "tflite") -> bytes:
     with a batch dimension left free; "tflite-int8" stores int8 weights (dynamic-range quantisation)."""
     import contextlib
     import io
+    import os
 
     import tensorflow as tf
 
+    from agegender import silenced_stderr
     from agegender.intervals import with_age_distribution
 
     converter = tf.lite.TFLiteConverter.from_keras_model(with_age_distribution(model))
     if kind == "tflite-int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # without representative data: weights only
-    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints the whole SavedModel signature
+    # the converter prints the whole SavedModel signature, and its C++ side logs graph warnings to stderr
+    quiet = contextlib.nullcontext() if os.environ.get("AGEGENDER_TF_LOGS") == "1" else silenced_stderr()
+    with contextlib.redirect_stdout(io.StringIO()), quiet:
         return converter.convert()
 
 

@@ -24,7 +24,6 @@ from typing import Annotated
 import numpy as np
 import pandas as pd
 import typer
-from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.model_selection import train_test_split
 
@@ -47,7 +46,14 @@ from agegender.data import (
     manifest_path,
     parse_utkface_name,
 )
-from agegender.datasets import UTKFACE, LabelledDataset, dataset_name, open_dataset, source_signature
+from agegender.datasets import (
+    UTKFACE,
+    LabelledDataset,
+    check_image,
+    dataset_name,
+    open_dataset,
+    source_signature,
+)
 from agegender.faces import DEFAULT_DETECTOR, DETECTORS, detect_faces, read_image
 from agegender.plots import plot_data, pyplot, save
 from agegender.tables import rich_table
@@ -156,15 +162,6 @@ def scan_images(root: Path, limit: int | None) -> tuple[pd.DataFrame, list[dict]
             good.append(reason is None)
             progress.advance(task)
     return labelled[np.array(good, dtype=bool)].reset_index(drop=True), skipped
-
-
-def check_image(path: Path) -> str | None:
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except Exception as error:
-        return f"unreadable image ({type(error).__name__})"
-    return None
 
 
 def strata(frame: pd.DataFrame, minimum: int = 4) -> pd.Series:

@@ -109,3 +109,18 @@ def prepared_extra(utkface_subset, labelled_dataset, tmp_path_factory) -> dict[s
     summary = prepare(str(utkface_subset), data_dir, results_dir, [32], limit=120,
                       extra_sources=[str(labelled_dataset)])
     return {"data_dir": data_dir, "results_dir": results_dir, "summary": summary}
+
+
+def copy_test_crops(prepared: dict[str, Path], folder: Path, count: int) -> list[str]:
+    """The first `count` test-split UTKFace files of the prepared subset copied into folder; their names."""
+    import pandas as pd
+
+    names = list(pd.read_csv(prepared["data_dir"] / "manifest.csv").query("split == 'test'").head(count)["file"])
+    for name in names:
+        (folder / name).write_bytes((prepared["images"] / name).read_bytes())
+    return names
+
+
+def said(result) -> str:
+    """A CLI result's output with rich's line wrapping undone."""
+    return " ".join(result.output.split())

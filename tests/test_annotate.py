@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tasks import predict
+from tests.conftest import copy_test_crops
 
 runner = CliRunner()
 
@@ -28,11 +29,9 @@ def digest(folder) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def photos(prepared, tmp_path_factory):
     """Three real UTKFace test photos, and the same face as grey, RGBA, palette, tiny and large files."""
-    rows = pd.read_csv(prepared["data_dir"] / "manifest.csv").query("split == 'test'").head(3)
     folder = tmp_path_factory.mktemp("photos")
-    for name in rows["file"]:
-        (folder / name).write_bytes((prepared["images"] / name).read_bytes())
-    source = Image.open(prepared["images"] / rows["file"].iloc[0])
+    names = copy_test_crops(prepared, folder, 3)
+    source = Image.open(prepared["images"] / names[0])
     variants = {"grey.png": source.convert("L"), "rgba.png": source.convert("RGBA"), "palette.png": source.convert("P"),
                 "tiny.jpg": source.resize((24, 24)), "large.jpg": source.resize((1200, 900))}
     for name, image in variants.items():

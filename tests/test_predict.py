@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from agegender.data import load_split
 from agegender.faces import Predictor
 from tasks import predict
-from tests.conftest import TEST_IMAGE_SIZE
+from tests.conftest import TEST_IMAGE_SIZE, copy_test_crops
 
 runner = CliRunner()
 
@@ -26,10 +26,8 @@ def said(result) -> str:
 @pytest.fixture(scope="module")
 def faces(prepared, tmp_path_factory):
     """Six real UTKFace crops from the test split in a folder of their own."""
-    rows = pd.read_csv(prepared["data_dir"] / "manifest.csv").query("split == 'test'").head(6)
     folder = tmp_path_factory.mktemp("faces")
-    for name in rows["file"]:
-        (folder / name).write_bytes((prepared["images"] / name).read_bytes())
+    copy_test_crops(prepared, folder, 6)
     return folder
 
 

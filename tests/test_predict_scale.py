@@ -16,22 +16,16 @@ import pytest
 from typer.testing import CliRunner
 
 from tasks import predict
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_test_crops, said
 
 runner = CliRunner()
-
-
-def said(result) -> str:
-    return " ".join(result.output.split())
 
 
 @pytest.fixture(scope="module")
 def crops(prepared, tmp_path_factory):
     """Twelve real UTKFace test crops in a folder of their own."""
-    rows = pd.read_csv(prepared["data_dir"] / "manifest.csv").query("split == 'test'").head(12)
     folder = tmp_path_factory.mktemp("crops")
-    for name in rows["file"]:
-        (folder / name).write_bytes((prepared["images"] / name).read_bytes())
+    copy_test_crops(prepared, folder, 12)
     return folder
 
 

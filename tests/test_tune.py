@@ -192,7 +192,8 @@ def test_transfer_trials_run_finetune_and_its_params_file_is_accepted(prepared, 
     model = runner.invoke(finetune_transfer.app, [
         "--backbone", "mobilenetv2", "--weights", "none", "--params", str(tmp_path / "transfer-mobilenetv2.json"),
         "--image-size", "32", "--limit", "64", "--epochs", "1", "--fine-tune-epochs", "0", "--data-dir",
-        str(prepared["data_dir"]), "--out", str(tmp_path / "models"), "--comparison-dir", str(tmp_path / "cmp")])
+        str(prepared["data_dir"]), "--out", str(tmp_path / "models"), "--reference-dir", str(tmp_path / "reference"),
+        "--comparison-dir", str(tmp_path / "cmp")])
     assert model.exit_code == 0, model.output
-    metadata = json.loads((tmp_path / "models/transfer-mobilenetv2-scratch/metadata.json").read_text())
+    metadata = json.loads((tmp_path / "reference/transfer-mobilenetv2-scratch/metadata.json").read_text())
     assert {k: metadata["params"][k] for k in summary["best_params"]} == summary["best_params"]
