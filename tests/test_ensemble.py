@@ -93,6 +93,7 @@ def test_an_ensemble_is_not_a_member(ensemble, trained_models, tmp_path):
     assert result.exit_code != 0 and "is an ensemble itself" in said(result)
 
 
+@pytest.mark.slow  # keeps the fast tier under 3 minutes
 def test_heatmaps_of_the_ensemble_mix_its_nested_members(ensemble, prepared, tmp_path):
     from agegender.gradcam import load_gradcam
 
@@ -104,6 +105,7 @@ def test_heatmaps_of_the_ensemble_mix_its_nested_members(ensemble, prepared, tmp
     assert len(list(tmp_path.glob("*-face1-age.png"))) == 2 and len(list(tmp_path.glob("*-face1-gender.png"))) == 2
 
 
+@pytest.mark.slow  # keeps the fast tier under 3 minutes
 def test_an_ensemble_of_dex_members_mixes_their_age_distributions(trained_models, prepared, tmp_path):
     """With every age member a DEX head, the ensemble has an age distribution of its own (the members'
     distributions mixed with the age weights) and its age is that distribution's expected value."""

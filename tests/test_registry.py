@@ -89,6 +89,7 @@ def test_a_bad_recipe_is_one_sentence_and_nothing_is_written(case, prepared, tmp
     assert not (tmp_path / "gender").exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # keeps the fast tier under 3 minutes
 def test_a_recipe_run_is_recorded_with_its_hash_and_logs_tensorboard_events(prepared, tmp_path):
     """A real (one-epoch, 64-image) run from a recipe, one flag on top: metadata.json keeps the recipe's text,
     its sha256 and the override; the run folder gets TensorBoard's losses, metrics and learning rate."""
