@@ -130,7 +130,7 @@ def format_cell(column: str, value: Any) -> str:
     elif column in ("s/epoch", "CPU ms/image", "age MSE"):
         text = number(value, "{:.1f}")
     else:
-        text = number(value, "{:.2f}") if isinstance(value, float) else number(value)
+        text = number(value, "{:.2f}") if isinstance(value, float) else number(value, "{}")
     return "-" if text == "–" else text
 
 
