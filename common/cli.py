@@ -117,6 +117,11 @@ TensorBoardOption = Annotated[bool, typer.Option(
     help="Log losses, metrics and the learning rate per epoch for TensorBoard into the run folder.")]
 RunDirOption = Annotated[Path | None, typer.Option(
     help="Run folder for the TensorBoard logs; default: results/runs/<model folder name>/<UTC time>.")]
+StrategyOption = Annotated[str, typer.Option(
+    help="auto (mirrored when more than one GPU is visible, else one), one, mirrored (every GPU of this machine) or "
+         "multi-worker (the machines TF_CONFIG lists; docs/scaling.md). --batch-size stays the global batch.")]
+MixedPrecisionOption = Annotated[bool, typer.Option(
+    help="mixed_float16 maths (float32 weights and outputs): for GPUs with tensor cores.")]
 BatchSizeOption = Annotated[int | None, typer.Option(min=1, help="Batch size.")]
 LearningRateOption = Annotated[float | None, typer.Option(min=0, help="AdamW learning rate.")]
 DropoutOption = Annotated[float | None, typer.Option(min=0, max=0.9, help="Dropout rate.")]

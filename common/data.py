@@ -140,10 +140,10 @@ def image_root(data_dir: Path = DATA_DIR, dataset: str = UTKFACE) -> Path:
 
 def dataset_state(data_dir: Path, dataset: str) -> dict:
     """What prepare_data recorded about one dataset: image_root, and faces (the CSV of the face found in each
-    image, which its cache is aligned on; None for UTKFace's crops, which are aligned already)."""
+    image, which its cache is aligned on; None for UTKFace's own crops, which are aligned already)."""
     state = data_state(data_dir)
-    if dataset == UTKFACE:
-        return {"image_root": state["image_root"], "faces": None}
+    if dataset == UTKFACE:  # faces: only when prepare_data --utkface-crops detected re-found each face
+        return {"image_root": state["image_root"], "faces": state.get("faces")}
     if dataset not in state.get("datasets", {}):
         raise UserError(f"{data_dir / 'prepare.json'} records no dataset {dataset!r}: rerun prepare_data.")
     return state["datasets"][dataset]
@@ -190,11 +190,12 @@ def resize_face(image: Image.Image, image_size: int) -> np.ndarray:
 def decode_many(paths: list[Path], image_size: int, progress=None, threads: int = 4,
                 faces: list | None = None) -> np.ndarray:
     """Decode and resize many images with a thread pool (PIL releases the GIL while decoding); with `faces`
-    (one agegender.faces.Face per path), each image's face aligned instead."""
+    (one agegender.faces.Face per path), each image's face aligned instead (where its face is None, the image
+    resized as it is)."""
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
 
     def work(index: int) -> int:
-        if faces is None:
+        if faces is None or faces[index] is None:
             out[index] = load_face_array(paths[index], image_size)
         else:
             out[index] = load_aligned_face(paths[index], faces[index], image_size)
@@ -219,8 +220,10 @@ def cache_file(image_size: int, data_dir: Path, dataset: str, split: str) -> Pat
 
 
 def faces_signature(data_dir: Path) -> dict[str, str]:
-    """{dataset: sha256 of its faces.csv} for the extra datasets (their crops depend on the faces found)."""
-    datasets = data_state(data_dir).get("datasets", {})
+    """{dataset: sha256 of its faces.csv} for the datasets whose crops depend on the faces found (the extra
+    datasets, and UTKFace prepared with --utkface-crops detected)."""
+    state = data_state(data_dir)
+    datasets = {UTKFACE: {"faces": state.get("faces")}, **state.get("datasets", {})}
     return {name: file_sha256(Path(where["faces"])) for name, where in datasets.items() if where.get("faces")}
 
 
@@ -242,7 +245,8 @@ def cache_is_current(image_size: int, data_dir: Path = DATA_DIR) -> bool:
 
 def build_cache(image_size: int, data_dir: Path = DATA_DIR, progress_factory=None) -> Path:
     """Decode every manifest image once at image_size into one file per dataset and split (atomic); the images
-    of an extra dataset are aligned on the face prepare_data found in each."""
+    of an extra dataset (and UTKFace's with --utkface-crops detected) are aligned on the face prepare_data found
+    in each; an image where none was found is resized as it is."""
     manifest = load_manifest(data_dir, None)
     state = data_state(data_dir)
     folder = cache_dir(image_size, data_dir)
@@ -256,7 +260,7 @@ def build_cache(image_size: int, data_dir: Path = DATA_DIR, progress_factory=Non
             files = manifest.loc[(manifest["dataset"] == dataset) & (manifest["split"] == split), "file"].tolist()
             advance = progress_factory(f"cache {image_size}px {label}{split}", len(files)) if progress_factory else None
             arrays = decode_many([root / name for name in files], image_size, progress=advance,
-                                 faces=None if faces is None else [faces[name] for name in files])
+                                 faces=None if faces is None else [faces.get(name) for name in files])
             with atomic_path(cache_file(image_size, data_dir, dataset, split)) as tmp:
                 np.save(tmp, arrays)
     meta = {"manifest_sha256": state["manifest_sha256"], "image_root": state["image_root"],

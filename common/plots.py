@@ -159,6 +159,35 @@ def plot_robustness(name: str, part: pd.DataFrame, path: Path) -> None:
     save(fig, path)
 
 
+def plot_bias(name: str, groups: pd.DataFrame, overall: dict[str, float], path: Path) -> None:
+    """One model's bias figure: per headline metric (rows) and grouping (columns: race, age band, gender), a bar per
+    group with the overall value as a dashed line; bars worse than overall in red. `groups` holds the model's
+    records (grouping, group, n, metrics), `overall` its metrics on every face."""
+    plt = pyplot()
+    metrics = [(key, label, better) for key, label, better in (("accuracy", "gender accuracy", "max"),
+                                                               ("mae", "age MAE (years)", "min"))
+               if key in groups and groups[key].notna().any()]
+    groupings = list(dict.fromkeys(groups["grouping"]))
+    fig, axes = plt.subplots(len(metrics), len(groupings), squeeze=False,
+                             figsize=(3.6 * len(groupings), 2.9 * len(metrics)))
+    for row, (key, label, better) in enumerate(metrics):
+        for column, grouping in enumerate(groupings):
+            ax = axes[row][column]
+            part = groups[(groups["grouping"] == grouping) & groups[key].notna()]
+            values = part[key].to_numpy(dtype=float)
+            worse = values < overall[key] if better == "max" else values > overall[key]
+            ax.bar(part["group"].astype(str), values, color=np.where(worse, "tab:red", "tab:blue"))
+            ax.axhline(overall[key], color="black", linestyle="--", linewidth=1,
+                       label=f"overall {overall[key]:.3f}" if key == "accuracy" else f"overall {overall[key]:.2f}")
+            if key == "accuracy" and len(values):
+                ax.set_ylim(max(0.0, min(values.min(), overall[key]) - 0.05), 1.0)
+            ax.set(title=f"{label} by {grouping}", ylabel=label if column == 0 else None)
+            ax.tick_params(axis="x", rotation=45 if len(part) > 4 else 0, labelsize=8)
+            ax.legend(fontsize=7, loc="lower right" if key == "accuracy" else "upper left")
+    fig.suptitle(f"{name}: test metrics by group (dashed: all faces; red: worse than all faces)")
+    save(fig, path)
+
+
 def plot_conditions(images: dict[str, np.ndarray], path: Path) -> None:
     """One face under every condition ({condition: image}), so a reader sees how hard each one is."""
     plt = pyplot()

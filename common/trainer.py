@@ -129,12 +129,8 @@ def cnn_trainer(name: str) -> typer.Typer:
             "--backup/--no-backup",
             help="Back the training state up in the run folder after every epoch, so that the same command "
                  "continues a killed run from its last finished epoch.")] = True,
-        strategy: Annotated[str, typer.Option(
-            help="auto (mirrored when more than one GPU is visible, else one), one, mirrored (every GPU of this "
-                 "machine) or multi-worker (the machines TF_CONFIG lists; docs/scaling.md). --batch-size stays "
-                 "the global batch.")] = "auto",
-        mixed_precision: Annotated[bool, typer.Option(
-            help="mixed_float16 maths (float32 weights and outputs): for GPUs with tensor cores.")] = False,
+        strategy: cli.StrategyOption = "auto",
+        mixed_precision: cli.MixedPrecisionOption = False,
     ) -> None:
         flags = {"batch_size": batch_size, "learning_rate": learning_rate, "dropout": dropout,
                  "lr_schedule": lr_schedule, "augment": augment, "noise_augment": noise_augment,

@@ -55,6 +55,7 @@ from agegender.metrics import (
 from agegender.modelio import METADATA_FILE, MODEL_FILE, find_models, read_metadata
 from agegender.plots import (
     plot_age_mae_by_age,
+    plot_bias,
     plot_conditions,
     plot_robustness,
     plot_signed_age_error,
@@ -508,6 +509,11 @@ def compare(models_dir: Path = MODELS_DIR, data_dir: Path = DATA_DIR, out: Path 
             plots[f"{result.name} age error"] = f"compare/{slug(result.name)}-age_error.png"
             plot_signed_age_error(result.name, rows["age"].to_numpy().astype(float), result.predictions["clean/age"],
                            folder / f"{slug(result.name)}-age_error.png")
+        plots[f"{result.name} bias"] = f"compare/{slug(result.name)}-bias.png"
+        plot_bias(result.name, groups[groups["model"] == result.name],
+                  flat_metrics({key: values for key, values in result.predictions.items()
+                                if key.startswith("clean/")}, rows),
+                  folder / f"{slug(result.name)}-bias.png")
         plots[f"{result.name} robustness"] = f"compare/{slug(result.name)}-robustness.png"
         plot_robustness(result.name, robustness[robustness["model"] == result.name],
                         folder / f"{slug(result.name)}-robustness.png")

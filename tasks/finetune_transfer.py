@@ -35,6 +35,7 @@ from rich.console import Console
 from agegender import cli
 from agegender.cli import UserError, atomic_path, check_choice, console, user_errors, write_text
 from agegender.data import DATA_DIR, MODELS_DIR, RESULTS_DIR
+from agegender.distribute import STRATEGIES, distributed
 from agegender.families import FAMILIES, TASK_OUTPUTS
 from agegender.modelio import METRICS_FILE, find_models, read_metadata, run_path
 from agegender.models import AGE_HEADS
@@ -217,9 +218,12 @@ def main(
              "split, the same faces for each, and rewrite the comparison.")] = False,
     tensorboard: cli.TensorBoardOption = True,
     run_dir: cli.RunDirOption = None,
+    strategy: cli.StrategyOption = "auto",
+    mixed_precision: cli.MixedPrecisionOption = False,
 ) -> None:
     """Fine-tune pretrained backbones with age and gender heads, save each, and compare all of them."""
     check_choice(age_head_kind, AGE_HEADS, "--age-head")
+    check_choice(strategy, STRATEGIES, "--strategy")
     with user_errors():
         if table_only:
             frame = comparison(out, reference_dir, data_dir)
@@ -252,26 +256,28 @@ def main(
         if settings["epochs"] + settings["fine_tune_epochs"] == 0:
             raise UserError("Nothing to train: --epochs and --fine-tune-epochs are both 0.")
         data: dict[str, SplitData] = {}
-        for name in names:
-            spec = resolve_backbone(name)
-            home = Path(reference_dir) if settings["weights"] == "none" else Path(out)
-            folder = model_out or model_folder(home, spec, settings["weights"])
-            logs = None
-            if tensorboard:
-                logs = ((run_dir / folder.name if len(names) > 1 else run_dir) if run_dir else run_path(folder.name))
-                logs = logs / "tensorboard"
-            result = finetune(name, task, settings["weights"], plan.params, settings["image_size"], settings["epochs"],
-                              settings["fine_tune_epochs"], data_dir, limit, folder, data=data, test_limit=test_limit,
-                              cache_features=cache_features, seed=settings["seed"], tensorboard_dir=logs,
-                              metadata_extra={**plan.metadata(), "family": FAMILY.name})
-            label = f"{name} ({weights_label(spec, settings['weights'])})"
-            print_metrics(f"{label}: validation split", result.val_metrics)
-            print_metrics(f"{label}: test split", result.test_metrics)
-            console.print(f"Saved to {result.out_dir} ({result.seconds_per_epoch:.1f} s per epoch, "
-                          f"{len(result.history)} epochs, {result.extra['cpu_ms_per_image']:.1f} ms per "
-                          "image).")
-            if logs is not None:
-                console.print(f"TensorBoard logs in {logs} (nox -s tensorboard).")
+        with distributed(strategy, mixed_precision) as setup:  # every backbone in the same scope
+            for name in names:
+                spec = resolve_backbone(name)
+                home = Path(reference_dir) if settings["weights"] == "none" else Path(out)
+                folder = model_out or model_folder(home, spec, settings["weights"])
+                logs = None
+                if tensorboard:
+                    logs = run_dir / folder.name if run_dir and len(names) > 1 else run_dir or run_path(folder.name)
+                    logs = logs / "tensorboard"
+                result = finetune(name, task, settings["weights"], plan.params, settings["image_size"],
+                                  settings["epochs"], settings["fine_tune_epochs"], data_dir, limit, folder,
+                                  data=data, test_limit=test_limit, cache_features=cache_features,
+                                  seed=settings["seed"], tensorboard_dir=logs,
+                                  metadata_extra={**plan.metadata(), "family": FAMILY.name, "distribution": setup})
+                label = f"{name} ({weights_label(spec, settings['weights'])})"
+                print_metrics(f"{label}: validation split", result.val_metrics)
+                print_metrics(f"{label}: test split", result.test_metrics)
+                console.print(f"Saved to {result.out_dir} ({result.seconds_per_epoch:.1f} s per epoch, "
+                              f"{len(result.history)} epochs, {result.extra['cpu_ms_per_image']:.1f} ms per "
+                              "image).")
+                if logs is not None:
+                    console.print(f"TensorBoard logs in {logs} (nox -s tensorboard).")
         if model_out is None:
             frame = comparison(out, reference_dir)
             write_comparison(frame, comparison_dir)

@@ -3,6 +3,12 @@ and cache decoded images.
 
     python tasks/prepare_data.py --source ../shared/data/utkface/UTKFace.tar.gz
     python tasks/prepare_data.py --data-dir data-celeba --extra-source ../shared/data/celeba/celeba-10k.tar.gz
+    python tasks/prepare_data.py --data-dir data-detected --utkface-crops detected
+
+UTKFace's crops are cached as they are by default; with --utkface-crops detected, each UTKFace image goes through
+the inference path instead (the detector finds the face, the eyes align it, as predict does), so the models train
+on what they will see in photos. The manifest and its split stay the same; an image where no face is found keeps
+its UTKFace crop and is listed in the summary.
 
 An extra dataset (agegender.datasets: images + labels.csv) gets its rows in the manifest tagged with its name, its
 own split (same seed, stratified by the labels it has), the face found in each image (the cache holds the crops
@@ -61,6 +67,7 @@ from agegender.tables import rich_table
 HUB_REPO = os.environ.get("UTKFACE_HUB_REPO", "py97/UTKFace-Cropped")
 HUB_FILENAME = os.environ.get("UTKFACE_HUB_FILENAME", "UTKFace.tar.gz")
 DEFAULT_SIZES = [128, 224]
+UTKFACE_CROPS = ("original", "detected")
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -345,7 +352,7 @@ def progress_bar() -> Progress:
 def prepare(source: str | None = None, data_dir: Path = DATA_DIR, results_dir: Path = RESULTS_DIR,
             image_sizes: list[int] | None = None, limit: int | None = None, test_size: float = 0.2,
             val_size: float = 0.2, force: bool = False, extra_sources: list[str] | None = None,
-            detector: str = DEFAULT_DETECTOR) -> dict:
+            detector: str = DEFAULT_DETECTOR, utkface_crops: str = "original") -> dict:
     """Run the whole preparation and return the summary (also written to results/data/summary.json)."""
     image_sizes = image_sizes or DEFAULT_SIZES
     extra_sources = extra_sources or []
@@ -367,11 +374,18 @@ def prepare(source: str | None = None, data_dir: Path = DATA_DIR, results_dir: P
     manifest = split_manifest(labelled, test_size, val_size)
 
     extras, extra_states, extra_summaries = [], {}, {}
+    utkface_state, no_face = {"crops": utkface_crops}, []
     with progress_bar() as progress:
         def factory(description, total):
             task = progress.add_task(description, total=total)
             return lambda: progress.advance(task)
 
+        if utkface_crops == "detected":
+            faces_path = data_dir / "datasets" / UTKFACE / "faces.csv"
+            utkface = LabelledDataset(UTKFACE, source_path, root, manifest[["file", "age", "gender", "race"]])
+            _, missing = find_faces(utkface, faces_path, detector, force, factory)
+            no_face = [{**item, "reason": "no face found: its UTKFace crop is used as it is"} for item in missing]
+            utkface_state.update(faces=str(faces_path.resolve()), detector=detector)
         for extra, name in zip(extra_sources, names, strict=True):
             rows, extra_states[name], extra_summaries[name] = prepare_extra(
                 extra, data_dir, results_dir, test_size, val_size, force, detector, factory)
@@ -386,6 +400,7 @@ def prepare(source: str | None = None, data_dir: Path = DATA_DIR, results_dir: P
     write_json(data_dir / "prepare.json", {"source": str(source_path), "image_root": str(root),
                                            "manifest_sha256": manifest_sha, "limit": limit,
                                            "test_size": test_size, "val_size": val_size, "seed": SEED,
+                                           **utkface_state,
                                            **({"datasets": extra_states} if extra_states else {})})
 
     utkface = manifest[manifest["dataset"] == UTKFACE] if extras else manifest
@@ -408,6 +423,8 @@ def prepare(source: str | None = None, data_dir: Path = DATA_DIR, results_dir: P
         "images_found": len(labelled) + len(skipped),
         "images_labelled": len(labelled),
         "skipped": skipped,
+        **utkface_state,
+        "no_face": no_face,
         "splits": splits.to_dict(),
         "manifest": str(path),
         "manifest_sha256": manifest_sha,
@@ -426,6 +443,10 @@ def print_summary(summary: dict) -> None:
     rows = [["images found", f"{summary['images_found']:,}"],
             ["labelled and readable", f"{summary['images_labelled']:,}"],
             ["skipped", f"{len(summary['skipped']):,}"],
+            ["training crops", summary.get("crops", "original") + (f" ({summary['detector']})"
+                                                                   if "detector" in summary else "")],
+            *([["no face found (UTKFace crop kept)", f"{len(summary['no_face']):,}"]] if summary.get("no_face")
+              else []),
             *([f"{split} split", f"{count:,}"] for split, count in summary["splits"].items()),
             *([f"cache {size}px", f"{cache['bytes'] / 1e6:,.0f} MB" + (" (rebuilt)" if cache["rebuilt"]
                                                                         else " (up to date)")]
@@ -433,6 +454,8 @@ def print_summary(summary: dict) -> None:
     console.print(rich_table("prepare_data summary", ["item", "value"], rows))
     for item in summary["skipped"]:
         console.print(f"[yellow]skipped[/] {item['file']}: {item['reason']}")
+    for item in summary.get("no_face", []):
+        console.print(f"[yellow]no face[/] {item['file']}: {item['reason']}")
     for name, extra in summary.get("datasets", {}).items():
         rows = [["source", extra["source"]], ["rows in labels.csv", f"{extra['rows_listed']:,}"],
                 ["usable (face found)", f"{extra['images_usable']:,}"], ["skipped", f"{len(extra['skipped']):,}"],
@@ -460,13 +483,18 @@ def main(
         help="An extra labelled dataset (repeatable): a folder, .tar.gz or .zip of images with labels.csv "
              "(file and any of age, gender with 1 = female, race; empty where unknown).")] = None,
     detector: Annotated[str, typer.Option(
-        help=f"Face detector for the extra datasets' images: {', '.join(DETECTORS)}.")] = DEFAULT_DETECTOR,
+        help=f"Face detector for the extra datasets' images (and UTKFace's with --utkface-crops detected): "
+             f"{', '.join(DETECTORS)}.")] = DEFAULT_DETECTOR,
+    utkface_crops: Annotated[str, typer.Option(
+        help="original (UTKFace's own aligned crops) or detected (each face found and aligned by the inference "
+             "path, as predict sees photos).")] = "original",
 ) -> None:
     """Read UTKFace (and any extra datasets), explore them, split them and cache decoded images for training."""
     check_choice(detector, tuple(DETECTORS), "--detector")
+    check_choice(utkface_crops, UTKFACE_CROPS, "--utkface-crops")
     with user_errors():
         prepare(source, data_dir, results_dir, image_size, limit, test_size, val_size, force, extra_source,
-                detector)
+                detector, utkface_crops)
 
 
 if __name__ == "__main__":

@@ -13,24 +13,31 @@ results/runs/<name>/<UTC time>/: model/, its TensorBoard logs and train.log. The
 then scored on the validation split by the family's goal and shown side by side; the run replaces the current
 model (an atomic folder swap) only when it is strictly better. At the end the promoted models are exported
 (TFLite) and compare and the README's results table are rerun.
+
+A train_all that is killed (Ctrl-C, a lost machine) continues when the same command runs again: results/runs/
+train_all.json records its plan and each job's run folder and outcome, so the rerun skips the jobs already judged
+and sends the interrupted one back to its own run folder, where its trainer resumes from its last finished epoch
+(--no-resume starts afresh).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agegender.cli import UserError, console, fail, user_errors
-from agegender.data import DATA_DIR, REPO_ROOT, RESULTS_DIR
+from agegender.cli import UserError, console, fail, user_errors, write_json
+from agegender.data import DATA_DIR, REPO_ROOT, RESULTS_DIR, file_sha256
 from agegender.families import FAMILIES, RECIPES_DIR, Family
 from agegender.modelio import METADATA_FILE, METRICS_FILE, is_complete, read_metadata, run_path, staging_dir
 from agegender.recipes import Recipe, read_recipe
@@ -44,6 +51,7 @@ DEFAULT_EPOCH_SECONDS = 150.0  # a 128 px CNN epoch on 2 cores, when no model ha
 DEFAULT_RUN_SECONDS = 300.0  # a run without epochs (the ensemble), when none has recorded its time
 QUICK_RUN_SECONDS = 60.0  # a --quick run when no earlier one has recorded its time
 LOG_TAIL = 15  # lines of train.log shown when a trainer fails
+SESSION_FILE = "train_all.json"  # in <results>/runs: the last train_all's plan and how far it got
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -163,7 +171,7 @@ def run_trainer(command: list[str], log_path: Path, on_line) -> int:
     """Run a trainer with its output into log_path, calling on_line(line) for each line; returns its exit code."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
-    with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    with open(log_path, "a") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                       text=True, cwd=REPO_ROOT, env=env) as process:
         log.write("$ " + " ".join(command) + "\n")
         for line in process.stdout:
@@ -310,8 +318,55 @@ class Tracker:
         return time.perf_counter() - self.started
 
 
-def train_all(jobs: list[Job], results_dir: Path, data_dir: Path) -> None:
-    """Run, judge and (maybe) promote each job in turn, with progress and an ETA across all of them."""
+class Session:
+    """The plan of a train_all run and each job's run folder and outcome, kept in <results>/runs/train_all.json as
+    it goes, so that the same command run again after an interruption continues it."""
+
+    def __init__(self, path: Path, plan: dict[str, Any], record: dict[str, Any] | None = None):
+        self.path, self.plan = path, plan
+        self.record = record or {"plan": plan, "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                                 "finished": False, "jobs": {}}
+
+    @classmethod
+    def open(cls, jobs: list[Job], results_dir: Path, data_dir: Path, manifest: str, resume: bool) -> Session:
+        """The unfinished session of the same plan (same recipes, files, flags and data) when resuming, else a
+        new one."""
+        plan = {"jobs": [[job.name, file_sha256(job.recipe.path), job.flags] for job in jobs],
+                "data_dir": str(Path(data_dir).resolve()), "manifest_sha256": manifest}
+        path = Path(results_dir) / "runs" / SESSION_FILE
+        if resume and path.exists():
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                record = {}
+            if record.get("plan") == plan and not record.get("finished"):
+                done = [name for name, job in record["jobs"].items() if job.get("outcome")]
+                console.print(f"[bold]Continuing the train_all started {record['started']}[/], which did not "
+                              f"finish: {len(done)} of {len(jobs)} job(s) done ({', '.join(done) or 'none'}).")
+                return cls(path, plan, record)
+        session = cls(path, plan)
+        session.save()
+        return session
+
+    def save(self) -> None:
+        write_json(self.path, self.record)
+
+    def job(self, name: str) -> dict[str, Any]:
+        return self.record["jobs"].setdefault(name, {})
+
+    def update(self, job: Job) -> None:
+        self.job(job.name).update(run=str(job.run), outcome=None if job.outcome == "not run" else job.outcome,
+                                  seconds=job.seconds, scores=job.scores)
+        self.save()
+
+    def finish(self) -> None:
+        self.record["finished"] = True
+        self.save()
+
+
+def train_all(jobs: list[Job], results_dir: Path, data_dir: Path, session: Session) -> None:
+    """Run, judge and (maybe) promote each job in turn, with progress and an ETA across all of them; a job the
+    session already judged is not run again, and one it started goes back to its run folder."""
     from agegender.data import data_state
 
     manifest = data_state(data_dir)["manifest_sha256"]
@@ -320,20 +375,36 @@ def train_all(jobs: list[Job], results_dir: Path, data_dir: Path) -> None:
     with Progress(*columns, console=console) as progress:
         tracker = Tracker(progress, jobs)
         for index, job in enumerate(jobs, start=1):
-            job.run = run_path(job.name, results_dir / "runs")
-            console.print(f"[bold][{index}/{len(jobs)}] {job.name}[/] ({job.family.name}; estimate "
-                          f"{duration(job.estimate)}): log in {job.run / 'train.log'}")
+            earlier = session.job(job.name)
             tracker.start(index, job)
+            if earlier.get("outcome"):
+                job.run, job.outcome = Path(earlier["run"]), earlier["outcome"]
+                job.seconds, job.scores = float(earlier.get("seconds") or 0), earlier.get("scores") or {}
+                console.print(f"[bold][{index}/{len(jobs)}] {job.name}[/]: {job.outcome} before the interruption "
+                              f"({job.run}); not run again.")
+                tracker.finish()
+                continue
+            if earlier.get("run"):
+                job.run = Path(earlier["run"])
+                console.print(f"[bold][{index}/{len(jobs)}] {job.name}[/]: resuming its interrupted run in {job.run} "
+                              "(the trainer continues from its last finished epoch).")
+            else:
+                job.run = run_path(job.name, results_dir / "runs")
+                console.print(f"[bold][{index}/{len(jobs)}] {job.name}[/] ({job.family.name}; estimate "
+                              f"{duration(job.estimate)}): log in {job.run / 'train.log'}")
+            session.update(job)
             code = run_trainer(trainer_command(job, data_dir, models_dir), job.run / "train.log", tracker.line)
             job.seconds = time.perf_counter() - tracker.job_start
             tracker.finish()
             if code != 0:
                 job.outcome = "failed"
+                session.update(job)
                 tail = (job.run / "train.log").read_text().splitlines()[-LOG_TAIL:]
                 console.print(f"[red]{job.name}: the trainer failed (exit {code})[/]; the end of its log:\n"
                               + "\n".join(tail))
                 continue
             judge(job, models_dir, data_dir, manifest)
+            session.update(job)
             console.print(f"{job.name} took {duration(job.seconds)}; {duration(tracker.elapsed)} so far.")
         progress.update(tracker.bar, description=f"{len(jobs)} run(s)", eta="done")
 
@@ -357,6 +428,9 @@ def main(
         help="Results folder: runs/ and models/ in it; default: results/, or the scratch folder with "
              "--quick.")] = None,
     data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the last train_all of the same plan if it did not finish (skip the jobs it judged, resume "
+             "the one it was training); --no-resume starts afresh.")] = True,
 ) -> None:
     """Train every recipe into a run folder; promote a run only when it beats the current model on validation."""
     results_dir = Path(results_dir or (QUICK_RESULTS_DIR if quick else RESULTS_DIR))
@@ -370,10 +444,14 @@ def main(
         print_plan(jobs, results_dir)
         if dry_run:
             return
+        from agegender.data import data_state
+
+        session = Session.open(jobs, results_dir, data_dir, data_state(data_dir)["manifest_sha256"], resume)
         started = time.perf_counter()
-        train_all(jobs, results_dir, data_dir)
+        train_all(jobs, results_dir, data_dir, session)
         print_summary(jobs, time.perf_counter() - started)
         refreshed = refresh(jobs, results_dir, data_dir, quick) if refresh_results else True
+        session.finish()
     failed = [job.name for job in jobs if job.outcome == "failed"]
     if failed or not refreshed:
         fail(f"{', '.join(failed) or 'a final step'} failed; see the log above (models that were not beaten are "

@@ -93,8 +93,9 @@ def test_writes_tables_with_the_right_columns(first_run, prepared, models_dir):
     assert np.nansum(degraded[["change_roc_auc", "change_mae"]].abs().to_numpy()) > 0  # degradations matter
 
     for name in ("gender-robustness.png", "multitask-robustness.png", "multitask-age_error.png",
-                 "conditions.png"):
+                 "gender-bias.png", "multitask-bias.png", "conditions.png"):
         assert (out / "compare" / name).stat().st_size > 1000, name
+    assert summary["plots"]["multitask bias"] == "compare/multitask-bias.png"
 
 
 def test_broken_and_missing_folders_are_reported_and_skipped(first_run):

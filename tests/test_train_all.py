@@ -103,3 +103,38 @@ def test_a_run_is_promoted_only_when_it_beats_the_current_model(recipes, trained
     assert [row["model"] for row in comparison["models"]] == ["gender"]
     # the README table went to a copy in the results folder: the real README stays as it is
     assert f"| gender | gender | {TEST_IMAGE_SIZE} |" in (results / "README.md").read_text()
+
+
+def test_an_interrupted_train_all_continues_where_it_stopped(recipes, trained_models, prepared, tmp_path,
+                                                             monkeypatch):
+    """The second job is killed mid-run: the same command again skips the judged first job and sends the second
+    back to its own run folder (its trainer resumes from its backup there); once finished, a rerun starts afresh."""
+    (recipes / "age.toml").write_text(f'family = "age"\nimage_size = {TEST_IMAGE_SIZE}\nepochs = 1\n')
+    results = tmp_path / "results"
+    calls = []
+
+    def trainer(command, log_path, on_line):  # stands for the trainer: the test's saved model as its run
+        name = Path(command[1]).stem.removeprefix("train_")
+        calls.append((name, Path(command[command.index("--run-dir") + 1])))
+        if name == "age" and len(calls) == 2:
+            raise KeyboardInterrupt
+        shutil.copytree(trained_models[name], Path(command[command.index("--out") + 1]))
+        log_path.write_text("trained\n")
+        return 0
+
+    monkeypatch.setattr(train_all, "run_trainer", trainer)
+    killed = invoke(recipes, results, prepared, "--no-refresh")
+    assert killed.exit_code == 130  # Ctrl-C
+    assert (results / "models" / "gender" / "model.keras").exists()  # judged and promoted before the kill
+    session = json.loads((results / "runs" / train_all.SESSION_FILE).read_text())
+    assert session["jobs"]["gender"]["outcome"] == "promoted" and session["jobs"]["age"]["outcome"] is None
+
+    resumed = invoke(recipes, results, prepared, "--no-refresh")
+    assert resumed.exit_code == 0, resumed.output
+    assert "Continuing the train_all" in said(resumed) and "not run again" in said(resumed)
+    assert [name for name, _ in calls] == ["gender", "age", "age"] and calls[2][1] == calls[1][1]
+    assert json.loads((results / "runs" / train_all.SESSION_FILE).read_text())["finished"]
+
+    again = invoke(recipes, results, prepared, "--no-refresh")  # a finished train_all is not continued
+    assert again.exit_code == 0 and "Continuing" not in said(again)
+    assert [name for name, _ in calls[3:]] == ["gender", "age"] and calls[4][1] != calls[1][1]
