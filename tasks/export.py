@@ -117,17 +117,22 @@ def out_of_tolerance(kind: str, gaps: dict[str, float]) -> list[str]:
     return broken
 
 
+class TooLarge(Exception):
+    """A float export over the size a committed file may take: skipped, the int8 export serves the model."""
+
+
 def export_one(folder: Path, keras_predictor, kind: str, images: np.ndarray, rows: pd.DataFrame | None,
                keras_out: dict[str, np.ndarray], model_sha256: str) -> tuple[dict[str, Any] | None, list[str]]:
-    """Convert, check and (when within tolerance) save one export; returns (its record or None, problems)."""
+    """Convert, check and (when within tolerance) save one export; returns (its record or None, problems). A float
+    export over FLOAT16_ABOVE_BYTES raises TooLarge."""
     import tensorflow as tf
 
     from agegender.faces import Predictor, tflite_runner
 
     blob = convert(keras_predictor.model, kind)
     if kind == "tflite" and len(blob) > FLOAT16_ABOVE_BYTES:  # the files we commit stay under this size
-        return None, [f"{len(blob) / 1e6:.0f} MB of float32 weights, over the {FLOAT16_ABOVE_BYTES / 1e6:.0f} MB a "
-                      "committed file may take; the int8 export serves this model"]
+        raise TooLarge(f"{len(blob) / 1e6:.0f} MB of float32 weights, over the {FLOAT16_ABOVE_BYTES / 1e6:.0f} MB "
+                       "a committed file may take; the int8 export serves this model")
     with tempfile.TemporaryDirectory(prefix="export-") as scratch:  # checked before it goes next to the model
         candidate = Path(scratch) / EXPORT_FILES[kind]
         candidate.write_bytes(blob)
@@ -164,8 +169,11 @@ def export_model(folder: Path, data_dir: Path = DATA_DIR, faces: int = CHECK_FAC
     exports = {k: v for k, v in keras_predictor.metadata.get("exports", {}).items() if k in EXPORT_FILES}
     results: dict[str, dict[str, Any]] = {}
     for kind in ("tflite", "tflite-int8") if int8 else ("tflite",):
-        record, problems = export_one(folder, keras_predictor, kind, images, rows, keras_out, model_sha256)
-        oversized = kind == "tflite" and record is None and "float32 weights" in problems[0]
+        oversized = False
+        try:
+            record, problems = export_one(folder, keras_predictor, kind, images, rows, keras_out, model_sha256)
+        except TooLarge as error:
+            record, problems, oversized = None, [str(error)], True
         if kind == "tflite" and problems and not oversized:
             raise UserError(f"The TFLite export of {folder} predicts differently from model.keras "
                             f"({'; '.join(problems)}); it was not saved.")

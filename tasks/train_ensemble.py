@@ -222,9 +222,12 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
     report = {"members": [str(folder) for folder in member_folders], "tta": use_tta,
               "validation": {}, "test": {}, "choice": chosen}
     for split_name, split in (("validation", val), ("test", test)):
-        preds = member_predictions(members, split.images, input_size, flip=False)
-        if use_tta:
-            preds = averaged(preds, member_predictions(members, split.images, input_size, flip=True))
+        if split is val:  # the predictions the choice was made on
+            preds = candidates["on" if use_tta else "off"]
+        else:
+            preds = member_predictions(members, split.images, input_size, flip=False)
+            if use_tta:
+                preds = averaged(preds, member_predictions(members, split.images, input_size, flip=True))
         for (name, _, _), member in zip(members, preds, strict=True):
             report[split_name][name] = summary(member, split.rows)
         report[split_name]["ensemble"] = summary(mixed(preds, weights), split.rows)
