@@ -89,8 +89,9 @@ def save_model(model, folder: Path, metadata: dict[str, Any]) -> None:
 
 
 def store_float16(path: Path) -> None:
-    """Rewrite a .keras file with its float32 weights stored as float16: half the size, loaded by plain
-    keras.saving.load_model into float32 variables (values rounded to float16's 11-bit mantissa)."""
+    """Rewrite a .keras file with its float32 weights stored as float16 and the archive deflated: less than half
+    the size, loaded by plain keras.saving.load_model into float32 variables (values rounded to float16's 11-bit
+    mantissa)."""
     import io
     import zipfile
 
@@ -115,7 +116,7 @@ def store_float16(path: Path) -> None:
 
         copy(old, new)
     members["model.weights.h5"] = target.getvalue()
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in members.items():
             archive.writestr(name, data)
 

@@ -273,3 +273,24 @@ def test_cli_swa_averages_the_last_epochs_and_records_the_choice(prepared, tmp_p
     assert "weight average of epochs 2-3" in " ".join(result.output.split()).lower()
     p_female = Predictor.load(out).predict_arrays(load_split("test", TEST_IMAGE_SIZE, prepared["data_dir"])[0][:8])
     assert ((p_female["p_female"] >= 0) & (p_female["p_female"] <= 1)).all()
+
+
+def test_a_model_over_the_size_bound_is_stored_as_deflated_float16(trained_runs, tmp_path, monkeypatch):
+    """A model folder over FLOAT16_ABOVE_BYTES keeps float16 weights in a deflated archive, and loads back into
+    the float32 model it was, within float16's rounding."""
+    import zipfile
+
+    from agegender import modelio
+
+    run = trained_runs["multitask"]
+    monkeypatch.setattr(modelio, "FLOAT16_ABOVE_BYTES", 0)
+    modelio.save_model(run.model, tmp_path / "small", {"task": "multitask"})
+    assert json.loads((tmp_path / "small" / "metadata.json").read_text())["stored_weights"] == "float16"
+    with zipfile.ZipFile(tmp_path / "small" / "model.keras") as archive:
+        weights = archive.getinfo("model.weights.h5")
+    assert weights.compress_type == zipfile.ZIP_DEFLATED and weights.compress_size < weights.file_size
+    images = np.random.default_rng(0).uniform(0, 1, (4, TEST_IMAGE_SIZE, TEST_IMAGE_SIZE, 3)).astype(np.float32)
+    before = run.model.predict(images, verbose=0)
+    after = load_model(tmp_path / "small")[0].predict(images, verbose=0)
+    for output in before:
+        np.testing.assert_allclose(after[output], before[output], rtol=2e-2, atol=2e-3)
