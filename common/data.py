@@ -36,6 +36,8 @@ AGE_BANDS = [(0, 2), (3, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (
 # the coarser age strata prepare_data draws the split within (changing them would change the split)
 SPLIT_AGE_STRATA = [(0, 12), (13, 19), (20, 39), (40, 59), (60, 200)]
 SPLITS = ("train", "val", "test")
+# UTKFace's training crops: its own aligned crops, or each face found and aligned by the inference path
+UTKFACE_CROPS = ("original", "detected")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 # AGE_GENDER_RACE_DATETIME.jpg.chip.jpg; the DATETIME part varies in length (and one name lacks its dot)

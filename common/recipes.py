@@ -22,15 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agegender.cli import UserError
-from agegender.data import REPO_ROOT
+from agegender.data import REPO_ROOT, UTKFACE_CROPS
 from agegender.families import FAMILIES, Family
 
-RECIPE_KEYS = ("family", "description", "params")  # besides the family's settings
+RECIPE_KEYS = ("family", "description", "params", "data")  # besides the family's settings
+DATA_KEYS = {"utkface_crops": UTKFACE_CROPS}  # what a recipe's [data] table may say about its training data
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 512
 
 
@@ -41,6 +42,7 @@ class Recipe:
     settings: dict[str, Any]
     params: dict[str, Any]
     text: str
+    data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -113,7 +115,36 @@ def read_recipe(path: Path, family: str | None = None) -> Recipe:
     settings = {key: value for key, value in data.items() if key in spec.settings}
     for key, value in settings.items():
         check_value(path, key, value, spec.settings[key])
-    return Recipe(path, name, settings, params, text)
+    return Recipe(path, name, settings, params, text, check_data(path, data.get("data", {})))
+
+
+def check_data(path: Path, data: Any) -> dict[str, Any]:
+    """A recipe's [data] table: utkface_crops = "original" (the default) or "detected"."""
+    if not isinstance(data, dict):
+        raise UserError(f"Recipe {path}: data must be a table ([data]).")
+    for key, value in data.items():
+        if key not in DATA_KEYS:
+            raise UserError(f"Recipe {path} has the unknown data key {key!r}; [data] takes {', '.join(DATA_KEYS)}.")
+        if value not in DATA_KEYS[key]:
+            raise UserError(f"Recipe {path}: data {key} = {value!r} should be one of {', '.join(DATA_KEYS[key])}.")
+    return dict(data)
+
+
+def recipe_crops(plan: RunPlan) -> str:
+    return plan.data.get("utkface_crops", "original")
+
+
+def check_prepared(plan: RunPlan, data_dir: Path) -> None:
+    """The prepared data must be what the recipe trains on (its UTKFace crops); a run without a recipe takes any."""
+    from agegender.data import data_state
+
+    if plan.recipe is None:
+        return
+    wanted, prepared = recipe_crops(plan), data_state(data_dir).get("crops", "original")
+    if wanted != prepared:
+        raise UserError(f"Recipe {plan.recipe['file']} trains on UTKFace's {wanted} crops, but {data_dir} holds its "
+                        f"{prepared} crops: prepare them with `python tasks/prepare_data.py --data-dir "
+                        f"{data_dir}-{wanted} --utkface-crops {wanted}` and pass --data-dir {data_dir}-{wanted}.")
 
 
 # ---------------------------------------------------------------- a run's parameters
@@ -153,6 +184,7 @@ class RunPlan:
     params: dict[str, Any]
     settings: dict[str, Any]
     recipe: dict[str, Any] | None
+    data: dict[str, Any] = field(default_factory=dict)  # the recipe's [data] table
 
     def metadata(self) -> dict[str, Any]:
         return {"family": self.family.name, "recipe": self.recipe}
@@ -172,4 +204,4 @@ def plan_run(family: str, recipe: Path | None = None, params_file: Path | None =
     if found is not None:
         overrides = {**setting_flags, **param_flags, **({"params_file": shown(params_file)} if params_file else {})}
         record = {"file": shown(found.path), "sha256": found.sha256, "text": found.text, "overrides": overrides}
-    return RunPlan(spec, params, settings, record)
+    return RunPlan(spec, params, settings, record, found.data if found else {})

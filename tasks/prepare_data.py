@@ -43,6 +43,7 @@ from agegender.data import (
     RESULTS_DIR,
     SEED,
     SPLIT_AGE_STRATA,
+    UTKFACE_CROPS,
     age_band,
     band_name,
     build_cache,
@@ -67,7 +68,6 @@ from agegender.tables import rich_table
 HUB_REPO = os.environ.get("UTKFACE_HUB_REPO", "py97/UTKFace-Cropped")
 HUB_FILENAME = os.environ.get("UTKFACE_HUB_FILENAME", "UTKFace.tar.gz")
 DEFAULT_SIZES = [128, 224]
-UTKFACE_CROPS = ("original", "detected")
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

@@ -52,6 +52,7 @@ DEFAULT_RUN_SECONDS = 300.0  # a run without epochs (the ensemble), when none ha
 QUICK_RUN_SECONDS = 60.0  # a --quick run when no earlier one has recorded its time
 LOG_TAIL = 15  # lines of train.log shown when a trainer fails
 SESSION_FILE = "train_all.json"  # in <results>/runs: the last train_all's plan and how far it got
+QUICK_PREPARE_LIMIT = 1000  # a --quick run prepares other crops for a stratified subset of this many images
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -156,6 +157,25 @@ def print_plan(jobs: list[Job], results_dir: Path) -> None:
 # ---------------------------------------------------------------- one run
 
 
+def job_data_dir(job: Job, data_dir: Path, quick: bool) -> Path:
+    """The prepared data a recipe trains on: data_dir, or for a recipe whose [data] asks for UTKFace's detected
+    crops a sibling folder <data_dir>-detected, prepared here (from the same source) when it is not yet."""
+    from agegender.data import data_state
+
+    crops = job.recipe.data.get("utkface_crops", "original")
+    if crops == data_state(data_dir).get("crops", "original"):
+        return data_dir
+    folder = Path(data_dir).with_name(f"{Path(data_dir).name}-{crops}")
+    size = str(job.settings.get("image_size") or 128)
+    command = [sys.executable, str(REPO_ROOT / "tasks/prepare_data.py"), "--source",
+               data_state(data_dir)["source"], "--data-dir", str(folder), "--results-dir", str(folder / "results"),
+               "--utkface-crops", crops, "--image-size", size,
+               *(["--limit", str(QUICK_PREPARE_LIMIT)] if quick else [])]
+    if not run_step(f"prepare {crops} crops for {job.name}", command):
+        raise UserError(f"Could not prepare UTKFace's {crops} crops in {folder} for the {job.name} recipe.")
+    return folder
+
+
 def trainer_command(job: Job, data_dir: Path, models_dir: Path) -> list[str]:
     """The family's trainer with the recipe, writing the model to <run>/model (TensorBoard logs beside it)."""
     command = [sys.executable, str(REPO_ROOT / job.family.script), "--recipe", str(job.recipe.path),
@@ -181,16 +201,17 @@ def run_trainer(command: list[str], log_path: Path, on_line) -> int:
         return process.wait()
 
 
-def validation_metrics(folder: Path, data_dir: Path, limit: int | None, manifest: str) -> dict[str, Any]:
+def validation_metrics(folder: Path, data_dir: Path, limit: int | None) -> dict[str, Any]:
     """A model's validation metrics: those its trainer recorded in metrics.json when they were measured on the
-    same validation images (same manifest, same --limit), else measured now."""
-    import json
-
+    same validation images (same manifest, same UTKFace crops, same --limit), else measured now."""
+    from agegender.data import data_state
     from agegender.training import evaluate_folder
 
     metrics = json.loads((folder / METRICS_FILE).read_text()) if (folder / METRICS_FILE).exists() else {}
-    recorded = metrics.get("validation")
-    if recorded and recorded.get("limit") == limit and read_metadata(folder).get("manifest_sha256") == manifest:
+    recorded, metadata, state = metrics.get("validation"), read_metadata(folder), data_state(data_dir)
+    same_faces = (metadata.get("manifest_sha256") == state["manifest_sha256"]
+                  and metadata.get("utkface_crops", "original") == state.get("crops", "original"))
+    if recorded and recorded.get("limit") == limit and same_faces:
         return recorded
     return evaluate_folder(folder, "val", data_dir, limit)
 
@@ -217,11 +238,11 @@ def promote(run_model: Path, target: Path) -> None:
         shutil.copytree(run_model, staging, dirs_exist_ok=True)
 
 
-def judge(job: Job, models_dir: Path, data_dir: Path, manifest: str) -> None:
+def judge(job: Job, models_dir: Path, data_dir: Path) -> None:
     """Score the run and the current model on validation, show them side by side, promote only a better run."""
     target, limit = models_dir / job.name, job.settings["limit"]
-    candidate = validation_metrics(job.run / "model", data_dir, limit, manifest)
-    current = validation_metrics(target, data_dir, limit, manifest) if is_complete(target) else None
+    candidate = validation_metrics(job.run / "model", data_dir, limit)
+    current = validation_metrics(target, data_dir, limit) if is_complete(target) else None
     goal = job.family.goal
     job.scores = {"run": goal.score(candidate), "current": None if current is None else goal.score(current)}
     compare_table(job, current, candidate)
@@ -364,12 +385,9 @@ class Session:
         self.save()
 
 
-def train_all(jobs: list[Job], results_dir: Path, data_dir: Path, session: Session) -> None:
+def train_all(jobs: list[Job], results_dir: Path, data_dir: Path, session: Session, quick: bool = False) -> None:
     """Run, judge and (maybe) promote each job in turn, with progress and an ETA across all of them; a job the
     session already judged is not run again, and one it started goes back to its run folder."""
-    from agegender.data import data_state
-
-    manifest = data_state(data_dir)["manifest_sha256"]
     models_dir = results_dir / "models"
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), TextColumn("{task.fields[eta]}"))
     with Progress(*columns, console=console) as progress:
@@ -393,7 +411,8 @@ def train_all(jobs: list[Job], results_dir: Path, data_dir: Path, session: Sessi
                 console.print(f"[bold][{index}/{len(jobs)}] {job.name}[/] ({job.family.name}; estimate "
                               f"{duration(job.estimate)}): log in {job.run / 'train.log'}")
             session.update(job)
-            code = run_trainer(trainer_command(job, data_dir, models_dir), job.run / "train.log", tracker.line)
+            job_data = job_data_dir(job, data_dir, quick)
+            code = run_trainer(trainer_command(job, job_data, models_dir), job.run / "train.log", tracker.line)
             job.seconds = time.perf_counter() - tracker.job_start
             tracker.finish()
             if code != 0:
@@ -403,7 +422,7 @@ def train_all(jobs: list[Job], results_dir: Path, data_dir: Path, session: Sessi
                 console.print(f"[red]{job.name}: the trainer failed (exit {code})[/]; the end of its log:\n"
                               + "\n".join(tail))
                 continue
-            judge(job, models_dir, data_dir, manifest)
+            judge(job, models_dir, job_data)
             session.update(job)
             console.print(f"{job.name} took {duration(job.seconds)}; {duration(tracker.elapsed)} so far.")
         progress.update(tracker.bar, description=f"{len(jobs)} run(s)", eta="done")
@@ -448,7 +467,7 @@ def main(
 
         session = Session.open(jobs, results_dir, data_dir, data_state(data_dir)["manifest_sha256"], resume)
         started = time.perf_counter()
-        train_all(jobs, results_dir, data_dir, session)
+        train_all(jobs, results_dir, data_dir, session, quick)
         print_summary(jobs, time.perf_counter() - started)
         refreshed = refresh(jobs, results_dir, data_dir, quick) if refresh_results else True
         session.finish()

@@ -71,6 +71,10 @@ BAD_RECIPES = {
     "wrong type": ('family = "gender"\n[params]\nlearning_rate = "fast"\n', "should be a number"),
     "not toml": ('family = gender\n', "is not valid TOML"),
     "no family": ('epochs = 3\n', "names no family"),
+    "unknown data key": ('family = "gender"\n[data]\ncrops = "detected"\n', "unknown data key 'crops'"),
+    "unknown crops": ('family = "gender"\n[data]\nutkface_crops = "tight"\n', "should be one of original"),
+    "crops not prepared": ('family = "gender"\n[data]\nutkface_crops = "detected"\n',
+                           "--utkface-crops detected"),
 }
 
 

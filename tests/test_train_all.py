@@ -138,3 +138,28 @@ def test_an_interrupted_train_all_continues_where_it_stopped(recipes, trained_mo
     again = invoke(recipes, results, prepared, "--no-refresh")  # a finished train_all is not continued
     assert again.exit_code == 0 and "Continuing" not in said(again)
     assert [name for name, _ in calls[3:]] == ["gender", "age"] and calls[4][1] != calls[1][1]
+
+
+def test_a_recipe_on_detected_crops_trains_and_is_judged_on_them(recipes, trained_models, prepared, tmp_path,
+                                                                   monkeypatch):
+    """A recipe whose [data] asks for UTKFace's detected crops: train_all prepares them beside the data folder
+    (once) and hands that folder to the trainer and to the validation judgement."""
+    from agegender.data import data_state
+
+    (recipes / "gender.toml").write_text(f'family = "gender"\nimage_size = {TEST_IMAGE_SIZE}\nepochs = 1\n\n'
+                                         '[data]\nutkface_crops = "detected"\n')
+    folders = []
+
+    def trainer(command, log_path, on_line):
+        folders.append(Path(command[command.index("--data-dir") + 1]))
+        shutil.copytree(trained_models["gender"], Path(command[command.index("--out") + 1]))
+        return 0
+
+    monkeypatch.setattr(train_all, "run_trainer", trainer)
+    result = invoke(recipes, tmp_path / "results", prepared, "--no-refresh")
+    assert result.exit_code == 0, result.output
+    [folder] = folders
+    assert folder == prepared["data_dir"].with_name(prepared["data_dir"].name + "-detected")
+    assert data_state(folder)["crops"] == "detected"
+    assert data_state(folder)["manifest_sha256"] == data_state(prepared["data_dir"])["manifest_sha256"]
+    assert "Promoted" in said(result)
