@@ -40,8 +40,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def metrics_markdown(metrics: dict[str, Any] | None) -> str:
-    """The test metrics of metrics.json as a table (read when the page is built, never hard-coded)."""
+def metrics_markdown(metrics: dict[str, Any] | None, crops: str = "original") -> str:
+    """The test metrics of metrics.json as a table (read when the page is built, never hard-coded); `crops`:
+    the UTKFace crops they were measured on (metadata.json's utkface_crops)."""
     if not metrics or not ({"gender", "age"} & set(metrics)):
         return "No `metrics.json` beside this model, so its accuracy is not known here."
     rows = []
@@ -56,8 +57,10 @@ def metrics_markdown(metrics: dict[str, Any] | None) -> str:
                  ["age CS@5", _fmt(age.get("cs5"), 3), "share of faces within 5 years"]]
     n = (gender or age or {}).get("n")
     split = metrics.get("split", "test")
-    return (f"Measured on the {split} split of UTKFace ({n:,} faces the model never saw in training):\n\n"
-            if isinstance(n, int) else f"Measured on the {split} split of UTKFace:\n\n") + markdown_table(
+    how = (" as the photo path finds and aligns them (the crops this model trained on)" if crops == "detected"
+           else "")
+    return (f"Measured on the {split} split of UTKFace ({n:,} faces the model never saw in training){how}:\n\n"
+            if isinstance(n, int) else f"Measured on the {split} split of UTKFace{how}:\n\n") + markdown_table(
         ["metric", "value", "meaning"], rows)
 
 
@@ -139,9 +142,12 @@ def about_markdown(name: str, folder: Path, comparison: dict[str, Any] | None = 
         f"age, binary gender (male/female) and one of five race groups ({races}). The project splits it into "
         "train, validation and test sets (`tasks/prepare_data.py`). **UTKFace is licensed for non-commercial "
         "research only, and so is this model.**",
+        *(["", "Each training face was found and aligned by the same detector and eye alignment that predictions "
+               "use (`prepare_data --utkface-crops detected`), so the model learnt from what it sees in photos."]
+          if metadata.get("utkface_crops") == "detected" else []),
         "",
         "## Measured accuracy",
-        metrics_markdown(metrics),
+        metrics_markdown(metrics, metadata.get("utkface_crops", "original")),
         "",
         *(["## Age interval", interval_markdown(name, metadata, comparison), ""] if "age" in outputs else []),
         "## Known biases",
