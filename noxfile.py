@@ -114,6 +114,9 @@ def gpu_recipe(session: nox.Session) -> None:
     posargs go to train_multitask.py (e.g. --epochs 10 for a first look)."""
     install(session)
     session.run("python", "tasks/prepare_data.py")
+    # the recipe trains on the crops the inference path makes; the trainer reads them from data-detected
+    session.run("python", "tasks/prepare_data.py", "--data-dir", "data-detected", "--utkface-crops", "detected",
+                "--image-size", "128")
     out = "results/gpu/multitask"
     session.run("python", "tasks/train_multitask.py", "--recipe", "recipes/multitask.toml", "--strategy", "auto",
                 "--mixed-precision", "--batch-size", "256", "--learning-rate", "0.0006", "--out", out,

@@ -134,17 +134,24 @@ def recipe_crops(plan: RunPlan) -> str:
     return plan.data.get("utkface_crops", "original")
 
 
-def check_prepared(plan: RunPlan, data_dir: Path) -> None:
-    """The prepared data must be what the recipe trains on (its UTKFace crops); a run without a recipe takes any."""
+def prepared_data(plan: RunPlan, data_dir: Path) -> Path:
+    """The prepared data a run trains on: data_dir when it holds the UTKFace crops the recipe asks for (any, for
+    a run without a recipe), else its sibling <data_dir>-<crops> when that was prepared with them."""
+    from agegender.cli import console
     from agegender.data import data_state
 
     if plan.recipe is None:
-        return
-    wanted, prepared = recipe_crops(plan), data_state(data_dir).get("crops", "original")
-    if wanted != prepared:
-        raise UserError(f"Recipe {plan.recipe['file']} trains on UTKFace's {wanted} crops, but {data_dir} holds its "
-                        f"{prepared} crops: prepare them with `python tasks/prepare_data.py --data-dir "
-                        f"{data_dir}-{wanted} --utkface-crops {wanted}` and pass --data-dir {data_dir}-{wanted}.")
+        return data_dir
+    wanted = recipe_crops(plan)
+    if data_state(data_dir).get("crops", "original") == wanted:
+        return data_dir
+    sibling = Path(data_dir).with_name(f"{Path(data_dir).name}-{wanted}")
+    if (sibling / "prepare.json").exists() and data_state(sibling).get("crops", "original") == wanted:
+        console.print(f"The recipe trains on UTKFace's {wanted} crops: reading them from {sibling}.")
+        return sibling
+    raise UserError(f"Recipe {plan.recipe['file']} trains on UTKFace's {wanted} crops, but {data_dir} holds other "
+                    f"crops: prepare them once with `python tasks/prepare_data.py --data-dir {sibling} "
+                    f"--utkface-crops {wanted}`.")
 
 
 # ---------------------------------------------------------------- a run's parameters

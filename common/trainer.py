@@ -34,7 +34,7 @@ from agegender.distribute import (
 from agegender.families import FAMILIES
 from agegender.modelio import run_path
 from agegender.models import AGE_HEADS
-from agegender.recipes import check_prepared, plan_run
+from agegender.recipes import plan_run, prepared_data
 from agegender.sampling import parse_balance, parse_dataset_weights
 from agegender.training import LR_SCHEDULES, TrainResult, print_metrics
 
@@ -149,7 +149,7 @@ def cnn_trainer(name: str) -> typer.Typer:
             balanced, weights = parse_balance(balance), parse_dataset_weights(dataset_weight)
             plan = plan_run(name, recipe, params, flags,
                             {"epochs": epochs, "image_size": image_size, "patience": patience})
-            check_prepared(plan, data_dir)
+            data_dir = prepared_data(plan, data_dir)
             folder, extra_callbacks = run_folder(name, plan, limit, data_dir, out, init_from, run_dir, backup,
                                                  {"balance": balanced, "dataset_weights": weights})
             logs = folder / "tensorboard" if tensorboard and is_chief() else None

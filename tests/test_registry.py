@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from agegender.cli import UserError
 from agegender.families import FAMILIES, RECIPES_DIR, family_of
 from agegender.recipes import read_recipe
 from tests.conftest import TEST_IMAGE_SIZE
@@ -77,7 +79,7 @@ BAD_RECIPES = {
     "unknown data key": ('family = "gender"\n[data]\ncrops = "detected"\n', "unknown data key 'crops'"),
     "unknown crops": ('family = "gender"\n[data]\nutkface_crops = "tight"\n', "should be one of original"),
     "crops not prepared": ('family = "gender"\n[data]\nutkface_crops = "detected"\n',
-                           "--utkface-crops detected"),
+                           "prepare them once with"),
 }
 
 
@@ -136,3 +138,24 @@ def test_the_fixture_models_logged_tensorboard_events_through_the_registry(train
     runs = next(iter(trained_runs.values())).out_dir.parent.parent / "runs"
     for name in trained_runs:
         assert list((runs / name / "train").glob("events.out.tfevents.*")), name
+
+
+def test_a_recipe_on_detected_crops_reads_them_from_the_prepared_sibling_folder(prepared, tmp_path):
+    """The recipe's [data] names the crops; with the default data folder holding UTKFace's own crops, the trainer
+    reads <data>-detected when it was prepared, and says so."""
+    from agegender.recipes import plan_run, prepared_data
+    from tasks import prepare_data
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared["data_dir"], data)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('family = "gender"\n[data]\nutkface_crops = "detected"\n')
+    plan = plan_run("gender", recipe)
+    with pytest.raises(UserError, match="--utkface-crops detected"):
+        prepared_data(plan, data)
+    result = runner.invoke(prepare_data.app, ["--source", str(prepared["images"]), "--data-dir",
+                                              str(tmp_path / "data-detected"), "--results-dir", str(tmp_path / "r"),
+                                              "--image-size", "32", "--utkface-crops", "detected"])
+    assert result.exit_code == 0, result.output
+    assert prepared_data(plan, data) == tmp_path / "data-detected"
+    assert prepared_data(plan_run("gender"), data) == data  # without a recipe, any prepared data

@@ -156,10 +156,12 @@ def test_a_recipe_on_detected_crops_trains_and_is_judged_on_them(recipes, traine
         return 0
 
     monkeypatch.setattr(train_all, "run_trainer", trainer)
-    result = invoke(recipes, tmp_path / "results", prepared, "--no-refresh")
+    data = tmp_path / "data"  # a copy: the detected crops are prepared beside it, not beside the shared fixture
+    shutil.copytree(prepared["data_dir"], data)
+    result = invoke(recipes, tmp_path / "results", {"data_dir": data}, "--no-refresh")
     assert result.exit_code == 0, result.output
     [folder] = folders
-    assert folder == prepared["data_dir"].with_name(prepared["data_dir"].name + "-detected")
+    assert folder == tmp_path / "data-detected"
     assert data_state(folder)["crops"] == "detected"
-    assert data_state(folder)["manifest_sha256"] == data_state(prepared["data_dir"])["manifest_sha256"]
+    assert data_state(folder)["manifest_sha256"] == data_state(data)["manifest_sha256"]
     assert "Promoted" in said(result)
