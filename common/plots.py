@@ -177,13 +177,13 @@ def plot_bias(name: str, groups: pd.DataFrame, overall: dict[str, float], path: 
             values = part[key].to_numpy(dtype=float)
             worse = values < overall[key] if better == "max" else values > overall[key]
             ax.bar(part["group"].astype(str), values, color=np.where(worse, "tab:red", "tab:blue"))
-            ax.axhline(overall[key], color="black", linestyle="--", linewidth=1,
-                       label=f"overall {overall[key]:.3f}" if key == "accuracy" else f"overall {overall[key]:.2f}")
+            ax.axhline(overall[key], color="black", linestyle="--", linewidth=1)
             if key == "accuracy" and len(values):
                 ax.set_ylim(max(0.0, min(values.min(), overall[key]) - 0.05), 1.0)
-            ax.set(title=f"{label} by {grouping}", ylabel=label if column == 0 else None)
+            every = f"{overall[key]:.3f}" if key == "accuracy" else f"{overall[key]:.2f}"
+            ax.set_title(f"{label} by {grouping} (all: {every})", fontsize=10)
+            ax.set(ylabel=label if column == 0 else None)
             ax.tick_params(axis="x", rotation=45 if len(part) > 4 else 0, labelsize=8)
-            ax.legend(fontsize=7, loc="lower right" if key == "accuracy" else "upper left")
     fig.suptitle(f"{name}: test metrics by group (dashed: all faces; red: worse than all faces)")
     save(fig, path)
 
