@@ -135,6 +135,17 @@ def data_state(data_dir: Path = DATA_DIR) -> dict:
     return json.loads(path.read_text())
 
 
+def prepared_crops(data_dir: Path = DATA_DIR) -> str:
+    """Which UTKFace crops a prepared folder caches (one of UTKFACE_CROPS; folders from before it was recorded
+    hold the original ones)."""
+    return data_state(data_dir).get("crops", "original")
+
+
+def crops_dir(data_dir: Path, crops: str) -> Path:
+    """Where UTKFace's `crops` are prepared beside a data folder: <data_dir>-<crops> (data -> data-detected)."""
+    return Path(data_dir).with_name(f"{Path(data_dir).name}-{crops}")
+
+
 def image_root(data_dir: Path = DATA_DIR, dataset: str = UTKFACE) -> Path:
     """Folder that holds a dataset's image files (the manifest's file column is relative to it)."""
     return Path(dataset_state(data_dir, dataset)["image_root"])

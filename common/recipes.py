@@ -130,23 +130,24 @@ def check_data(path: Path, data: Any) -> dict[str, Any]:
     return dict(data)
 
 
-def recipe_crops(plan: RunPlan) -> str:
-    return plan.data.get("utkface_crops", "original")
+def recipe_crops(data: dict[str, Any]) -> str:
+    """The UTKFace crops a recipe's [data] table (Recipe.data, RunPlan.data) trains on."""
+    return data.get("utkface_crops", "original")
 
 
 def prepared_data(plan: RunPlan, data_dir: Path) -> Path:
     """The prepared data a run trains on: data_dir when it holds the UTKFace crops the recipe asks for (any, for
     a run without a recipe), else its sibling <data_dir>-<crops> when that was prepared with them."""
     from agegender.cli import console
-    from agegender.data import data_state
+    from agegender.data import crops_dir, prepared_crops
 
     if plan.recipe is None:
         return data_dir
-    wanted = recipe_crops(plan)
-    if data_state(data_dir).get("crops", "original") == wanted:
+    wanted = recipe_crops(plan.data)
+    if prepared_crops(data_dir) == wanted:
         return data_dir
-    sibling = Path(data_dir).with_name(f"{Path(data_dir).name}-{wanted}")
-    if (sibling / "prepare.json").exists() and data_state(sibling).get("crops", "original") == wanted:
+    sibling = crops_dir(data_dir, wanted)
+    if (sibling / "prepare.json").exists() and prepared_crops(sibling) == wanted:
         console.print(f"The recipe trains on UTKFace's {wanted} crops: reading them from {sibling}.")
         return sibling
     raise UserError(f"Recipe {plan.recipe['file']} trains on UTKFace's {wanted} crops, but {data_dir} holds other "

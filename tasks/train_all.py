@@ -40,7 +40,7 @@ from agegender.cli import UserError, console, fail, user_errors, write_json
 from agegender.data import DATA_DIR, REPO_ROOT, RESULTS_DIR, file_sha256
 from agegender.families import FAMILIES, RECIPES_DIR, Family
 from agegender.modelio import METADATA_FILE, METRICS_FILE, is_complete, read_metadata, run_path, staging_dir
-from agegender.recipes import Recipe, read_recipe
+from agegender.recipes import Recipe, read_recipe, recipe_crops
 from agegender.tables import number, rich_table
 
 QUICK_RESULTS_DIR = REPO_ROOT / "build" / "train_all-quick"
@@ -158,19 +158,23 @@ def print_plan(jobs: list[Job], results_dir: Path) -> None:
 
 
 def job_data_dir(job: Job, data_dir: Path, quick: bool) -> Path:
-    """The prepared data a recipe trains on: data_dir, or for a recipe whose [data] asks for UTKFace's detected
-    crops a sibling folder <data_dir>-detected, prepared here (from the same source) when it is not yet."""
-    from agegender.data import data_state
+    """The prepared data a recipe trains on: data_dir, or for a recipe whose [data] asks for other UTKFace crops
+    the sibling folder <data_dir>-<crops>, prepared here (from the same source) unless it already holds them for
+    the same split (a --quick run: for the same subset)."""
+    from agegender.data import crops_dir, data_state, prepared_crops
 
-    crops = job.recipe.data.get("utkface_crops", "original")
-    if crops == data_state(data_dir).get("crops", "original"):
+    crops = recipe_crops(job.recipe.data)
+    if crops == prepared_crops(data_dir):
         return data_dir
-    folder = Path(data_dir).with_name(f"{Path(data_dir).name}-{crops}")
+    folder, limit = crops_dir(data_dir, crops), QUICK_PREPARE_LIMIT if quick else None
+    if (folder / "prepare.json").exists() and prepared_crops(folder) == crops and (
+            data_state(folder)["limit"] == limit if quick
+            else data_state(folder)["manifest_sha256"] == data_state(data_dir)["manifest_sha256"]):
+        return folder
     size = str(job.settings.get("image_size") or 128)
     command = [sys.executable, str(REPO_ROOT / "tasks/prepare_data.py"), "--source",
                data_state(data_dir)["source"], "--data-dir", str(folder), "--results-dir", str(folder / "results"),
-               "--utkface-crops", crops, "--image-size", size,
-               *(["--limit", str(QUICK_PREPARE_LIMIT)] if quick else [])]
+               "--utkface-crops", crops, "--image-size", size, *(["--limit", str(limit)] if quick else [])]
     if not run_step(f"prepare {crops} crops for {job.name}", command):
         raise UserError(f"Could not prepare UTKFace's {crops} crops in {folder} for the {job.name} recipe.")
     return folder
@@ -204,13 +208,13 @@ def run_trainer(command: list[str], log_path: Path, on_line) -> int:
 def validation_metrics(folder: Path, data_dir: Path, limit: int | None) -> dict[str, Any]:
     """A model's validation metrics: those its trainer recorded in metrics.json when they were measured on the
     same validation images (same manifest, same UTKFace crops, same --limit), else measured now."""
-    from agegender.data import data_state
+    from agegender.data import data_state, prepared_crops
     from agegender.training import evaluate_folder
 
     metrics = json.loads((folder / METRICS_FILE).read_text()) if (folder / METRICS_FILE).exists() else {}
-    recorded, metadata, state = metrics.get("validation"), read_metadata(folder), data_state(data_dir)
-    same_faces = (metadata.get("manifest_sha256") == state["manifest_sha256"]
-                  and metadata.get("utkface_crops", "original") == state.get("crops", "original"))
+    recorded, metadata = metrics.get("validation"), read_metadata(folder)
+    same_faces = (metadata.get("manifest_sha256") == data_state(data_dir)["manifest_sha256"]
+                  and metadata.get("utkface_crops", "original") == prepared_crops(data_dir))
     if recorded and recorded.get("limit") == limit and same_faces:
         return recorded
     return evaluate_folder(folder, "val", data_dir, limit)

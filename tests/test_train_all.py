@@ -165,3 +165,7 @@ def test_a_recipe_on_detected_crops_trains_and_is_judged_on_them(recipes, traine
     assert data_state(folder)["crops"] == "detected"
     assert data_state(folder)["manifest_sha256"] == data_state(data)["manifest_sha256"]
     assert "Promoted" in said(result)
+    prepared_at = (folder / "prepare.json").stat().st_mtime_ns
+    again = invoke(recipes, tmp_path / "results", {"data_dir": data}, "--no-refresh")
+    assert again.exit_code == 0, again.output
+    assert folders == [folder, folder] and (folder / "prepare.json").stat().st_mtime_ns == prepared_at  # reused
