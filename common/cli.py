@@ -12,6 +12,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
@@ -23,7 +24,7 @@ class UserError(Exception):
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one clear sentence and exit with a non-zero status."""
-    err_console.print(f"[bold red]Error:[/] {message}")
+    err_console.print(f"[bold red]Error:[/] {escape(message)}")  # "[data]" in a message is text, not markup
     raise typer.Exit(code)
 
 

@@ -141,9 +141,24 @@ def prepared_crops(data_dir: Path = DATA_DIR) -> str:
     return data_state(data_dir).get("crops", "original")
 
 
-def crops_dir(data_dir: Path, crops: str) -> Path:
-    """Where UTKFace's `crops` are prepared beside a data folder: <data_dir>-<crops> (data -> data-detected)."""
-    return Path(data_dir).with_name(f"{Path(data_dir).name}-{crops}")
+def prepared_extras(data_dir: Path = DATA_DIR) -> list[str]:
+    """The extra datasets (prepare_data --extra-source) a prepared folder holds besides UTKFace, by name."""
+    return sorted(data_state(data_dir).get("datasets", {}))
+
+
+def crops_dir(data_dir: Path, crops: str, extras: Sequence[str] = ()) -> Path:
+    """Where UTKFace's `crops` (with the named extra datasets) are prepared beside a data folder:
+    <data_dir>-<crops>[+<extra>...] (data -> data-detected, data-detected+celeba-10k)."""
+    name = "+".join([f"{Path(data_dir).name}-{crops}", *sorted(extras)])
+    return Path(data_dir).with_name(name)
+
+
+def same_preparation(folder: Path, data_dir: Path, limit: int | None) -> bool:
+    """Whether folder was prepared from data_dir's source with the same split settings and the given --limit (its
+    UTKFace rows then have the same splits, whatever crops or extra datasets it adds)."""
+    keys = ("source", "test_size", "val_size", "seed")
+    mine, theirs = data_state(folder), data_state(data_dir)
+    return all(mine.get(key) == theirs.get(key) for key in keys) and mine.get("limit") == limit
 
 
 def image_root(data_dir: Path = DATA_DIR, dataset: str = UTKFACE) -> Path:

@@ -28,10 +28,11 @@ from typing import Any
 
 from agegender.cli import UserError
 from agegender.data import REPO_ROOT, UTKFACE_CROPS
+from agegender.datasets import UTKFACE, dataset_name
 from agegender.families import FAMILIES, Family
 
 RECIPE_KEYS = ("family", "description", "params", "data")  # besides the family's settings
-DATA_KEYS = {"utkface_crops": UTKFACE_CROPS}  # what a recipe's [data] table may say about its training data
+DATA_KEYS = ("utkface_crops", "extra_sources")  # what a recipe's [data] table may say about its training data
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 512
 
 
@@ -119,14 +120,24 @@ def read_recipe(path: Path, family: str | None = None) -> Recipe:
 
 
 def check_data(path: Path, data: Any) -> dict[str, Any]:
-    """A recipe's [data] table: utkface_crops = "original" (the default) or "detected"."""
+    """A recipe's [data] table: utkface_crops = "original" (the default) or "detected", and extra_sources = a list
+    of labelled datasets (prepare_data --extra-source: a folder or archive, relative to the repository root or
+    absolute) trained on beside UTKFace."""
     if not isinstance(data, dict):
         raise UserError(f"Recipe {path}: data must be a table ([data]).")
-    for key, value in data.items():
+    for key in data:
         if key not in DATA_KEYS:
             raise UserError(f"Recipe {path} has the unknown data key {key!r}; [data] takes {', '.join(DATA_KEYS)}.")
-        if value not in DATA_KEYS[key]:
-            raise UserError(f"Recipe {path}: data {key} = {value!r} should be one of {', '.join(DATA_KEYS[key])}.")
+    crops = data.get("utkface_crops", "original")
+    if crops not in UTKFACE_CROPS:
+        raise UserError(f"Recipe {path}: data utkface_crops = {crops!r} should be one of {', '.join(UTKFACE_CROPS)}.")
+    extras = data.get("extra_sources", [])
+    if not isinstance(extras, list) or not all(isinstance(item, str) and item for item in extras):
+        raise UserError(f"Recipe {path}: data extra_sources should be a list of dataset paths, like "
+                        '["../shared/data/celeba/celeba-10k.tar.gz"].')
+    names = [dataset_name(item) for item in extras]
+    if len(set(names)) < len(names) or UTKFACE in names:
+        raise UserError(f"Recipe {path}: two of its datasets would have the same name ({', '.join(names)}).")
     return dict(data)
 
 
@@ -135,24 +146,59 @@ def recipe_crops(data: dict[str, Any]) -> str:
     return data.get("utkface_crops", "original")
 
 
-def prepared_data(plan: RunPlan, data_dir: Path) -> Path:
-    """The prepared data a run trains on: data_dir when it holds the UTKFace crops the recipe asks for (any, for
-    a run without a recipe), else its sibling <data_dir>-<crops> when that was prepared with them."""
-    from agegender.cli import console
-    from agegender.data import crops_dir, prepared_crops
+def recipe_sources(data: dict[str, Any]) -> list[Path]:
+    """The extra datasets a recipe's [data] table trains on, as paths (relative ones from the repository root)."""
+    return [Path(item) if Path(item).is_absolute() else REPO_ROOT / item for item in data.get("extra_sources", [])]
 
-    if plan.recipe is None:
+
+def recipe_extras(data: dict[str, Any]) -> list[str]:
+    """The names of those datasets, as prepare_data records them."""
+    return sorted(dataset_name(item) for item in data.get("extra_sources", []))
+
+
+def recipe_data_text(data: dict[str, Any]) -> str:
+    """What a recipe trains on, in words: "UTKFace's detected crops with celeba-10k"."""
+    extras = recipe_extras(data)
+    return f"UTKFace's {recipe_crops(data)} crops" + (f" with {', '.join(extras)}" if extras else "")
+
+
+def holds_recipe_data(folder: Path, data: dict[str, Any]) -> bool:
+    """Whether a prepared folder holds the UTKFace crops and exactly the extra datasets a recipe trains on."""
+    from agegender.data import prepared_crops, prepared_extras
+
+    return (folder / "prepare.json").exists() and prepared_crops(folder) == recipe_crops(data) \
+        and prepared_extras(folder) == recipe_extras(data)
+
+
+def recipe_data_dir(data_dir: Path, data: dict[str, Any]) -> Path:
+    """Where that data is prepared beside a data folder (agegender.data.crops_dir)."""
+    from agegender.data import crops_dir
+
+    return crops_dir(data_dir, recipe_crops(data), recipe_extras(data))
+
+
+def prepare_flags(data: dict[str, Any]) -> list[str]:
+    """prepare_data's flags for the data a recipe trains on (besides --source, --data-dir, --image-size)."""
+    return ["--utkface-crops", recipe_crops(data),
+            *[flag for source in recipe_sources(data) for flag in ("--extra-source", str(source))]]
+
+
+def prepared_data(plan: RunPlan, data_dir: Path) -> Path:
+    """The prepared data a run trains on: data_dir when it holds the UTKFace crops and the extra datasets the
+    recipe asks for (any, for a run without a recipe), else its sibling <data_dir>-<crops>[+<extra>...] when that
+    was prepared with them."""
+    from agegender.cli import console
+
+    if plan.recipe is None or holds_recipe_data(data_dir, plan.data):
         return data_dir
-    wanted = recipe_crops(plan.data)
-    if prepared_crops(data_dir) == wanted:
-        return data_dir
-    sibling = crops_dir(data_dir, wanted)
-    if (sibling / "prepare.json").exists() and prepared_crops(sibling) == wanted:
-        console.print(f"The recipe trains on UTKFace's {wanted} crops: reading them from {sibling}.")
+    wanted = recipe_data_text(plan.data)
+    sibling = recipe_data_dir(data_dir, plan.data)
+    if holds_recipe_data(sibling, plan.data):
+        console.print(f"The recipe trains on {wanted}: reading them from {sibling}.")
         return sibling
-    raise UserError(f"Recipe {plan.recipe['file']} trains on UTKFace's {wanted} crops, but {data_dir} holds other "
-                    f"crops: prepare them once with `python tasks/prepare_data.py --data-dir {sibling} "
-                    f"--utkface-crops {wanted}`.")
+    raise UserError(f"Recipe {plan.recipe['file']} trains on {wanted}, but {data_dir} holds other data: "
+                    f"prepare it once with `python tasks/prepare_data.py --data-dir {sibling} "
+                    f"{' '.join(prepare_flags(plan.data))}`.")
 
 
 # ---------------------------------------------------------------- a run's parameters

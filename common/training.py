@@ -14,7 +14,17 @@ import numpy as np
 import pandas as pd
 
 from agegender.cli import UserError, console, write_json
-from agegender.data import AGE_SCALE, DATA_DIR, SEED, Augment, data_state, load_split, make_dataset, prepared_crops
+from agegender.data import (
+    AGE_SCALE,
+    DATA_DIR,
+    SEED,
+    Augment,
+    data_state,
+    load_split,
+    make_dataset,
+    prepared_crops,
+    prepared_extras,
+)
 from agegender.datasets import UTKFACE
 from agegender.families import TASK_OUTPUTS
 from agegender.intervals import DISTRIBUTION_LAYER, INTERVAL_KEY, calibrate
@@ -428,7 +438,8 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
     if out_dir is not None:
         extra = {"epochs_run": 0 if history is None else len(history), "seconds_per_epoch": seconds_per_epoch,
                  "train_images": len(data["train"].rows), "parameters": int(model.count_params()),
-                 "utkface_crops": prepared_crops(data_dir), **(metadata_extra or {})}
+                 "utkface_crops": prepared_crops(data_dir), "extra_datasets": prepared_extras(data_dir),
+                 **(metadata_extra or {})}
         if "age" in outputs:
             val_age, val_rows = primary(val_predicted, data["val"].rows)
             extra[INTERVAL_KEY] = calibrate(val_age["age"], val_rows["age"].to_numpy(),

@@ -40,7 +40,7 @@ from agegender.cli import UserError, console, fail, user_errors, write_json
 from agegender.data import DATA_DIR, REPO_ROOT, RESULTS_DIR, file_sha256
 from agegender.families import FAMILIES, RECIPES_DIR, Family
 from agegender.modelio import METADATA_FILE, METRICS_FILE, is_complete, read_metadata, run_path, staging_dir
-from agegender.recipes import Recipe, read_recipe, recipe_crops
+from agegender.recipes import Recipe, read_recipe
 from agegender.tables import number, rich_table
 
 QUICK_RESULTS_DIR = REPO_ROOT / "build" / "train_all-quick"
@@ -159,24 +159,28 @@ def print_plan(jobs: list[Job], results_dir: Path) -> None:
 
 def job_data_dir(job: Job, data_dir: Path, quick: bool) -> Path:
     """The prepared data a recipe trains on: data_dir, or for a recipe whose [data] asks for other UTKFace crops
-    the sibling folder <data_dir>-<crops>, prepared here (from the same source) unless it already holds them for
-    the same split (a --quick run: for the same subset)."""
-    from agegender.data import crops_dir, data_state, prepared_crops
+    or extra datasets the sibling folder <data_dir>-<crops>[+<extra>...], prepared here (from the same source)
+    unless it already holds them for the same split (a --quick run: for the same subset)."""
+    from agegender.data import data_state, same_preparation
+    from agegender.recipes import holds_recipe_data, prepare_flags, recipe_data_dir, recipe_data_text, recipe_sources
 
-    crops = recipe_crops(job.recipe.data)
-    if crops == prepared_crops(data_dir):
+    data = job.recipe.data
+    if holds_recipe_data(data_dir, data):
         return data_dir
-    folder, limit = crops_dir(data_dir, crops), QUICK_PREPARE_LIMIT if quick else None
-    if (folder / "prepare.json").exists() and prepared_crops(folder) == crops and (
-            data_state(folder)["limit"] == limit if quick
-            else data_state(folder)["manifest_sha256"] == data_state(data_dir)["manifest_sha256"]):
+    folder = recipe_data_dir(data_dir, data)
+    limit = QUICK_PREPARE_LIMIT if quick else data_state(data_dir)["limit"]
+    if holds_recipe_data(folder, data) and same_preparation(folder, data_dir, limit):
         return folder
+    missing = [source for source in recipe_sources(data) if not source.exists()]
+    if missing:
+        raise UserError(f"The {job.name} recipe trains on {missing[0]}, which is not here: put the dataset there "
+                        "or change the recipe's [data] extra_sources.")
     size = str(job.settings.get("image_size") or 128)
     command = [sys.executable, str(REPO_ROOT / "tasks/prepare_data.py"), "--source",
                data_state(data_dir)["source"], "--data-dir", str(folder), "--results-dir", str(folder / "results"),
-               "--utkface-crops", crops, "--image-size", size, *(["--limit", str(limit)] if quick else [])]
-    if not run_step(f"prepare {crops} crops for {job.name}", command):
-        raise UserError(f"Could not prepare UTKFace's {crops} crops in {folder} for the {job.name} recipe.")
+               *prepare_flags(data), "--image-size", size, *(["--limit", str(limit)] if limit else [])]
+    if not run_step(f"prepare {recipe_data_text(data)} for {job.name}", command):
+        raise UserError(f"Could not prepare {recipe_data_text(data)} in {folder} for the {job.name} recipe.")
     return folder
 
 

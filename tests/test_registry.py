@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from agegender.cli import UserError
 from agegender.families import FAMILIES, RECIPES_DIR, family_of
-from agegender.recipes import read_recipe
+from agegender.recipes import read_recipe, recipe_extras
 from tests.conftest import TEST_IMAGE_SIZE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,6 +56,7 @@ def test_committed_recipes_name_every_parameter_and_match_the_shipped_model(path
         {key: value for key, value in metadata["params"].items() if key in recipe.params and key not in staged}
     assert recipe.settings.get("image_size", metadata["image_size"]) == metadata["image_size"]
     assert recipe.data.get("utkface_crops", "original") == metadata.get("utkface_crops", "original")
+    assert recipe_extras(recipe.data) == metadata.get("extra_datasets", [])
 
 
 def test_a_cnn_trainer_hides_and_refuses_the_parameters_of_other_families(prepared, tmp_path):
@@ -79,7 +80,13 @@ BAD_RECIPES = {
     "unknown data key": ('family = "gender"\n[data]\ncrops = "detected"\n', "unknown data key 'crops'"),
     "unknown crops": ('family = "gender"\n[data]\nutkface_crops = "tight"\n', "should be one of original"),
     "crops not prepared": ('family = "gender"\n[data]\nutkface_crops = "detected"\n',
-                           "prepare them once with"),
+                           "prepare it once with `python tasks/prepare_data.py"),
+    "extra sources not a list": ('family = "gender"\n[data]\nextra_sources = "celeba.tar.gz"\n',
+                                 "should be a list of dataset paths"),
+    "one name twice": ('family = "gender"\n[data]\nextra_sources = ["a/faces.zip", "b/faces"]\n',
+                       "the same name"),
+    "extra dataset not prepared": ('family = "gender"\n[data]\nextra_sources = ["x/celeba-10k.tar.gz"]\n',
+                                   "--extra-source"),
 }
 
 

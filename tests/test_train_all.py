@@ -169,3 +169,39 @@ def test_a_recipe_on_detected_crops_trains_and_is_judged_on_them(recipes, traine
     again = invoke(recipes, tmp_path / "results", {"data_dir": data}, "--no-refresh")
     assert again.exit_code == 0, again.output
     assert folders == [folder, folder] and (folder / "prepare.json").stat().st_mtime_ns == prepared_at  # reused
+
+
+def test_a_recipe_with_an_extra_dataset_trains_on_a_folder_prepared_with_it(recipes, trained_models, prepared,
+                                                                          labelled_dataset, tmp_path, monkeypatch):
+    """[data] extra_sources: train_all prepares UTKFace plus that dataset beside the data folder
+    (<data>-original+<name>, same split settings), hands it to the trainer, and reuses it on the next run; a
+    recipe naming a dataset that is not there stops before anything is trained."""
+    from agegender.data import data_state, prepared_extras
+
+    recipe = recipes / "gender.toml"
+    recipe.write_text(f'family = "gender"\nimage_size = {TEST_IMAGE_SIZE}\nepochs = 1\n\n'
+                      f'[data]\nextra_sources = ["{labelled_dataset}"]\n')
+    folders = []
+
+    def trainer(command, log_path, on_line):
+        folders.append(Path(command[command.index("--data-dir") + 1]))
+        shutil.copytree(trained_models["gender"], Path(command[command.index("--out") + 1]))
+        return 0
+
+    monkeypatch.setattr(train_all, "run_trainer", trainer)
+    data = tmp_path / "data"
+    shutil.copytree(prepared["data_dir"], data)
+    result = invoke(recipes, tmp_path / "results", {"data_dir": data}, "--no-refresh")
+    assert result.exit_code == 0, result.output
+    [folder] = folders
+    assert folder == tmp_path / "data-original+faces-ds"
+    assert prepared_extras(folder) == ["faces-ds"] and data_state(folder)["crops"] == "original"
+    assert data_state(folder)["limit"] == data_state(data)["limit"]
+    again = invoke(recipes, tmp_path / "results", {"data_dir": data}, "--no-refresh")
+    assert again.exit_code == 0, again.output
+    assert folders == [folder, folder]
+
+    recipe.write_text(recipe.read_text().replace(str(labelled_dataset), str(tmp_path / "gone" / "celeba.tar.gz")))
+    missing = invoke(recipes, tmp_path / "results", {"data_dir": data}, "--no-refresh")
+    assert missing.exit_code == 1 and "which is not here" in said(missing) and "[data] extra_sources" in said(missing)
+    assert folders == [folder, folder]
