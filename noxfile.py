@@ -109,7 +109,7 @@ def finetune_transfer(session: nox.Session) -> None:
 def gpu_recipe(session: nox.Session) -> None:
     """The multi-task model's recipe with GPU settings, for a machine with one or more GPUs (docs/scaling.md):
     every GPU (--strategy auto), mixed precision, the global batch 64 -> 256 with the learning rate scaled by
-    sqrt(256/64) = 2, the recipe's 69 epochs. Writes the model to results/gpu/multitask (train_all promotes models,
+    sqrt(256/64) = 2, the recipe's epochs. Writes the model to results/gpu/multitask (train_all promotes models,
     this does not) and its figures (device, throughput, seconds per epoch, test metrics) to results/bench/gpu.json.
     posargs go to train_multitask.py (e.g. --epochs 10 for a first look)."""
     install(session)
