@@ -153,6 +153,14 @@ def crops_dir(data_dir: Path, crops: str, extras: Sequence[str] = ()) -> Path:
     return Path(data_dir).with_name(name)
 
 
+def utkface_split_sha256(data_dir: Path = DATA_DIR) -> str:
+    """sha256 of UTKFace's files and their splits in a prepared folder: the same for folders that split UTKFace
+    alike, whatever crops or extra datasets they add (the manifest's own hash changes with those)."""
+    rows = load_manifest(data_dir).sort_values("file")
+    text = "\n".join(f"{file},{split}" for file, split in zip(rows["file"], rows["split"], strict=True))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def same_preparation(folder: Path, data_dir: Path, limit: int | None) -> bool:
     """Whether folder was prepared from data_dir's source with the same split settings and the given --limit (its
     UTKFace rows then have the same splits, whatever crops or extra datasets it adds)."""

@@ -24,6 +24,7 @@ from agegender.data import (
     make_dataset,
     prepared_crops,
     prepared_extras,
+    utkface_split_sha256,
 )
 from agegender.datasets import UTKFACE
 from agegender.families import TASK_OUTPUTS
@@ -439,6 +440,7 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
         extra = {"epochs_run": 0 if history is None else len(history), "seconds_per_epoch": seconds_per_epoch,
                  "train_images": len(data["train"].rows), "parameters": int(model.count_params()),
                  "utkface_crops": prepared_crops(data_dir), "extra_datasets": prepared_extras(data_dir),
+                 "utkface_split_sha256": utkface_split_sha256(data_dir),
                  **(metadata_extra or {})}
         if "age" in outputs:
             val_age, val_rows = primary(val_predicted, data["val"].rows)

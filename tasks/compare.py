@@ -40,6 +40,7 @@ from agegender.data import (
     load_manifest,
     load_split,
     manifest_path,
+    utkface_split_sha256,
 )
 from agegender.intervals import INTERVAL_KEY, band_names, interval_label, summarise
 from agegender.metrics import (
@@ -413,10 +414,18 @@ def slug(name: str) -> str:
     return name.replace("/", "-")
 
 
+def same_split(metadata: dict[str, Any], manifest_sha: str, split_sha: str) -> bool:
+    """Whether a model was trained on this data's UTKFace split: by the split's hash when its metadata records one
+    (a model trained with extra datasets or other crops has another manifest), else by the manifest's."""
+    if metadata.get("utkface_split_sha256"):
+        return metadata["utkface_split_sha256"] == split_sha
+    return metadata.get("manifest_sha256") in (None, manifest_sha)
+
+
 def evaluate_models(found: list[tuple[str, Path]], data_dir: Path, cache_dir: Path, limit: int | None,
                     faces: int, skipped: list[str]) -> tuple[list[ModelResult], pd.DataFrame, np.ndarray]:
     """Predictions for every usable model, from the cache when nothing changed; broken ones go to skipped."""
-    manifest_sha = file_sha256(manifest_path(data_dir))
+    manifest_sha, split_sha = file_sha256(manifest_path(data_dir)), utkface_split_sha256(data_dir)
     splits: dict[int, tuple[np.ndarray, pd.DataFrame]] = {}
     rows: pd.DataFrame | None = None
     results = []
@@ -460,7 +469,7 @@ def evaluate_models(found: list[tuple[str, Path]], data_dir: Path, cache_dir: Pa
                 continue
             cost["size_mb"] = (folder / MODEL_FILE).stat().st_size / 1e6
             result = ModelResult(name, folder, metadata, predictions, cost, cached is not None, path)
-            if metadata.get("manifest_sha256") not in (None, manifest_sha):
+            if not same_split(metadata, manifest_sha, split_sha):
                 result.notes.append("trained on a different manifest: its test split may overlap its "
                                     "training data")
             results.append(result)

@@ -155,6 +155,26 @@ def test_an_extra_source_gets_tagged_rows_its_own_split_summary_and_aligned_cach
     assert len(both) == len(both_rows) == (manifest["split"] == "val").sum()
 
 
+def test_an_extra_dataset_changes_the_manifest_hash_but_not_utkface_split_hash(prepared_extra, utkface_subset,
+                                                                               tmp_path):
+    """compare matches a model to the test split by utkface_split_sha256: a model trained with an extra dataset has
+    another manifest but the same UTKFace split as a UTKFace-only folder prepared alike."""
+    from agegender.data import data_state, utkface_split_sha256
+    from tasks.compare import same_split
+
+    alone = tmp_path / "data"
+    prepare_data.prepare(str(utkface_subset), alone, tmp_path / "results", [32], limit=120)
+    with_extra = prepared_extra["data_dir"]
+    manifest, split = data_state(alone)["manifest_sha256"], utkface_split_sha256(alone)
+    assert data_state(with_extra)["manifest_sha256"] != manifest
+    assert utkface_split_sha256(with_extra) == split
+    trained_with_extra = {"manifest_sha256": data_state(with_extra)["manifest_sha256"],
+                          "utkface_split_sha256": utkface_split_sha256(with_extra)}
+    assert same_split(trained_with_extra, manifest, split)
+    assert not same_split({**trained_with_extra, "utkface_split_sha256": "0" * 64}, manifest, split)
+    assert not same_split({"manifest_sha256": "0" * 64}, manifest, split)  # older metadata: by the manifest
+
+
 def test_a_second_run_reuses_the_faces_and_the_cache(prepared_extra, utkface_subset, labelled_dataset):
     data_dir = prepared_extra["data_dir"]
     faces = data_dir / "datasets" / "faces-ds" / "faces.csv"

@@ -32,6 +32,7 @@ def test_trainer_writes_a_complete_model_folder(trained_models, task):
     assert metadata["age_scale"] == 120.0
     assert metadata["labels"] == {"0": "male", "1": "female"}
     assert len(metadata["manifest_sha256"]) == 64
+    assert len(metadata["utkface_split_sha256"]) == 64
     metrics = json.loads((folder / "metrics.json").read_text())
     if "gender" in metadata["outputs"]:
         assert 0.0 <= metrics["gender"]["accuracy"] <= 1.0
