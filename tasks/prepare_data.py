@@ -24,6 +24,7 @@ import os
 import shutil
 import tarfile
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -248,12 +249,16 @@ def find_faces(dataset: LabelledDataset, faces_path: Path, detector: str, force:
 
 
 def prepare_extra(source: str, data_dir: Path, results_dir: Path, test_size: float, val_size: float, force: bool,
-                  detector: str, progress_factory) -> tuple[pd.DataFrame, dict, dict]:
-    """One extra dataset: (its manifest rows, what prepare.json records about it, its summary)."""
+                  detector: str, progress_factory, limit: int | None = None) -> tuple[pd.DataFrame, dict, dict]:
+    """One extra dataset: (its manifest rows, what prepare.json records about it, its summary); with `limit`, a
+    seeded subset of that many of its usable rows (the rest are left out, not listed as unusable)."""
     name = dataset_name(source)
     folder = data_dir / "datasets" / name
     with console.status(f"Reading {source} ..."):
         dataset = open_dataset(source, folder / "files", force, name, progress_factory)
+    if limit is not None and limit < len(dataset.rows):
+        subset = dataset.rows.sample(n=limit, random_state=SEED).sort_values("file").reset_index(drop=True)
+        dataset = replace(dataset, rows=subset)
     faces, no_face = find_faces(dataset, folder / "faces.csv", detector, force, progress_factory)
     rows = dataset.rows[dataset.rows["file"].isin(set(faces["file"]))].reset_index(drop=True)
     problems = dataset.problems + no_face
@@ -388,7 +393,7 @@ def prepare(source: str | None = None, data_dir: Path = DATA_DIR, results_dir: P
             utkface_state.update(faces=str(faces_path.resolve()), detector=detector)
         for extra, name in zip(extra_sources, names, strict=True):
             rows, extra_states[name], extra_summaries[name] = prepare_extra(
-                extra, data_dir, results_dir, test_size, val_size, force, detector, factory)
+                extra, data_dir, results_dir, test_size, val_size, force, detector, factory, limit)
             extras.append(rows)
     if extras:  # a dataset column only with extra datasets: a UTKFace-only manifest keeps its format and hash
         manifest = pd.concat([manifest.assign(dataset=UTKFACE), *extras], ignore_index=True)
@@ -475,7 +480,9 @@ def main(
     results_dir: Annotated[Path, typer.Option(help="Where results/data (plots, summary) goes.")] = RESULTS_DIR,
     image_size: Annotated[list[int] | None, typer.Option(
         help="Cache size in pixels (repeatable); default 128 and 224.")] = None,
-    limit: Annotated[int | None, typer.Option(min=20, help="Use a stratified subset of N images.")] = None,
+    limit: Annotated[int | None, typer.Option(
+        min=20, help="Use a stratified subset of N UTKFace images (and a seeded subset of N of each extra "
+                     "dataset's).")] = None,
     test_size: Annotated[float, typer.Option(help="Share of images held out for test.")] = 0.2,
     val_size: Annotated[float, typer.Option(help="Share of the remaining images used for validation.")] = 0.2,
     force: Annotated[bool, typer.Option(help="Unpack and rebuild every cache even if up to date.")] = False,

@@ -175,6 +175,19 @@ def test_an_extra_dataset_changes_the_manifest_hash_but_not_utkface_split_hash(p
     assert not same_split({"manifest_sha256": "0" * 64}, manifest, split)  # older metadata: by the manifest
 
 
+def test_limit_also_caps_each_extra_dataset(utkface_subset, labelled_dataset, tmp_path):
+    """--limit N (a quick check, as train_all --quick prepares) takes a seeded subset of N of an extra dataset's
+    usable rows too, so a large extra dataset does not make a quick run slow."""
+    from agegender.data import load_manifest
+
+    summary = prepare_data.prepare(str(utkface_subset), tmp_path / "data", tmp_path / "results", [32], limit=24,
+                                   extra_sources=[str(labelled_dataset)])
+    manifest = load_manifest(tmp_path / "data", None)
+    extra = manifest[manifest["dataset"] == "faces-ds"]
+    assert len(manifest) - len(extra) == 24 and len(extra) == summary["datasets"]["faces-ds"]["images_usable"]
+    assert len(extra) <= 24 < 30  # 30 usable rows in the dataset
+
+
 def test_a_second_run_reuses_the_faces_and_the_cache(prepared_extra, utkface_subset, labelled_dataset):
     data_dir = prepared_extra["data_dir"]
     faces = data_dir / "datasets" / "faces-ds" / "faces.csv"
