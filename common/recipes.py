@@ -148,7 +148,7 @@ def recipe_crops(data: dict[str, Any]) -> str:
 
 def recipe_sources(data: dict[str, Any]) -> list[Path]:
     """The extra datasets a recipe's [data] table trains on, as paths (relative ones from the repository root)."""
-    return [Path(item) if Path(item).is_absolute() else REPO_ROOT / item for item in data.get("extra_sources", [])]
+    return [(REPO_ROOT / item).resolve() for item in data.get("extra_sources", [])]  # an absolute item stays itself
 
 
 def recipe_extras(data: dict[str, Any]) -> list[str]:
