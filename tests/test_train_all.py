@@ -140,14 +140,9 @@ def test_an_interrupted_train_all_continues_where_it_stopped(recipes, trained_mo
     assert [name for name, _ in calls[3:]] == ["gender", "age"] and calls[4][1] != calls[1][1]
 
 
-def test_a_recipe_on_detected_crops_trains_and_is_judged_on_them(recipes, trained_models, prepared, tmp_path,
-                                                                   monkeypatch):
-    """A recipe whose [data] asks for UTKFace's detected crops: train_all prepares them beside the data folder
-    (once) and hands that folder to the trainer and to the validation judgement."""
-    from agegender.data import data_state
-
-    (recipes / "gender.toml").write_text(f'family = "gender"\nimage_size = {TEST_IMAGE_SIZE}\nepochs = 1\n\n'
-                                         '[data]\nutkface_crops = "detected"\n')
+def fake_gender_trainer(trained_models, prepared, tmp_path, monkeypatch) -> tuple[list[Path], Path]:
+    """train_all's trainer replaced by a copy of the trained gender fixture, recording the --data-dir each run got;
+    and a copy of the prepared data (other data is prepared beside it, not beside the shared fixture)."""
     folders = []
 
     def trainer(command, log_path, on_line):
@@ -156,8 +151,20 @@ def test_a_recipe_on_detected_crops_trains_and_is_judged_on_them(recipes, traine
         return 0
 
     monkeypatch.setattr(train_all, "run_trainer", trainer)
-    data = tmp_path / "data"  # a copy: the detected crops are prepared beside it, not beside the shared fixture
+    data = tmp_path / "data"
     shutil.copytree(prepared["data_dir"], data)
+    return folders, data
+
+
+def test_a_recipe_on_detected_crops_trains_and_is_judged_on_them(recipes, trained_models, prepared, tmp_path,
+                                                                   monkeypatch):
+    """A recipe whose [data] asks for UTKFace's detected crops: train_all prepares them beside the data folder
+    (once) and hands that folder to the trainer and to the validation judgement."""
+    from agegender.data import data_state
+
+    (recipes / "gender.toml").write_text(f'family = "gender"\nimage_size = {TEST_IMAGE_SIZE}\nepochs = 1\n\n'
+                                         '[data]\nutkface_crops = "detected"\n')
+    folders, data = fake_gender_trainer(trained_models, prepared, tmp_path, monkeypatch)
     result = invoke(recipes, tmp_path / "results", {"data_dir": data}, "--no-refresh")
     assert result.exit_code == 0, result.output
     [folder] = folders
@@ -181,16 +188,7 @@ def test_a_recipe_with_an_extra_dataset_trains_on_a_folder_prepared_with_it(reci
     recipe = recipes / "gender.toml"
     recipe.write_text(f'family = "gender"\nimage_size = {TEST_IMAGE_SIZE}\nepochs = 1\n\n'
                       f'[data]\nextra_sources = ["{labelled_dataset}"]\n')
-    folders = []
-
-    def trainer(command, log_path, on_line):
-        folders.append(Path(command[command.index("--data-dir") + 1]))
-        shutil.copytree(trained_models["gender"], Path(command[command.index("--out") + 1]))
-        return 0
-
-    monkeypatch.setattr(train_all, "run_trainer", trainer)
-    data = tmp_path / "data"
-    shutil.copytree(prepared["data_dir"], data)
+    folders, data = fake_gender_trainer(trained_models, prepared, tmp_path, monkeypatch)
     result = invoke(recipes, tmp_path / "results", {"data_dir": data}, "--no-refresh")
     assert result.exit_code == 0, result.output
     [folder] = folders
