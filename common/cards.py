@@ -145,6 +145,9 @@ def about_markdown(name: str, folder: Path, comparison: dict[str, Any] | None = 
         *(["", "Each training face was found and aligned by the same detector and eye alignment that predictions "
                "use (`prepare_data --utkface-crops detected`), so the model learnt from what it sees in photos."]
           if metadata.get("utkface_crops") == "detected" else []),
+        *(["", "Also trained on " + ", ".join(f"`{name}`" for name in metadata["extra_datasets"]) + " (extra labelled "
+               "datasets, `prepare_data --extra-source`; each is used only for the labels it has, and keeps its own "
+               "licence terms)."] if metadata.get("extra_datasets") else []),
         "",
         "## Measured accuracy",
         metrics_markdown(metrics, metadata.get("utkface_crops", "original")),

@@ -163,6 +163,21 @@ def test_model_card_has_eval_results_and_the_keras_hub_line(models_dir, tmp_path
     assert "Not measured for this model yet" in card.text  # no comparison.json in --results-dir
 
 
+def test_a_model_trained_with_extra_datasets_says_so_on_its_card(own_models, tmp_path):
+    metadata_path = own_models / "gender" / "metadata.json"
+    assert "Also trained on" not in card_text(own_models, tmp_path / "before")
+    metadata = json.loads(metadata_path.read_text())
+    metadata_path.write_text(json.dumps({**metadata, "extra_datasets": ["celeba-10k"]}))
+    assert "Also trained on `celeba-10k`" in " ".join(card_text(own_models, tmp_path / "after").split())
+
+
+def card_text(models: Path, build: Path) -> str:
+    from huggingface_hub import ModelCard
+
+    assert run_publish(models, build, "--model", "gender").exit_code == 0
+    return ModelCard.load(build / "models" / "agegender-gender" / "README.md").text
+
+
 def test_combined_stages_one_space_loading_every_model(models_dir, tmp_path):
     result = run_publish(models_dir, tmp_path, "--model", "gender", "--model", "age", "--combined")
     assert result.exit_code == 0, result.output
