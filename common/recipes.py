@@ -183,22 +183,33 @@ def prepare_flags(data: dict[str, Any]) -> list[str]:
             *[flag for source in recipe_sources(data) for flag in ("--extra-source", str(source))]]
 
 
+def prepared_sibling(data_dir: Path, data: dict[str, Any], limit: int | None) -> Path | None:
+    """data_dir's sibling folder holding a recipe's data, prepared from data_dir's source with the same split
+    settings and --limit `limit` (so its UTKFace split is data_dir's or that subset's); None when there is none."""
+    from agegender.data import same_preparation
+
+    folder = recipe_data_dir(data_dir, data)
+    return folder if holds_recipe_data(folder, data) and same_preparation(folder, data_dir, limit) else None
+
+
 def prepared_data(plan: RunPlan, data_dir: Path) -> Path:
     """The prepared data a run trains on: data_dir when it holds the UTKFace crops and the extra datasets the
     recipe asks for (any, for a run without a recipe), else its sibling <data_dir>-<crops>[+<extra>...] when that
-    was prepared with them."""
+    was prepared with them from the same source and split settings."""
     from agegender.cli import console
+    from agegender.data import data_state
 
     if plan.recipe is None or holds_recipe_data(data_dir, plan.data):
         return data_dir
-    wanted = recipe_data_text(plan.data)
-    sibling = recipe_data_dir(data_dir, plan.data)
-    if holds_recipe_data(sibling, plan.data):
+    wanted, limit = recipe_data_text(plan.data), data_state(data_dir)["limit"]
+    sibling = prepared_sibling(data_dir, plan.data, limit)
+    if sibling is not None:
         console.print(f"The recipe trains on {wanted}: reading them from {sibling}.")
         return sibling
     raise UserError(f"Recipe {plan.recipe['file']} trains on {wanted}, but {data_dir} holds other data: "
-                    f"prepare it once with `python tasks/prepare_data.py --data-dir {sibling} "
-                    f"{' '.join(prepare_flags(plan.data))}`.")
+                    f"prepare it once with `python tasks/prepare_data.py --source {data_state(data_dir)['source']} "
+                    f"--data-dir {recipe_data_dir(data_dir, plan.data)} {' '.join(prepare_flags(plan.data))}"
+                    f"{f' --limit {limit}' if limit else ''}`.")
 
 
 # ---------------------------------------------------------------- a run's parameters

@@ -161,16 +161,24 @@ def job_data_dir(job: Job, data_dir: Path, quick: bool) -> Path:
     """The prepared data a recipe trains on: data_dir, or for a recipe whose [data] asks for other UTKFace crops
     or extra datasets the sibling folder <data_dir>-<crops>[+<extra>...], prepared here (from the same source)
     unless it already holds them for the same split (a --quick run: for the same subset)."""
-    from agegender.data import data_state, same_preparation
-    from agegender.recipes import holds_recipe_data, prepare_flags, recipe_data_dir, recipe_data_text, recipe_sources
+    from agegender.data import data_state
+    from agegender.recipes import (
+        holds_recipe_data,
+        prepare_flags,
+        prepared_sibling,
+        recipe_data_dir,
+        recipe_data_text,
+        recipe_sources,
+    )
 
     data = job.recipe.data
     if holds_recipe_data(data_dir, data):
         return data_dir
-    folder = recipe_data_dir(data_dir, data)
     limit = QUICK_PREPARE_LIMIT if quick else data_state(data_dir)["limit"]
-    if holds_recipe_data(folder, data) and same_preparation(folder, data_dir, limit):
-        return folder
+    found = prepared_sibling(data_dir, data, limit)
+    if found is not None:
+        return found
+    folder = recipe_data_dir(data_dir, data)
     missing = [source for source in recipe_sources(data) if not source.exists()]
     if missing:
         raise UserError(f"The {job.name} recipe trains on {missing[0]}, which is not here: put the dataset there "

@@ -166,3 +166,10 @@ def test_a_recipe_on_detected_crops_reads_them_from_the_prepared_sibling_folder(
     assert result.exit_code == 0, result.output
     assert prepared_data(plan, data) == tmp_path / "data-detected"
     assert prepared_data(plan_run("gender"), data) == data  # without a recipe, any prepared data
+    # a sibling prepared for another split (train_all --quick's subset, say) is not trained on in its place
+    result = runner.invoke(prepare_data.app, ["--source", str(prepared["images"]), "--data-dir",
+                                              str(tmp_path / "data-detected"), "--results-dir", str(tmp_path / "r"),
+                                              "--image-size", "32", "--utkface-crops", "detected", "--limit", "40"])
+    assert result.exit_code == 0, result.output
+    with pytest.raises(UserError, match="--utkface-crops detected"):
+        prepared_data(plan, data)
