@@ -39,7 +39,7 @@ from agegender.distribute import STRATEGIES, distributed
 from agegender.families import FAMILIES, TASK_OUTPUTS
 from agegender.modelio import METRICS_FILE, find_models, read_metadata, run_path
 from agegender.models import AGE_HEADS
-from agegender.recipes import plan_run
+from agegender.recipes import plan_run, prepared_data
 from agegender.tables import markdown_table, number, rich_table
 from agegender.training import SplitData, print_metrics
 from agegender.transfer import (
@@ -244,6 +244,7 @@ def main(
                         {"epochs": epochs, "fine_tune_epochs": fine_tune_epochs, "image_size": image_size,
                          "weights": weights})
         settings = plan.settings
+        data_dir = prepared_data(plan, data_dir)
         named = backbone or ([settings["backbone"]] if settings["backbone"] else [])
         names = list(BACKBONES) if all_backbones else [resolve_backbone(n).name for n in named]
         if not names:

