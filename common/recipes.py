@@ -177,10 +177,18 @@ def recipe_data_dir(data_dir: Path, data: dict[str, Any]) -> Path:
     return crops_dir(data_dir, recipe_crops(data), recipe_extras(data))
 
 
-def prepare_flags(data: dict[str, Any]) -> list[str]:
-    """prepare_data's flags for the data a recipe trains on (besides --source, --data-dir, --image-size)."""
-    return ["--utkface-crops", recipe_crops(data),
-            *[flag for source in recipe_sources(data) for flag in ("--extra-source", str(source))]]
+def prepare_arguments(data_dir: Path, data: dict[str, Any], limit: int | None) -> list[str]:
+    """prepare_data's arguments (all but --image-size and --results-dir) that prepare a recipe's data beside
+    data_dir from its source with its split settings, as prepared_sibling then accepts it; `limit`: --limit."""
+    from agegender.data import data_state
+
+    state = data_state(data_dir)
+    splits = [flag for key in ("test_size", "val_size") if state.get(key) is not None
+              for flag in (f"--{key.replace('_', '-')}", str(state[key]))]
+    return ["--source", str(state["source"]), "--data-dir", str(recipe_data_dir(data_dir, data)), *splits,
+            "--utkface-crops", recipe_crops(data),
+            *[flag for source in recipe_sources(data) for flag in ("--extra-source", str(source))],
+            *(["--limit", str(limit)] if limit else [])]
 
 
 def prepared_sibling(data_dir: Path, data: dict[str, Any], limit: int | None) -> Path | None:
@@ -207,9 +215,8 @@ def prepared_data(plan: RunPlan, data_dir: Path) -> Path:
         console.print(f"The recipe trains on {wanted}: reading them from {sibling}.")
         return sibling
     raise UserError(f"Recipe {plan.recipe['file']} trains on {wanted}, but {data_dir} holds other data: "
-                    f"prepare it once with `python tasks/prepare_data.py --source {data_state(data_dir)['source']} "
-                    f"--data-dir {recipe_data_dir(data_dir, plan.data)} {' '.join(prepare_flags(plan.data))}"
-                    f"{f' --limit {limit}' if limit else ''}`.")
+                    f"prepare it once with `python tasks/prepare_data.py "
+                    f"{' '.join(prepare_arguments(data_dir, plan.data, limit))}`.")
 
 
 # ---------------------------------------------------------------- a run's parameters

@@ -164,7 +164,7 @@ def job_data_dir(job: Job, data_dir: Path, quick: bool) -> Path:
     from agegender.data import data_state
     from agegender.recipes import (
         holds_recipe_data,
-        prepare_flags,
+        prepare_arguments,
         prepared_sibling,
         recipe_data_dir,
         recipe_data_text,
@@ -184,9 +184,8 @@ def job_data_dir(job: Job, data_dir: Path, quick: bool) -> Path:
         raise UserError(f"The {job.name} recipe trains on {missing[0]}, which is not here: put the dataset there "
                         "or change the recipe's [data] extra_sources.")
     size = str(job.settings.get("image_size") or 128)
-    command = [sys.executable, str(REPO_ROOT / "tasks/prepare_data.py"), "--source",
-               data_state(data_dir)["source"], "--data-dir", str(folder), "--results-dir", str(folder / "results"),
-               *prepare_flags(data), "--image-size", size, *(["--limit", str(limit)] if limit else [])]
+    command = [sys.executable, str(REPO_ROOT / "tasks/prepare_data.py"), *prepare_arguments(data_dir, data, limit),
+               "--results-dir", str(folder / "results"), "--image-size", size]
     if not run_step(f"prepare {recipe_data_text(data)} for {job.name}", command):
         raise UserError(f"Could not prepare {recipe_data_text(data)} in {folder} for the {job.name} recipe.")
     return folder

@@ -173,3 +173,26 @@ def test_a_recipe_on_detected_crops_reads_them_from_the_prepared_sibling_folder(
     assert result.exit_code == 0, result.output
     with pytest.raises(UserError, match="--utkface-crops detected"):
         prepared_data(plan, data)
+
+
+def test_the_prepare_command_a_recipe_asks_for_makes_the_folder_it_then_reads(prepared, tmp_path):
+    """A data folder split with other settings than the defaults: the prepare_data command in the error (the one
+    train_all runs too) carries them, and the folder it makes is then read."""
+    from agegender.recipes import plan_run, prepare_arguments, prepared_data
+    from tasks import prepare_data
+
+    data = tmp_path / "data"
+    result = runner.invoke(prepare_data.app, ["--source", str(prepared["images"]), "--data-dir", str(data),
+                                              "--results-dir", str(tmp_path / "r"), "--image-size", "32",
+                                              "--test-size", "0.25"])
+    assert result.exit_code == 0, result.output
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('family = "gender"\n[data]\nutkface_crops = "detected"\n')
+    plan = plan_run("gender", recipe)
+    with pytest.raises(UserError, match="--test-size 0.25") as error:
+        prepared_data(plan, data)
+    arguments = prepare_arguments(data, plan.data, None)
+    assert " ".join(arguments) in " ".join(str(error.value).split())
+    result = runner.invoke(prepare_data.app, [*arguments, "--results-dir", str(tmp_path / "r"), "--image-size", "32"])
+    assert result.exit_code == 0, result.output
+    assert prepared_data(plan, data) == tmp_path / "data-detected"
