@@ -645,7 +645,7 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
     model = build_model(spec, image_size, params, task, weights)  # fails fast on weights, before the data
     data = {} if data is None else data
     if not data:  # filled in place, so several backbones share one load
-        data.update(load_data(image_size, data_dir, limit))
+        data.update(load_data(image_size, data_dir, limit, datasets=None, outputs=outputs))  # extra datasets too
         if test_limit is not None:  # a test subset of its own size (the same images for every run)
             data["test"] = SplitData(*load_split("test", image_size, data_dir, test_limit))
     base = backbone_of(model)

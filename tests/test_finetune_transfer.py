@@ -376,3 +376,23 @@ def test_table_only_without_models_is_one_sentence(tmp_path, prepared):
                                          "--comparison-dir", str(tmp_path / "c")])
     assert result.exit_code == 1 and "No transfer model folder" in result.output
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_extra_datasets_in_the_data_folder_train_the_transfer_model_too(prepared_extra, tmp_path):
+    """As for the CNN trainers, every dataset of the data folder trains the model (a gender-only row trains the
+    gender head alone) and the test figures are given per dataset, UTKFace's at the top level."""
+    out = tmp_path / "model"
+    result = CliRunner().invoke(ft.app, [
+        "--backbone", "mobilenetv2", "--weights", "none", "--image-size", str(SIZE), "--epochs", "1",
+        "--fine-tune-epochs", "0", "--batch-size", "32", "--data-dir", str(prepared_extra["data_dir"]),
+        "--model-out", str(out), "--strategy", "one"])
+    assert result.exit_code == 0, result.output
+    manifest = pd.read_csv(prepared_extra["data_dir"] / "manifest.csv")
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["train_images"] == (manifest["split"] == "train").sum()
+    assert metadata["extra_datasets"] == ["faces-ds"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    extra_test = manifest[(manifest["dataset"] == "faces-ds") & (manifest["split"] == "test")]
+    assert metrics["datasets"]["faces-ds"]["gender"]["n"] == len(extra_test)
+    assert metrics["gender"] == metrics["datasets"]["utkface"]["gender"]
