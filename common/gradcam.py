@@ -113,6 +113,7 @@ class Part:
     layer_path: str
     layer: Any
     functions: dict[str, Any]
+    mirror: bool = False  # averaged with its map of the mirror image, as the ensemble averages this member
 
 
 class GradCam:
@@ -123,8 +124,6 @@ class GradCam:
         self.image_size = int(metadata["image_size"])
         self.outputs = [name for name in metadata["outputs"] if name in ("age", "gender")]
         self.age_scale = float(metadata.get("age_scale", 120.0))
-        params = metadata.get("params", {})
-        self.mirror = metadata.get("backbone") == "ensemble" and bool(params.get("tta"))
         if metadata.get("backbone") == "ensemble":
             self.parts = self.ensemble_parts(model, metadata, layer_name)
         else:
@@ -139,7 +138,8 @@ class GradCam:
         import keras
 
         nested = {layer.name.split("_", 1)[0]: layer for layer in model.layers if isinstance(layer, keras.Model)}
-        weights = metadata["params"]["weights"]
+        weights, tta = metadata["params"]["weights"], bool(metadata["params"].get("tta"))
+        plain = set(metadata["params"].get("plain_members", []))
         parts, missing = [], []
         for index, member in enumerate(metadata["members"]):
             inner = nested[f"member{index}"]
@@ -152,7 +152,8 @@ class GradCam:
                 missing.append(str(error))
                 continue
             distribution = inner if age_distribution_layer(inner) is None else with_age_distribution(inner)
-            parts.append(Part(distribution, int(member["image_size"]), mix, f"{inner.name}/{path}", layer, {}))
+            parts.append(Part(distribution, int(member["image_size"]), mix, f"{inner.name}/{path}", layer, {},
+                              mirror=tta and member["name"] not in plain))
         if not parts:
             raise UserError(missing[0] if missing else "The ensemble has no member with a say in its outputs.")
         return parts
@@ -216,7 +217,7 @@ class GradCam:
                     if not weight:
                         continue
                     maps = self.part_maps(part, batch, output)
-                    if self.mirror:
+                    if part.mirror:
                         maps = (maps + self.part_maps(part, batch[:, :, ::-1], output)[:, :, ::-1]) / 2
                     total += weight * maps
                 found[output].append(scaled(total))

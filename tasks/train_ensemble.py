@@ -7,7 +7,8 @@ fine-tuned face-pretrained WideResNet) that averages their ages and gender proba
 Nothing is trained: the members are frozen, and what is chosen on the validation split is the weight of each
 member per output (a grid over the simplex, lowest age MAE and lowest gender log loss) and whether to also
 average each member with its view of the mirror image (`--tta auto` keeps it only if it improves both outputs
-on validation). The ensemble takes the largest member's input size and shrinks the image inside the model for
+on validation; `--plain-member NAME` leaves a member to the plain image alone, halving its share of the time per
+face). The ensemble takes the largest member's input size and shrinks the image inside the model for
 smaller members, so predict, compare, export and the Spaces use it like any other model folder.
 """
 
@@ -146,8 +147,16 @@ def mixed(predictions: list[dict[str, np.ndarray]], chosen: dict[str, dict[str, 
             for output, spec in chosen.items()}
 
 
-def averaged(first: list[dict[str, np.ndarray]], second: list[dict[str, np.ndarray]]):
-    return [{name: (a[name] + b[name]) / 2 for name in a} for a, b in zip(first, second, strict=True)]
+def mirror_averaged(members, images: np.ndarray, input_size: int, plain_predictions: list[dict[str, np.ndarray]],
+                    plain: frozenset[int]) -> list[dict[str, np.ndarray]]:
+    """Each member's plain predictions averaged with its predictions on the mirror images, except the members
+    whose index is in `plain`, which keep their plain predictions."""
+    flipped = [index for index in range(len(members)) if index not in plain]
+    found = member_predictions([members[index] for index in flipped], images, input_size, flip=True)
+    mirrored = dict(zip(flipped, found, strict=True))
+    return [predictions if index in plain else
+            {name: (value + mirrored[index][name]) / 2 for name, value in predictions.items()}
+            for index, predictions in enumerate(plain_predictions)]
 
 
 def mixes_distributions(members, chosen: dict[str, dict[str, Any]]) -> bool:
@@ -161,8 +170,10 @@ def mixes_distributions(members, chosen: dict[str, dict[str, Any]]) -> bool:
     return all(head is not None for head in heads) and len({head.units for head in heads}) == 1
 
 
-def build_ensemble(members, chosen: dict[str, dict[str, Any]], input_size: int, tta: bool):
-    """One Keras model: every member (and, with TTA, the same member on the mirror image, averaged), mixed
+def build_ensemble(members, chosen: dict[str, dict[str, Any]], input_size: int, tta: bool,
+                   plain: frozenset[int] = frozenset()):
+    """One Keras model: every member (and, with TTA, the same member on the mirror image, averaged, except the
+    members whose index is in `plain`), mixed
     per output with the chosen weights. When every age member has an age distribution, the distributions are
     mixed with the age weights into a layer named age_bins and the age is its expected value, so the ensemble
     has a distribution like any DEX model (the same age as mixing the members' ages)."""
@@ -179,7 +190,7 @@ def build_ensemble(members, chosen: dict[str, dict[str, Any]], input_size: int, 
         if distributions and index in chosen["age"]["members"]:
             model = with_age_distribution(model)
         found = member_outputs(inputs, model, metadata, index, flip=False)
-        if tta:
+        if tta and index not in plain:
             mirrored = member_outputs(inputs, model, metadata, index, flip=True)
             found = {name: layers.Average(name=f"member{index}_{name}_tta")([found[name], mirrored[name]])
                      for name in found}
@@ -199,19 +210,25 @@ def build_ensemble(members, chosen: dict[str, dict[str, Any]], input_size: int, 
 
 
 def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_DIR, limit: int | None = None,
-          out: Path | None = MODELS_DIR / FAMILY.folder,
-          metadata_extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Choose the weights (and TTA) on validation, report validation and test, save to `out`."""
+          out: Path | None = MODELS_DIR / FAMILY.folder, metadata_extra: dict[str, Any] | None = None,
+          plain_members: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Choose the weights (and TTA, which the members named in plain_members never get) on validation, report
+    validation and test, save to `out`."""
     started = time.perf_counter()
     check_choice(tta, TTA_CHOICES, "--tta")
     members = load_members(member_folders)
+    names = [name for name, _, _ in members]
+    unknown = [name for name in plain_members if name not in names]
+    if unknown:
+        raise UserError(f"--plain-member {unknown[0]} is not one of the members ({', '.join(names)}).")
+    plain_indices = frozenset(names.index(name) for name in plain_members)
     input_size = max(int(metadata["image_size"]) for _, _, metadata in members)
     data = load_data(input_size, data_dir, limit)
     val, test = data["val"], data["test"]
     plain = member_predictions(members, val.images, input_size, flip=False)
     candidates = {"off": plain}
     if tta != "off":
-        candidates["on"] = averaged(plain, member_predictions(members, val.images, input_size, flip=True))
+        candidates["on"] = mirror_averaged(members, val.images, input_size, plain, plain_indices)
     chosen = {name: choose_weights(preds, val.rows) for name, preds in candidates.items()}
     if tta == "auto" and "on" in chosen:
         better = all(chosen["on"][o]["error"] < chosen["off"][o]["error"] for o in chosen["off"])
@@ -220,6 +237,7 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
         use_tta = tta == "on"
     weights = chosen["on" if use_tta else "off"]
     report = {"members": [str(folder) for folder in member_folders], "tta": use_tta,
+              "plain_members": [names[index] for index in sorted(plain_indices)] if use_tta else [],
               "validation": {}, "test": {}, "choice": chosen}
     for split_name, split in (("validation", val), ("test", test)):
         if split is val:  # the predictions the choice was made on
@@ -227,12 +245,13 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
         else:
             preds = member_predictions(members, split.images, input_size, flip=False)
             if use_tta:
-                preds = averaged(preds, member_predictions(members, split.images, input_size, flip=True))
+                preds = mirror_averaged(members, split.images, input_size, preds, plain_indices)
         for (name, _, _), member in zip(members, preds, strict=True):
             report[split_name][name] = summary(member, split.rows)
         report[split_name]["ensemble"] = summary(mixed(preds, weights), split.rows)
-    model = build_ensemble(members, weights, input_size, use_tta)
+    model = build_ensemble(members, weights, input_size, use_tta, plain_indices)
     params = {"members": [str(folder) for folder in member_folders], "tta": use_tta,
+              "plain_members": [names[index] for index in sorted(plain_indices)] if use_tta else [],
               "weights": {o: {members[i][0]: w for i, w in zip(s["members"], s["weights"], strict=True)}
                           for o, s in weights.items()}}
     extra = {"family": FAMILY.name, "backbone": "ensemble", "weights": "members",
@@ -260,6 +279,8 @@ def summary(predictions: dict[str, np.ndarray], rows) -> dict[str, float]:
 
 def print_report(report: dict[str, Any]) -> None:
     mirror = "on" if report["tta"] else "off"
+    if report["tta"] and report["plain_members"]:
+        mirror += f", not for {', '.join(report['plain_members'])}"
     rows = [[name, *(f"{d[k]:.3f}" if k in d else "-" for d in (report["validation"][name], report["test"][name])
                      for k in ("age_mae", "gender_accuracy"))] for name in report["validation"]]
     console.print(rich_table(f"Ensemble members and the ensemble (mirror-image averaging {mirror})",
@@ -278,6 +299,9 @@ def main(
     tta: Annotated[str | None, typer.Option(
         help="Average each member with its view of the mirror image: auto (only if validation improves), on "
              "or off; default: the recipe's, else auto.")] = None,
+    plain_member: Annotated[list[str] | None, typer.Option(
+        help="A member (by folder name) that sees the plain image only, without mirror-image averaging "
+             "(repeatable): its time per face halves; default: the recipe's plain_members, else none.")] = None,
     limit: Annotated[int | None, typer.Option(min=16, help="Choose on a subset (for quick checks).")] = None,
     data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
     models_dir: Annotated[Path, typer.Option(help="Where the members named by the recipe are.")] = MODELS_DIR,
@@ -286,14 +310,15 @@ def main(
     """Combine saved models into one ensemble model, with weights chosen on the validation split."""
     check_choice(tta, TTA_CHOICES, "--tta")
     with user_errors():
-        plan = plan_run(FAMILY.name, recipe, setting_flags={"tta": tta})
+        plan = plan_run(FAMILY.name, recipe, setting_flags={"tta": tta, "plain_members": plain_member})
         if plan.settings["tta"] not in TTA_CHOICES:
             raise UserError(f"The recipe's tta {plan.settings['tta']!r} is not one of {', '.join(TTA_CHOICES)}.")
         folders = list(member or (Path(models_dir) / name for name in plan.settings["members"]))
         for folder in folders:
             if not Path(folder).is_dir():
                 raise UserError(f"Model folder {folder} does not exist.")
-        report = build(folders, plan.settings["tta"], data_dir, limit, out, plan.metadata())
+        report = build(folders, plan.settings["tta"], data_dir, limit, out, plan.metadata(),
+                       plan.settings["plain_members"])
         print_report(report)
         print_metrics("ensemble: validation split", report["validation_metrics"])
         print_metrics("ensemble: test split", report["test_metrics"])

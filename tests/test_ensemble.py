@@ -21,8 +21,8 @@ def ensemble(trained_models, prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("ensemble") / "ensemble"
     result = CliRunner().invoke(train_ensemble.app, [
         "--member", str(trained_models["multitask"]), "--member", str(trained_models["gender"]),
-        "--member", str(trained_models["age"]), "--tta", "on", "--data-dir", str(prepared["data_dir"]),
-        "--out", str(out)])
+        "--member", str(trained_models["age"]), "--tta", "on", "--plain-member", "age",
+        "--data-dir", str(prepared["data_dir"]), "--out", str(out)])
     assert result.exit_code == 0, result.output
     return out
 
@@ -36,7 +36,7 @@ def test_the_ensemble_records_its_members_and_weights_chosen_on_validation(ensem
     assert set(weights["gender"]) == {"multitask", "gender"}
     for output in ("age", "gender"):
         assert sum(weights[output].values()) == pytest.approx(1.0)
-    assert meta["params"]["tta"] is True
+    assert meta["params"]["tta"] is True and meta["params"]["plain_members"] == ["age"]
     metrics = json.loads((ensemble / "metrics.json").read_text())
     assert {"age", "gender"} <= set(metrics)
 
@@ -50,9 +50,11 @@ def test_the_saved_ensemble_predicts_its_members_mixed_with_the_recorded_weights
     images = images[:24]
     predicted = Predictor.load(ensemble, "keras").predict_arrays(images)
 
-    def with_mirror(name):  # each member averaged with its view of the mirror image, as recorded
+    def with_mirror(name):  # each member averaged with its view of the mirror image, as recorded, but the plain one
         member = Predictor.load(trained_models[name], "keras")
         plain, mirrored = member.predict_arrays(images), member.predict_arrays(images[:, :, ::-1])
+        if name in meta["params"]["plain_members"]:
+            return plain
         return {key: (plain[key] + mirrored[key]) / 2 for key in plain}
 
     members = {name: with_mirror(name) for name in ("multitask", "gender", "age")}
@@ -75,13 +77,15 @@ def test_predict_runs_the_ensemble_like_any_model(ensemble, prepared, tmp_path):
     assert len(rows) == 1 and 0 <= rows["p_female"][0] <= 1 and 0 < rows["age"][0] < 117
 
 
-@pytest.mark.parametrize("members, words", [
-    (["one"], "at least two"),
-    (["missing-a", "missing-b"], "does not exist"),
+@pytest.mark.parametrize("members, extra, words", [
+    (["one"], [], "at least two"),
+    (["missing-a", "missing-b"], [], "does not exist"),
+    (["one", "age"], ["--plain-member", "gender"], "--plain-member gender is not one of the members"),
 ])
-def test_bad_members_are_one_sentence(members, words, trained_models, tmp_path):
-    paths = [str(trained_models["multitask"]) if m == "one" else str(tmp_path / m) for m in members]
-    args = [arg for path in paths for arg in ("--member", path)] + ["--out", str(tmp_path / "out")]
+def test_bad_members_are_one_sentence(members, extra, words, trained_models, tmp_path):
+    paths = [str(trained_models["multitask" if m == "one" else m]) if m in ("one", "age") else str(tmp_path / m)
+             for m in members]
+    args = [arg for path in paths for arg in ("--member", path)] + extra + ["--out", str(tmp_path / "out")]
     result = CliRunner().invoke(train_ensemble.app, args)
     assert result.exit_code != 0 and words in said(result)
     assert not (tmp_path / "out").exists()
