@@ -236,8 +236,8 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
     else:
         use_tta = tta == "on"
     weights = chosen["on" if use_tta else "off"]
-    report = {"members": [str(folder) for folder in member_folders], "tta": use_tta,
-              "plain_members": [names[index] for index in sorted(plain_indices)] if use_tta else [],
+    plain_names = [names[index] for index in sorted(plain_indices)] if use_tta else []
+    report = {"members": [str(folder) for folder in member_folders], "tta": use_tta, "plain_members": plain_names,
               "validation": {}, "test": {}, "choice": chosen}
     for split_name, split in (("validation", val), ("test", test)):
         if split is val:  # the predictions the choice was made on
@@ -250,8 +250,7 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
             report[split_name][name] = summary(member, split.rows)
         report[split_name]["ensemble"] = summary(mixed(preds, weights), split.rows)
     model = build_ensemble(members, weights, input_size, use_tta, plain_indices)
-    params = {"members": [str(folder) for folder in member_folders], "tta": use_tta,
-              "plain_members": [names[index] for index in sorted(plain_indices)] if use_tta else [],
+    params = {"members": [str(folder) for folder in member_folders], "tta": use_tta, "plain_members": plain_names,
               "weights": {o: {members[i][0]: w for i, w in zip(s["members"], s["weights"], strict=True)}
                           for o, s in weights.items()}}
     extra = {"family": FAMILY.name, "backbone": "ensemble", "weights": "members",
