@@ -526,7 +526,9 @@ def activations_dataset(views: list[np.ndarray], targets: dict[str, np.ndarray],
                  {name: tf.TensorSpec((None, 1), tf.float32) for name in targets})
     if weights is not None:
         signature = (*signature, tf.TensorSpec((None,), tf.float32))
-    return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
+    # a known length: Keras warns that a generator of unknown length 'ran out of data' after every epoch
+    return dataset.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size))).prefetch(2)
 
 
 def fit_on_activations(model, base, backbone: Backbone, data: dict[str, SplitData], outputs: list[str],
@@ -586,14 +588,15 @@ def fit_on_activations(model, base, backbone: Backbone, data: dict[str, SplitDat
         trained = split.set_trainable(base)
         rate = float(params["fine_tune_learning_rate"])
         compile_heads(split.upper, rate, params, task)
-        split.upper.evaluate(val_batches().take(1), verbose=0)  # the same shapes as fit's, so no retracing
+        split.upper.evaluate(val_batches(), steps=1, verbose=0)  # the same shapes as fit's, so no retracing
         check_monitor(split.upper, MONITOR)
         keras.utils.set_random_seed(seed)
         timer = EpochTimer()
         patience = int(params["patience"])
         history = split.upper.fit(
             activations_dataset(train_views, train_targets, batch_size, weights, seed), epochs=epochs,
-            validation_data=val_batches(), verbose=resolve_verbose(verbose),
+            validation_data=val_batches(), shuffle=False,  # the dataset draws its own order every epoch
+            verbose=resolve_verbose(verbose),
             callbacks=[timer, StopOnSignal(), *callbacks(MONITOR, "min", patience, None, "cosine", epochs, rate),
                        *phase_callbacks(extra_callbacks, tensorboard_dir, 2)])
         histories.append(history_frame(history, timer))

