@@ -57,6 +57,8 @@ def test_committed_recipes_name_every_parameter_and_match_the_shipped_model(path
     assert recipe.settings.get("image_size", metadata["image_size"]) == metadata["image_size"]
     assert recipe.data.get("utkface_crops", "original") == metadata.get("utkface_crops", "original")
     assert recipe_extras(recipe.data) == metadata.get("extra_datasets", [])
+    if "plain_members" in recipe.settings:  # the ensemble's members without mirror-image averaging
+        assert metadata["params"].get("plain_members", []) == recipe.settings["plain_members"]
 
 
 def test_a_cnn_trainer_hides_and_refuses_the_parameters_of_other_families(prepared, tmp_path):
