@@ -216,12 +216,12 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
     validation and test, save to `out`."""
     started = time.perf_counter()
     check_choice(tta, TTA_CHOICES, "--tta")
-    members = load_members(member_folders)
-    names = [name for name, _, _ in members]
+    names = [Path(folder).name for folder in member_folders]  # each member's name, as load_members gives it
     unknown = [name for name in plain_members if name not in names]
-    if unknown:
+    if unknown:  # before the members load, which takes a while
         raise UserError(f"--plain-member {unknown[0]} is not one of the members ({', '.join(names)}).")
     plain_indices = frozenset(names.index(name) for name in plain_members)
+    members = load_members(member_folders)
     input_size = max(int(metadata["image_size"]) for _, _, metadata in members)
     data = load_data(input_size, data_dir, limit)
     val, test = data["val"], data["test"]

@@ -83,8 +83,8 @@ def test_predict_runs_the_ensemble_like_any_model(ensemble, prepared, tmp_path):
     (["one", "age"], ["--plain-member", "gender"], "--plain-member gender is not one of the members"),
 ])
 def test_bad_members_are_one_sentence(members, extra, words, trained_models, tmp_path):
-    paths = [str(trained_models["multitask" if m == "one" else m]) if m in ("one", "age") else str(tmp_path / m)
-             for m in members]
+    given = {"one": trained_models["multitask"], "age": trained_models["age"]}
+    paths = [str(given.get(m, tmp_path / m)) for m in members]
     args = [arg for path in paths for arg in ("--member", path)] + extra + ["--out", str(tmp_path / "out")]
     result = CliRunner().invoke(train_ensemble.app, args)
     assert result.exit_code != 0 and words in said(result)
