@@ -11,6 +11,7 @@ from typing import Any
 from agegender.data import AGE_BANDS, RACE_LABELS, RESULTS_DIR, age_band
 from agegender.faces import DEFAULT_DETECTOR, DETECTORS
 from agegender.intervals import INTERVAL_KEY, interval_label
+from agegender.metrics import GROUPINGS
 from agegender.modelio import METADATA_FILE, METRICS_FILE
 from agegender.tables import markdown_table
 
@@ -80,7 +81,7 @@ def bias_markdown(name: str, comparison: dict[str, Any] | None) -> str:
         parts.append(markdown_table(["grouping", "metric", "best group", "worst group", "gap"], [
             [g["grouping"], g["metric"], f"{g['best_group']} ({_fmt(g.get('best'), 3)})",
              f"{g['worst_group']} ({_fmt(g.get('worst'), 3)})", _fmt(g.get("gap"), 3)] for g in gaps]))
-    for grouping in ("race", "age band", "gender"):
+    for grouping in GROUPINGS:
         part = [g for g in groups if g.get("grouping") == grouping]
         columns = [key for key in ("accuracy", "mae", "cs5") if any(key in g for g in part)]
         if part and columns:

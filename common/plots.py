@@ -160,8 +160,8 @@ def plot_robustness(name: str, part: pd.DataFrame, path: Path) -> None:
 
 
 def plot_bias(name: str, groups: pd.DataFrame, overall: dict[str, float], path: Path) -> None:
-    """One model's bias figure: per headline metric (rows) and grouping (columns: race, age band, gender), a bar per
-    group with the overall value as a dashed line; bars worse than overall in red. `groups` holds the model's
+    """One model's bias figure: per headline metric (rows) and grouping (columns, agegender.metrics.GROUPINGS), a
+    bar per group with the overall value as a dashed line; bars worse than overall in red. `groups` holds the model's
     records (grouping, group, n, metrics), `overall` its metrics on every face."""
     plt = pyplot()
     metrics = [(key, label, better) for key, label, better in (("accuracy", "gender accuracy", "max"),

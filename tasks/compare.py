@@ -28,14 +28,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from agegender.cli import UserError, atomic_path, console, user_errors, without_nan, write_json, write_text
 from agegender.data import (
-    AGE_BANDS,
     DATA_DIR,
-    GENDER_LABELS,
     MODELS_DIR,
-    RACE_LABELS,
     RESULTS_DIR,
     SEED,
-    age_band,
     file_sha256,
     load_manifest,
     load_split,
@@ -47,11 +43,13 @@ from agegender.metrics import (
     AGE_COLUMNS,
     COST_COLUMNS,
     GENDER_COLUMNS,
+    GROUPINGS,
     METRIC_COLUMNS,
     THROUGHPUT_BATCH,
     age_metrics,
     gender_metrics,
     group_gaps,
+    group_metrics,
 )
 from agegender.modelio import METADATA_FILE, MODEL_FILE, find_models, read_metadata
 from agegender.plots import (
@@ -81,9 +79,6 @@ CONDITIONS: dict[str, str] = {
     "noise": "Gaussian noise, sigma 20 grey levels (seeded)",
     "downscale": "shrunk to a quarter of the side and enlarged back (bilinear)",
 }
-
-GROUPINGS = ("race", "age band", "gender")
-CLASS_METRICS = ("precision", "recall", "f1", "roc_auc")  # undefined inside a one-gender group
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -259,30 +254,16 @@ def flat_metrics(predictions: dict[str, np.ndarray], rows: pd.DataFrame, conditi
     return metrics
 
 
-def group_labels(rows: pd.DataFrame, grouping: str) -> tuple[pd.Series, list[str]]:
-    if grouping == "race":
-        return rows["race"].map(RACE_LABELS), list(RACE_LABELS.values())
-    if grouping == "age band":
-        return rows["age"].map(age_band), [age_band(low) for low, _ in AGE_BANDS]
-    return rows["gender"].astype(str).map(GENDER_LABELS), list(GENDER_LABELS.values())
-
-
 def bias_tables(results: list[ModelResult], rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every metric per group (race, age band, gender); per metric, the best and worst group and the gap."""
+    """Every metric per group (agegender.metrics.GROUPINGS); per metric, the best and worst group and the gap."""
     records = []
     for result in results:
-        for grouping in GROUPINGS:
-            labels, order = group_labels(rows, grouping)
-            for group in order:
-                mask = (labels == group).to_numpy()
-                if not mask.any():
-                    continue
-                subset = {key: values[mask] for key, values in result.predictions.items()
-                          if key.startswith("clean/")}
-                metrics = flat_metrics(subset, rows[mask])
-                if rows.loc[mask, "gender"].nunique() < 2:
-                    metrics.update({key: float("nan") for key in CLASS_METRICS if key in metrics})
-                records.append({"model": result.name, "grouping": grouping, "group": group, **metrics})
+        clean = {key.removeprefix("clean/"): values for key, values in result.predictions.items()
+                 if key.startswith("clean/")}
+        for record in group_metrics(clean, rows):
+            record.pop("n_gender", None)  # every test face has every label: both equal n
+            record.pop("n_age", None)
+            records.append({"model": result.name, **record})
     groups = pd.DataFrame(records)
     gaps = group_gaps(groups, by=("model", "grouping"))
     return groups, pd.DataFrame(gaps)

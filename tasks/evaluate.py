@@ -7,7 +7,8 @@ predict (agegender.faces, as predict does), and compare with the labels.
 A dataset is a folder, .tar.gz or .zip of images with labels.csv (file, and any of age, gender with 1 = female,
 race; empty where unknown; agegender.datasets). Each image's largest face is scored; an image where the detector
 finds none counts in the faces-not-found rate and in no other figure. Metrics are given for the labels the
-dataset has, and per race, age band and gender where it has those (with each metric's best and worst group).
+dataset has, and per race (all ages, and 13 and older), age band and gender where it has those (with each
+metric's best and worst group).
 Writes results/evaluations/<dataset>/: evaluation.md, evaluation.json, predictions.csv and, for a model with an
 age output on a dataset with ages, <model>-age_error.png.
 """

@@ -76,11 +76,15 @@ def test_writes_tables_with_the_right_columns(first_run, prepared, models_dir):
     summary = json.loads((out / "comparison.json").read_text(), parse_constant=pytest.fail)  # strict JSON
     assert summary["best"]["gender"]["accuracy"] == frame["accuracy"].max()
     groups = pd.DataFrame(summary["bias"]["groups"])
-    assert set(groups["grouping"]) == {"race", "age band", "gender"}
+    assert set(groups["grouping"]) == {"race", "race, age 13+", "age band", "gender"}
     assert set(groups.query("grouping == 'age band'")["group"]) <= {"0-2", "3-9", "10-19", "20-29", "30-39", "40-49",
                                                                    "50-59", "60-69", "70+"}
     by_gender = groups.query("grouping == 'gender' and model == 'multitask'")
     assert by_gender["n"].sum() == len(test_rows)
+    # race among the faces 13 and older: the same races, only those faces
+    adults = groups.query("grouping == 'race, age 13+' and model == 'multitask'")
+    assert adults["n"].sum() == (test_rows["age"] >= 13).sum()
+    assert set(adults["group"]) <= set(groups.query("grouping == 'race'")["group"])
     gaps = pd.read_csv(out / "compare" / "bias_gaps.csv")
     assert {"best_group", "worst_group", "gap"} <= set(gaps.columns)
     assert (gaps["gap"] >= 0).all()
