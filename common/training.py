@@ -423,18 +423,20 @@ def save_run(out_dir: Path, model, metadata: dict[str, Any], history: pd.DataFra
 def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, Any], image_size: int,
                data_dir: Path, out_dir: Path | None, history: pd.DataFrame | None = None,
                seconds_per_epoch: float = 0.0, evaluate_test: bool = True, limit: int | None = None,
-               metadata_extra: dict[str, Any] | None = None) -> TrainResult:
+               metadata_extra: dict[str, Any] | None = None,
+               test_predicted: dict[str, np.ndarray] | None = None) -> TrainResult:
     """The tail every trainer shares: validation metrics, then (unless evaluate_test is False, as in a tuning
     trial, which must never see the test split) test metrics and the model folder saved to out_dir (skipped
     when it is None), with metadata.json recording metadata_extra and, for a model with an age output, its 80%
-    age interval calibrated on the validation predictions."""
+    age interval calibrated on the validation predictions. test_predicted: the model's test predictions in
+    predict_split's units when the caller already has them (the ensemble mixes its members'), not made again."""
     outputs = list(TASK_OUTPUTS[task])
     val_predicted = predict_split(model, data["val"], outputs, age_bins=True)
     val_metrics = evaluate(val_predicted, data["val"].rows)
     result = TrainResult(model, history, val_metrics, None, seconds_per_epoch)
     if not evaluate_test:
         return result
-    predicted = predict_split(model, data["test"], outputs)
+    predicted = test_predicted if test_predicted is not None else predict_split(model, data["test"], outputs)
     result.test_metrics = evaluate(predicted, data["test"].rows)
     if out_dir is not None:
         extra = {"epochs_run": 0 if history is None else len(history), "seconds_per_epoch": seconds_per_epoch,

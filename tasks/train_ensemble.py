@@ -239,6 +239,7 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
     plain_names = [names[index] for index in sorted(plain_indices)] if use_tta else []
     report = {"members": [str(folder) for folder in member_folders], "tta": use_tta, "plain_members": plain_names,
               "validation": {}, "test": {}, "choice": chosen}
+    ensemble_preds = {}
     for split_name, split in (("validation", val), ("test", test)):
         if split is val:  # the predictions the choice was made on
             preds = candidates["on" if use_tta else "off"]
@@ -248,7 +249,11 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
                 preds = mirror_averaged(members, split.images, input_size, preds, plain_indices)
         for (name, _, _), member in zip(members, preds, strict=True):
             report[split_name][name] = summary(member, split.rows)
-        report[split_name]["ensemble"] = summary(mixed(preds, weights), split.rows)
+        ensemble_preds[split_name] = mixed(preds, weights)
+        report[split_name]["ensemble"] = summary(ensemble_preds[split_name], split.rows)
+    # the saved model computes this same mix (tests/test_ensemble.py), so finish_run takes the test split's
+    # instead of predicting it a second time
+    test_predicted = user_units(ensemble_preds["test"])
     model = build_ensemble(members, weights, input_size, use_tta, plain_indices)
     params = {"members": [str(folder) for folder in member_folders], "tta": use_tta, "plain_members": plain_names,
               "weights": {o: {members[i][0]: w for i, w in zip(s["members"], s["weights"], strict=True)}
@@ -260,11 +265,22 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
              "selection": report, "train_images": 0, "age_head": "ensemble", **(metadata_extra or {}),
              "train_seconds": round(time.perf_counter() - started, 1)}
     result = finish_run(model, FAMILY.task, data, params, input_size, data_dir, None if out is None else Path(out),
-                        limit=limit, metadata_extra=extra)
+                        limit=limit, metadata_extra=extra, test_predicted=test_predicted)
     report["model"] = model
     report["validation_metrics"] = result.val_metrics
     report["test_metrics"] = result.test_metrics
     return report
+
+
+def user_units(predictions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Mixed outputs (scaled age, gender) as a model's predictions come from Predictor: age in years,
+    p_female."""
+    found = {}
+    if "age" in predictions:
+        found["age"] = np.clip(predictions["age"] * AGE_SCALE, 0.0, None)
+    if "gender" in predictions:
+        found["p_female"] = np.clip(predictions["gender"], 0.0, 1.0)
+    return found
 
 
 def summary(predictions: dict[str, np.ndarray], rows) -> dict[str, float]:

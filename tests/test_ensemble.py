@@ -41,6 +41,21 @@ def test_the_ensemble_records_its_members_and_weights_chosen_on_validation(ensem
     assert {"age", "gender"} <= set(metrics)
 
 
+def test_the_saved_test_metrics_are_the_saved_models_own(ensemble, prepared):
+    from agegender.data import load_split
+    from agegender.faces import Predictor
+    from agegender.metrics import age_metrics, gender_metrics
+
+    meta = json.loads((ensemble / "metadata.json").read_text())
+    images, rows = load_split("test", meta["image_size"], prepared["data_dir"])
+    predicted = Predictor.load(ensemble, "keras").predict_arrays(images)
+    metrics = json.loads((ensemble / "metrics.json").read_text())
+    assert metrics["age"]["mae"] == pytest.approx(age_metrics(rows["age"].to_numpy(), predicted["age"])["mae"],
+                                                  abs=0.01)
+    assert metrics["gender"]["accuracy"] == pytest.approx(
+        gender_metrics(rows["gender"].to_numpy(), predicted["p_female"])["accuracy"], abs=1 / len(rows))
+
+
 def test_the_saved_ensemble_predicts_its_members_mixed_with_the_recorded_weights(ensemble, trained_models, prepared):
     from agegender.data import load_split
     from agegender.faces import Predictor
