@@ -159,32 +159,43 @@ def plot_robustness(name: str, part: pd.DataFrame, path: Path) -> None:
     save(fig, path)
 
 
-def plot_bias(name: str, groups: pd.DataFrame, overall: dict[str, float], path: Path) -> None:
+def panel_reference(part: pd.DataFrame, key: str) -> float:
+    """A bias panel's reference line: the metric over every face of its groups (accuracy and MAE are means, so
+    the faces-weighted mean of the groups'), which for a grouping that covers every face is the overall figure
+    and for race among the faces 13 and older is the figure over those faces."""
+    return float(np.average(part[key].to_numpy(dtype=float), weights=part["n"].to_numpy(dtype=float)))
+
+
+def plot_bias(name: str, groups: pd.DataFrame, path: Path) -> None:
     """One model's bias figure: per headline metric (rows) and grouping (columns, agegender.metrics.GROUPINGS), a
-    bar per group with the overall value as a dashed line; bars worse than overall in red. `groups` holds the model's
-    records (grouping, group, n, metrics), `overall` its metrics on every face."""
+    bar per group with the metric over the panel's faces as a dashed line; bars worse than it in red. `groups`
+    holds the model's records (grouping, group, n, metrics)."""
     plt = pyplot()
     metrics = [(key, label, better) for key, label, better in (("accuracy", "gender accuracy", "max"),
                                                                ("mae", "age MAE (years)", "min"))
                if key in groups and groups[key].notna().any()]
     groupings = list(dict.fromkeys(groups["grouping"]))
     fig, axes = plt.subplots(len(metrics), len(groupings), squeeze=False,
-                             figsize=(3.6 * len(groupings), 2.9 * len(metrics)))
+                             figsize=(3.6 * len(groupings), 3.2 * len(metrics)))
     for row, (key, label, better) in enumerate(metrics):
         for column, grouping in enumerate(groupings):
             ax = axes[row][column]
             part = groups[(groups["grouping"] == grouping) & groups[key].notna()]
+            if not len(part):
+                ax.axis("off")
+                continue
             values = part[key].to_numpy(dtype=float)
-            worse = values < overall[key] if better == "max" else values > overall[key]
+            reference = panel_reference(part, key)
+            worse = values < reference if better == "max" else values > reference
             ax.bar(part["group"].astype(str), values, color=np.where(worse, "tab:red", "tab:blue"))
-            ax.axhline(overall[key], color="black", linestyle="--", linewidth=1)
-            if key == "accuracy" and len(values):
-                ax.set_ylim(max(0.0, min(values.min(), overall[key]) - 0.05), 1.0)
-            every = f"{overall[key]:.3f}" if key == "accuracy" else f"{overall[key]:.2f}"
-            ax.set_title(f"{label} by {grouping} (all: {every})", fontsize=10)
+            ax.axhline(reference, color="black", linestyle="--", linewidth=1)
+            if key == "accuracy":
+                ax.set_ylim(max(0.0, min(values.min(), reference) - 0.05), 1.0)
+            every = f"{reference:.3f}" if key == "accuracy" else f"{reference:.2f}"
+            ax.set_title(f"{label} by {grouping}\n(over its faces: {every})", fontsize=10)
             ax.set(ylabel=label if column == 0 else None)
             ax.tick_params(axis="x", rotation=45 if len(part) > 4 else 0, labelsize=8)
-    fig.suptitle(f"{name}: test metrics by group (dashed: all faces; red: worse than all faces)")
+    fig.suptitle(f"{name}: test metrics by group (dashed: every face of the panel; red: worse than that)")
     save(fig, path)
 
 

@@ -478,7 +478,6 @@ def compare(models_dir: Path = MODELS_DIR, data_dir: Path = DATA_DIR, out: Path 
             console.print(f"[yellow]note[/] {result.name}: {note}")
 
     table = main_rows(results, rows)
-    overall = {row["model"]: row for row in table}
     groups, gaps = bias_tables(results, rows)
     robustness = robustness_table(results, rows, subset)
     robust_note = (f"robustness on a seeded subset of {len(subset):,} of the {len(rows):,} test faces "
@@ -501,8 +500,7 @@ def compare(models_dir: Path = MODELS_DIR, data_dir: Path = DATA_DIR, out: Path 
             plot_signed_age_error(result.name, rows["age"].to_numpy().astype(float), result.predictions["clean/age"],
                            folder / f"{slug(result.name)}-age_error.png")
         plots[f"{result.name} bias"] = f"compare/{slug(result.name)}-bias.png"
-        plot_bias(result.name, groups[groups["model"] == result.name], overall[result.name],
-                  folder / f"{slug(result.name)}-bias.png")
+        plot_bias(result.name, groups[groups["model"] == result.name], folder / f"{slug(result.name)}-bias.png")
         plots[f"{result.name} robustness"] = f"compare/{slug(result.name)}-robustness.png"
         plot_robustness(result.name, robustness[robustness["model"] == result.name],
                         folder / f"{slug(result.name)}-robustness.png")

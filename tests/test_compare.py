@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from agegender.plots import panel_reference
 from tasks import compare
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,6 +86,10 @@ def test_writes_tables_with_the_right_columns(first_run, prepared, models_dir):
     adults = groups.query("grouping == 'race, age 13+' and model == 'multitask'")
     assert adults["n"].sum() == (test_rows["age"] >= 13).sum()
     assert set(adults["group"]) <= set(groups.query("grouping == 'race'")["group"])
+    # a bias panel's dashed line is the figure over the panel's faces: over every test face for race
+    by_race = groups.query("grouping == 'race' and model == 'multitask'")
+    for key in ("accuracy", "mae"):
+        assert panel_reference(by_race, key) == pytest.approx(multitask[key], abs=1e-6)
     gaps = pd.read_csv(out / "compare" / "bias_gaps.csv")
     assert {"best_group", "worst_group", "gap"} <= set(gaps.columns)
     assert (gaps["gap"] >= 0).all()
