@@ -65,6 +65,9 @@ def test_no_detect_scores_each_label_over_the_rows_that_have_it(trained_models, 
     assert multitask.loc[multitask["grouping"] == "gender", "n"].sum() == 30
     assert multitask.loc[multitask["grouping"] == "race", "n"].sum() == 15
     assert multitask.loc[multitask["grouping"] == "age band", "n"].sum() == 15
+    adults = labels[labels["race"].notna() & (pd.to_numeric(labels["age"]) >= 13)]
+    assert 0 < len(adults) < 15  # the subset holds children and adults, so the grouping is not race again
+    assert multitask.loc[multitask["grouping"] == "race, age 13+", "n"].sum() == len(adults)
     assert (folder / "multitask-age_error.png").stat().st_size > 1000
     assert not (folder / "gender-age_error.png").exists()
     report = (folder / "evaluation.md").read_text()
