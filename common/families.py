@@ -193,6 +193,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
             # share instead)
             "unfreeze_blocks": 1,
             "views": 2,  # cached views per training image: clean, mirrored, then augmented ones
+            "photo_augment": 0.0,  # chance of each photo degradation in augmented views and batches (off)
             "patience": 10},  # phase 2 epochs without a better validation loss before stopping
            {"epochs": 5, "fine_tune_epochs": 5, "image_size": 224, "backbone": None, "weights": "pretrained",
             "seed": SEED},

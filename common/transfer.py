@@ -445,9 +445,12 @@ def activation_views(count: int) -> list[str]:
     return list(ACTIVATION_VIEWS[:count])
 
 
-def view_batch(images, view: str, augment_strength: float, batch_seed: int):
+def view_batch(images, view: str, augment_strength: float, batch_seed: int, photo: float = 0.0):
     """A [0, 1] float batch as one cached view sees it: as is, mirrored, or augmented like training batches
-    (random crop, flip, rotation, zoom, colour) with a seed fixed per view and batch."""
+    (random crop, flip, rotation, zoom, colour, and with `photo` > 0 the photo degradations, each with that
+    chance) with a seed fixed per view and batch."""
+    from dataclasses import replace
+
     import tensorflow as tf
 
     from agegender.data import Augment, augment_batch
@@ -457,16 +460,20 @@ def view_batch(images, view: str, augment_strength: float, batch_seed: int):
         return tf.reverse(batch, axis=[2])
     if view.startswith("augment"):
         seed = tf.constant([SEED + int(view.split("-")[1]), batch_seed], dtype=tf.int64)
-        return augment_batch(batch, Augment().scaled(augment_strength), seed)
+        return augment_batch(batch, replace(Augment().scaled(augment_strength), photo=photo), seed)
     return batch
 
 
-def activation_cache_key(split: SplitModel, images: np.ndarray, view: str, augment: float) -> str:
+def activation_cache_key(split: SplitModel, images: np.ndarray, view: str, augment: float,
+                         photo: float = 0.0) -> str:
     """What a cached view depends on: the lower model's weights and cut, the images and the view."""
     import hashlib
 
+    strength = ""
+    if view.startswith("augment"):  # photo 0: the key of caches made before it existed
+        strength = f"{augment}|photo {photo}" if photo > 0 else f"{augment}"
     digest = hashlib.sha256()
-    digest.update(f"{split.cut}|{view}|{augment if view.startswith('augment') else ''}|{images.shape}".encode())
+    digest.update(f"{split.cut}|{view}|{strength}|{images.shape}".encode())
     for weight in split.lower.weights:
         digest.update(np.ascontiguousarray(weight.numpy()).tobytes()[:1 << 16])
     digest.update(np.ascontiguousarray(images[:: max(1, len(images) // 256)]).tobytes())
@@ -474,13 +481,13 @@ def activation_cache_key(split: SplitModel, images: np.ndarray, view: str, augme
 
 
 def cached_activations(split: SplitModel, images: np.ndarray, view: str, augment: float, folder: Path,
-                       batch_size: int = 64) -> np.ndarray:
+                       batch_size: int = 64, photo: float = 0.0) -> np.ndarray:
     """The lower model's float16 activations for every image in one view, as a read-only memory map under
     `folder` (computed once; a finished file is reused, an interrupted one is recomputed)."""
     import tensorflow as tf
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    key = activation_cache_key(split, images, view, augment)
+    key = activation_cache_key(split, images, view, augment, photo)
     path = folder / f"{key}.npy"
     if path.exists():
         return np.load(path, mmap_mode="r")
@@ -492,7 +499,7 @@ def cached_activations(split: SplitModel, images: np.ndarray, view: str, augment
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
         task = progress.add_task(f"activations ({view})", total=len(images))
         for start in range(0, len(images), batch_size):
-            batch = view_batch(images[start:start + batch_size], view, augment, start)
+            batch = view_batch(images[start:start + batch_size], view, augment, start, photo)
             out[start:start + len(batch)] = forward(batch).numpy().astype(np.float16)
             progress.advance(task, len(batch))
         out.flush()
@@ -543,9 +550,10 @@ def fit_on_activations(model, base, backbone: Backbone, data: dict[str, SplitDat
 
     split = SplitModel.build(model, base, block_cut(backbone, base, int(params["unfreeze_blocks"])))
     views = activation_views(int(params["views"]))
-    augment = float(params["augment"])
+    augment, photo = float(params["augment"]), float(params.get("photo_augment", 0.0))
     start = time.perf_counter()
-    train_views = [cached_activations(split, data["train"].images, view, augment, cache_root) for view in views]
+    train_views = [cached_activations(split, data["train"].images, view, augment, cache_root, photo=photo)
+                   for view in views]
     val_activations = cached_activations(split, data["val"].images, "clean", augment, cache_root)
     extract_seconds = time.perf_counter() - start
     console.print(f"Activations below the top {params['unfreeze_blocks']} block(s) ({split.cut}) of "

@@ -185,6 +185,7 @@ def main(
         min=1, max=6, help="With --unfreeze-blocks: cached views of each training image (1 as is, 2 adds its "
                            "mirror image, more add augmented copies); each epoch sees one per image [2].")]
     = None,
+    photo_augment: cli.PhotoAugmentOption = None,
     patience: Annotated[int | None, typer.Option(
         min=1, help="With --unfreeze-blocks: phase 2 epochs without a better validation loss before "
                     "stopping [10].")] = None,
@@ -240,6 +241,7 @@ def main(
         plan = plan_run("transfer", recipe, params,
                         {"learning_rate": learning_rate, "unfreeze": unfreeze, "batch_size": batch_size,
                          "unfreeze_blocks": unfreeze_blocks, "views": views, "patience": patience,
+                         "photo_augment": photo_augment,
                          "fine_tune_learning_rate": fine_tune_learning_rate, "age_head": age_head_kind},
                         {"epochs": epochs, "fine_tune_epochs": fine_tune_epochs, "image_size": image_size,
                          "weights": weights})

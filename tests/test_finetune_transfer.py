@@ -346,6 +346,26 @@ def test_cached_activations_are_seen_once_an_epoch_in_a_view_drawn_afresh():
     assert epochs[0] != epochs[1]  # a fresh draw of views each epoch
 
 
+def test_photo_augment_degrades_the_augmented_views_only_and_caches_them_apart():
+    from types import SimpleNamespace
+
+    images = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE, 3)).astype(np.uint8)
+
+    def channel_spread(view, photo):
+        batch = core.view_batch(images, view, 1.0, 0, photo=photo).numpy()
+        return float(np.abs(batch - batch.mean(axis=-1, keepdims=True)).max())
+
+    assert channel_spread("augment-1", 1.0) < 0.05  # every degradation drawn, grey among them
+    assert channel_spread("augment-1", 0.0) > 0.2 and channel_spread("clean", 1.0) > 0.2
+    split = SimpleNamespace(cut="add_5", lower=SimpleNamespace(weights=[]))
+
+    def key(view, photo):
+        return core.activation_cache_key(split, images, view, 1.0, photo)
+
+    assert key("augment-1", 0.3) != key("augment-1", 0.0) != key("augment-1", 0.5)
+    assert key("clean", 0.3) == key("clean", 0.0) and key("flip", 0.3) == key("flip", 0.0)
+
+
 @pytest.mark.slow
 def test_table_only_scores_every_model_on_the_same_test_faces(trained, prepared, tmp_path):
     """--table-only trains nothing and scores the saved models (here the reference ones) on the whole test
