@@ -335,6 +335,24 @@ def load_split(split: str, image_size: int, data_dir: Path = DATA_DIR, limit: in
             whole_labels(pd.concat([rows for _, rows in parts], ignore_index=True)))
 
 
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, how old and scanned photos turn grey
+GREY_TOLERANCE = 0.01  # mean |R - G| + |G - B| on the [0, 1] scale under which an image counts as grey
+
+
+def grey_copy(images: np.ndarray) -> np.ndarray:
+    """uint8 images (N x H x W x 3) turned grey (ITU-R 601 luma) in all three channels."""
+    luma = np.clip(np.rint(images.astype(np.float32) @ LUMA), 0, 255).astype(np.uint8)
+    return np.repeat(luma[..., None], 3, axis=-1)
+
+
+def is_grey(images: np.ndarray, scale: float = 255.0) -> np.ndarray:
+    """Per image, whether its three channels are equal to within GREY_TOLERANCE (images on [0, scale]); the
+    test the ensemble's GreySwitch layer makes."""
+    pixels = np.asarray(images, dtype=np.float32) / scale
+    spread = np.abs(pixels[..., 0] - pixels[..., 1]) + np.abs(pixels[..., 1] - pixels[..., 2])
+    return spread.mean(axis=(1, 2)) < GREY_TOLERANCE
+
+
 # ---------------------------------------------------------------- tf.data pipeline
 
 

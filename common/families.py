@@ -205,7 +205,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("ensemble", "multitask", "Several saved models in one, averaging their ages and gender probabilities "
                                     "with weights chosen on validation.",
            {}, {"members": ["multitask", "transfer-wrn16-8-imdbwiki"], "tta": "auto", "plain_members": [],
-            "seed": SEED},
+            "grey_weights": False, "seed": SEED},
            GOALS["multitask"], "tasks/train_ensemble.py", "ensemble",
            "Age and gender from a face photo (an ensemble of models)", quick=("--limit", "256")),
 )}

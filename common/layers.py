@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from agegender.data import GREY_TOLERANCE
+
 
 @keras.saving.register_keras_serializable(package="agegender")
 class AgeExpectation(keras.layers.Layer):
@@ -99,3 +101,26 @@ class HorizontalFlip(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+
+@keras.saving.register_keras_serializable(package="agegender")
+class GreySwitch(keras.layers.Layer):
+    """`grey` for the images whose three channels are equal (to within `tolerance`, the mean |R - G| + |G - B| on
+    the [0, 1] scale), `colour` for the others: the ensemble's second set of weights, chosen on grey faces."""
+
+    def __init__(self, tolerance: float = GREY_TOLERANCE, **kwargs):
+        super().__init__(**kwargs)
+        self.tolerance = tolerance
+
+    def call(self, inputs):
+        image, colour, grey = inputs
+        spread = ops.abs(image[..., 0] - image[..., 1]) + ops.abs(image[..., 1] - image[..., 2])
+        picked = ops.cast(ops.mean(spread, axis=(1, 2)) < self.tolerance, colour.dtype)
+        picked = ops.reshape(picked, (-1,) + (1,) * (len(colour.shape) - 1))
+        return colour + picked * (grey - colour)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[1]
+
+    def get_config(self):
+        return {**super().get_config(), "tolerance": self.tolerance}

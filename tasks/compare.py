@@ -33,6 +33,7 @@ from agegender.data import (
     RESULTS_DIR,
     SEED,
     file_sha256,
+    grey_copy,
     load_manifest,
     load_split,
     manifest_path,
@@ -144,7 +145,7 @@ def degrade(images: np.ndarray, condition: str, seed: int = SEED) -> np.ndarray:
     elif condition == "brighter":
         out = pixels * 1.6
     elif condition == "grayscale":
-        out = np.repeat(pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32), 3).reshape(pixels.shape)
+        return grey_copy(images)
     elif condition == "low_contrast":
         grey = pixels.mean(axis=(1, 2, 3), keepdims=True)
         out = grey + (pixels - grey) * 0.4

@@ -8,7 +8,9 @@ Nothing is trained: the members are frozen, and what is chosen on the validation
 member per output (a grid over the simplex, lowest age MAE and lowest gender log loss) and whether to also
 average each member with its view of the mirror image (`--tta auto` keeps it only if it improves both outputs
 on validation; `--plain-member NAME` leaves a member to the plain image alone, halving its share of the time per
-face). The ensemble takes the largest member's input size and shrinks the image inside the model for
+face). With `--grey-weights` a second set of weights is chosen on the validation faces turned grey, and the
+saved model uses it for photos whose three channels are equal (old and scanned photos), since the members
+lose unequally on them. The ensemble takes the largest member's input size and shrinks the image inside the model for
 smaller members, so predict, compare, export and the Spaces use it like any other model folder.
 """
 
@@ -24,7 +26,7 @@ import typer
 
 from agegender import cli
 from agegender.cli import UserError, check_choice, console, user_errors
-from agegender.data import AGE_SCALE, DATA_DIR, MODELS_DIR
+from agegender.data import AGE_SCALE, DATA_DIR, MODELS_DIR, grey_copy, is_grey
 from agegender.families import FAMILIES
 from agegender.intervals import DISTRIBUTION_LAYER, age_distribution_layer, with_age_distribution
 from agegender.metrics import age_metrics, gender_metrics
@@ -141,10 +143,17 @@ def choose_weights(predictions: list[dict[str, np.ndarray]], rows) -> dict[str, 
     return chosen
 
 
-def mixed(predictions: list[dict[str, np.ndarray]], chosen: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
-    return {output: np.tensordot(np.array(spec["weights"]), np.stack([predictions[i][output]
-                                                                       for i in spec["members"]]), axes=1)
-            for output, spec in chosen.items()}
+def mixed(predictions: list[dict[str, np.ndarray]], chosen: dict[str, dict[str, Any]],
+          grey_chosen: dict[str, dict[str, Any]] | None = None, grey: np.ndarray | None = None
+          ) -> dict[str, np.ndarray]:
+    """The members' outputs mixed with the chosen weights; with grey_chosen, the images flagged in `grey` (one
+    bool per image) mixed with those instead, as the saved model's GreySwitch does."""
+    found = {output: np.tensordot(np.array(spec["weights"]), np.stack([predictions[i][output]
+                                                                        for i in spec["members"]]), axes=1)
+             for output, spec in chosen.items()}
+    if grey_chosen is None or grey is None or not grey.any():
+        return found
+    return {output: np.where(grey, mixed(predictions, grey_chosen)[output], value) for output, value in found.items()}
 
 
 def mirror_averaged(members, images: np.ndarray, input_size: int, plain_predictions: list[dict[str, np.ndarray]],
@@ -159,30 +168,30 @@ def mirror_averaged(members, images: np.ndarray, input_size: int, plain_predicti
             for index, predictions in enumerate(plain_predictions)]
 
 
-def mixes_distributions(members, chosen: dict[str, dict[str, Any]]) -> bool:
-    """Whether every member with a say in the age has an age distribution over the same years (a DEX head):
-    then the ensemble mixes the distributions, and its age is the mix's expected value."""
-    if "age" not in chosen:
+def mixes_distributions(members, *choices: dict[str, dict[str, Any]] | None) -> bool:
+    """Whether every member with a say in the age (in any of the choices) has an age distribution over the same
+    years (a DEX head): then the ensemble mixes the distributions, and its age is the mix's expected value."""
+    choices = [chosen for chosen in choices if chosen is not None]
+    if not choices or any("age" not in chosen for chosen in choices):
         return False
-    spec = chosen["age"]
-    heads = [age_distribution_layer(members[i][1]) for i, weight in zip(spec["members"], spec["weights"], strict=True)
-             if weight > 0]
+    heads = [age_distribution_layer(members[i][1]) for chosen in choices
+             for i, weight in zip(chosen["age"]["members"], chosen["age"]["weights"], strict=True) if weight > 0]
     return all(head is not None for head in heads) and len({head.units for head in heads}) == 1
 
 
 def build_ensemble(members, chosen: dict[str, dict[str, Any]], input_size: int, tta: bool,
-                   plain: frozenset[int] = frozenset()):
+                   plain: frozenset[int] = frozenset(), grey_chosen: dict[str, dict[str, Any]] | None = None):
     """One Keras model: every member (and, with TTA, the same member on the mirror image, averaged, except the
-    members whose index is in `plain`), mixed
-    per output with the chosen weights. When every age member has an age distribution, the distributions are
-    mixed with the age weights into a layer named age_bins and the age is its expected value, so the ensemble
-    has a distribution like any DEX model (the same age as mixing the members' ages)."""
+    members whose index is in `plain`), mixed per output with the chosen weights, or with grey_chosen's for grey
+    images (a GreySwitch). When every age member has an age distribution, the distributions are mixed with the
+    age weights into a layer named age_bins and the age is its expected value, so the ensemble has a
+    distribution like any DEX model (the same age as mixing the members' ages)."""
     import keras
     from keras import layers
 
-    from agegender.layers import AgeExpectation
+    from agegender.layers import AgeExpectation, GreySwitch
 
-    distributions = mixes_distributions(members, chosen)
+    distributions = mixes_distributions(members, chosen, grey_chosen)
     inputs = keras.Input((input_size, input_size, 3), name="image")
     outputs_by_member = []
     for index, (_, model, metadata) in enumerate(members):
@@ -195,12 +204,18 @@ def build_ensemble(members, chosen: dict[str, dict[str, Any]], input_size: int, 
             found = {name: layers.Average(name=f"member{index}_{name}_tta")([found[name], mirrored[name]])
                      for name in found}
         outputs_by_member.append(found)
+    def weighted_sum(spec, mixed_name, prefix=""):
+        terms = [layers.Rescaling(weight, name=f"{mixed_name}_{prefix}weight{i}")(outputs_by_member[i][mixed_name])
+                 for i, weight in zip(spec["members"], spec["weights"], strict=True) if weight > 0]
+        return terms[0] if len(terms) == 1 else layers.Add(name=f"{mixed_name}_{prefix}sum")(terms)
+
     outputs = {}
     for output, spec in chosen.items():
         mixed_name = DISTRIBUTION_LAYER if output == "age" and distributions else output
-        terms = [layers.Rescaling(weight, name=f"{mixed_name}_weight{i}")(outputs_by_member[i][mixed_name])
-                 for i, weight in zip(spec["members"], spec["weights"], strict=True) if weight > 0]
-        mixed_output = terms[0] if len(terms) == 1 else layers.Add(name=f"{mixed_name}_sum")(terms)
+        mixed_output = weighted_sum(spec, mixed_name)
+        if grey_chosen is not None:
+            mixed_output = GreySwitch(name=f"{mixed_name}_grey_switch")(
+                [inputs, mixed_output, weighted_sum(grey_chosen[output], mixed_name, "grey_")])
         if mixed_name == DISTRIBUTION_LAYER:
             bins = layers.Identity(name=DISTRIBUTION_LAYER)(mixed_output)
             outputs[output] = AgeExpectation(bins.shape[-1] - 1, AGE_SCALE, name="age")(bins)
@@ -211,9 +226,9 @@ def build_ensemble(members, chosen: dict[str, dict[str, Any]], input_size: int, 
 
 def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_DIR, limit: int | None = None,
           out: Path | None = MODELS_DIR / FAMILY.folder, metadata_extra: dict[str, Any] | None = None,
-          plain_members: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Choose the weights (and TTA, which the members named in plain_members never get) on validation, report
-    validation and test, save to `out`."""
+          plain_members: list[str] | tuple[str, ...] = (), grey_weights: bool = False) -> dict[str, Any]:
+    """Choose the weights (and TTA, which the members named in plain_members never get) on validation, and with
+    grey_weights a second set on the validation faces turned grey; report validation and test, save to `out`."""
     started = time.perf_counter()
     check_choice(tta, TTA_CHOICES, "--tta")
     names = [Path(folder).name for folder in member_folders]  # each member's name, as load_members gives it
@@ -236,28 +251,36 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
     else:
         use_tta = tta == "on"
     weights = chosen["on" if use_tta else "off"]
+    grey_chosen = None
+    if grey_weights:
+        grey_val = predictions_as_chosen(members, grey_copy(val.images), input_size, use_tta, plain_indices)
+        grey_chosen = choose_weights(grey_val, val.rows)
     plain_names = [names[index] for index in sorted(plain_indices)] if use_tta else []
     report = {"members": [str(folder) for folder in member_folders], "tta": use_tta, "plain_members": plain_names,
-              "validation": {}, "test": {}, "choice": chosen}
+              "validation": {}, "test": {}, "choice": chosen, "grey_choice": grey_chosen}
     ensemble_preds = {}
     for split_name, split in (("validation", val), ("test", test)):
         if split is val:  # the predictions the choice was made on
             preds = candidates["on" if use_tta else "off"]
         else:
-            preds = member_predictions(members, split.images, input_size, flip=False)
-            if use_tta:
-                preds = mirror_averaged(members, split.images, input_size, preds, plain_indices)
+            preds = predictions_as_chosen(members, split.images, input_size, use_tta, plain_indices)
         for (name, _, _), member in zip(members, preds, strict=True):
             report[split_name][name] = summary(member, split.rows)
-        ensemble_preds[split_name] = mixed(preds, weights)
+        ensemble_preds[split_name] = mixed(preds, weights, grey_chosen, is_grey(split.images))
         report[split_name]["ensemble"] = summary(ensemble_preds[split_name], split.rows)
     # the saved model computes this same mix (tests/test_ensemble.py), so finish_run takes the test split's
     # instead of predicting it a second time
     test_predicted = user_units(ensemble_preds["test"])
-    model = build_ensemble(members, weights, input_size, use_tta, plain_indices)
+    model = build_ensemble(members, weights, input_size, use_tta, plain_indices, grey_chosen)
+
+    def by_name(choice):
+        return {o: {members[i][0]: w for i, w in zip(s["members"], s["weights"], strict=True)}
+                for o, s in choice.items()}
+
     params = {"members": [str(folder) for folder in member_folders], "tta": use_tta, "plain_members": plain_names,
-              "weights": {o: {members[i][0]: w for i, w in zip(s["members"], s["weights"], strict=True)}
-                          for o, s in weights.items()}}
+              "weights": by_name(weights)}
+    if grey_chosen is not None:  # for images whose channels are equal (agegender.data.is_grey)
+        params["grey_weights"] = by_name(grey_chosen)
     extra = {"family": FAMILY.name, "backbone": "ensemble", "weights": "members",
              "members": [{"folder": str(folder), "name": name, "created": meta.get("created"),
                           "backbone": meta.get("backbone"), "image_size": meta["image_size"]}
@@ -270,6 +293,14 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
     report["validation_metrics"] = result.val_metrics
     report["test_metrics"] = result.test_metrics
     return report
+
+
+def predictions_as_chosen(members, images: np.ndarray, input_size: int, tta: bool,
+                          plain: frozenset[int]) -> list[dict[str, np.ndarray]]:
+    """Each member's predictions as the ensemble takes them: plain, or with TTA averaged with the mirror
+    image's (except the members in `plain`)."""
+    found = member_predictions(members, images, input_size, flip=False)
+    return mirror_averaged(members, images, input_size, found, plain) if tta else found
 
 
 def user_units(predictions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -300,9 +331,13 @@ def print_report(report: dict[str, Any]) -> None:
                      for k in ("age_mae", "gender_accuracy"))] for name in report["validation"]]
     console.print(rich_table(f"Ensemble members and the ensemble (mirror-image averaging {mirror})",
                              ["model", "val age MAE", "val gender acc", "test age MAE", "test gender acc"], rows))
-    for output, spec in report["choice"]["on" if report["tta"] else "off"].items():
-        names = [Path(report["members"][i]).name for i in spec["members"]]
-        console.print(f"{output}: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(names, spec["weights"], strict=True)))
+    choices = [("", report["choice"]["on" if report["tta"] else "off"]),
+               ("grey photos, ", report["grey_choice"] or {})]
+    for label, choice in choices:
+        for output, spec in choice.items():
+            names = [Path(report["members"][i]).name for i in spec["members"]]
+            console.print(f"{label}{output}: " + ", ".join(f"{n} {w:.2f}"
+                                                          for n, w in zip(names, spec["weights"], strict=True)))
 
 
 @app.command()
@@ -317,6 +352,10 @@ def main(
     plain_member: Annotated[list[str] | None, typer.Option(
         help="A member (by folder name) that sees the plain image only, without mirror-image averaging "
              "(repeatable): its time per face halves; default: the recipe's plain_members, else none.")] = None,
+    grey_weights: Annotated[bool | None, typer.Option(
+        "--grey-weights/--no-grey-weights",
+        help="Also choose weights on the validation faces turned grey, used for photos whose three channels "
+             "are equal; default: the recipe's grey_weights, else off.")] = None,
     limit: Annotated[int | None, typer.Option(min=16, help="Choose on a subset (for quick checks).")] = None,
     data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
     models_dir: Annotated[Path, typer.Option(help="Where the members named by the recipe are.")] = MODELS_DIR,
@@ -325,7 +364,8 @@ def main(
     """Combine saved models into one ensemble model, with weights chosen on the validation split."""
     check_choice(tta, TTA_CHOICES, "--tta")
     with user_errors():
-        plan = plan_run(FAMILY.name, recipe, setting_flags={"tta": tta, "plain_members": plain_member})
+        plan = plan_run(FAMILY.name, recipe, setting_flags={"tta": tta, "plain_members": plain_member,
+                                                            "grey_weights": grey_weights})
         if plan.settings["tta"] not in TTA_CHOICES:
             raise UserError(f"The recipe's tta {plan.settings['tta']!r} is not one of {', '.join(TTA_CHOICES)}.")
         folders = list(member or (Path(models_dir) / name for name in plan.settings["members"]))
@@ -333,7 +373,7 @@ def main(
             if not Path(folder).is_dir():
                 raise UserError(f"Model folder {folder} does not exist.")
         report = build(folders, plan.settings["tta"], data_dir, limit, out, plan.metadata(),
-                       plan.settings["plain_members"])
+                       plan.settings["plain_members"], bool(plan.settings["grey_weights"]))
         print_report(report)
         print_metrics("ensemble: validation split", report["validation_metrics"])
         print_metrics("ensemble: test split", report["test_metrics"])

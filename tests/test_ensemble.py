@@ -141,3 +141,50 @@ def test_an_ensemble_of_dex_members_mixes_their_age_distributions(trained_models
     member = Predictor.load(trained_models["age"], "keras").predict_arrays(images[:16], age_bins=True)
     np.testing.assert_allclose(mixed["age_bins"], member["age_bins"], atol=1e-5)  # the only age member
     np.testing.assert_allclose(mixed["age"], mixed["age_bins"] @ np.arange(117), atol=0.02)
+
+
+def test_grey_weights_are_chosen_on_the_validation_faces_turned_grey(trained_models, prepared, tmp_path):
+    from agegender.data import grey_copy, load_split
+    from agegender.faces import Predictor
+
+    out = tmp_path / "ensemble"
+    result = CliRunner().invoke(train_ensemble.app, [
+        "--member", str(trained_models["multitask"]), "--member", str(trained_models["gender"]), "--tta", "off",
+        "--grey-weights", "--data-dir", str(prepared["data_dir"]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "grey photos, gender:" in said(result)
+    params = json.loads((out / "metadata.json").read_text())["params"]
+    assert {o: set(w) for o, w in params["grey_weights"].items()} == {o: set(w) for o, w in params["weights"].items()}
+    # on the grey validation faces, the grey weights' gender log loss is the lowest of the grid's, so no worse
+    # than the colour weights'
+    images, rows = load_split("val", 64, prepared["data_dir"])
+    grey = grey_copy(images)
+    p_female = {name: Predictor.load(trained_models[name], "keras").predict_arrays(grey)["p_female"]
+                for name in ("multitask", "gender")}
+
+    def loss(weights):
+        return train_ensemble.log_loss(rows["gender"].to_numpy(), sum(w * p_female[n] for n, w in weights.items()))
+
+    assert loss(params["grey_weights"]["gender"]) <= loss(params["weights"]["gender"]) + 1e-4
+    # the saved model reads grey photos with the grey weights
+    predicted = Predictor.load(out, "keras").predict_arrays(grey[:16])
+    np.testing.assert_allclose(predicted["p_female"], sum(w * p_female[n][:16] for n, w in
+                                                          params["grey_weights"]["gender"].items()), atol=2e-3)
+
+
+def test_the_grey_switch_picks_the_grey_mix_for_grey_images_only(trained_models, prepared):
+    """Two weight sets far apart (all on one member, all on the other): colour images get the first, grey ones
+    (all three channels equal) the second."""
+    from agegender.data import grey_copy, load_split
+
+    members = train_ensemble.load_members([trained_models["multitask"], trained_models["age"]])
+    chosen = {"age": {"members": [0, 1], "weights": [1.0, 0.0]}}
+    grey_chosen = {"age": {"members": [0, 1], "weights": [0.0, 1.0]}}
+    model = train_ensemble.build_ensemble(members, chosen, 64, False, frozenset(), grey_chosen)
+    images, _ = load_split("val", 64, prepared["data_dir"])
+    batch = np.concatenate([images[:6], grey_copy(images[6:12])])
+    ages = np.asarray(model.predict(batch.astype(np.float32) / 255.0, verbose=0)["age"]).reshape(-1)
+    alone = [train_ensemble.member_predictions([member], batch, 64, flip=False)[0]["age"] for member in members]
+    np.testing.assert_allclose(ages[:6], alone[0][:6], atol=1e-4)
+    np.testing.assert_allclose(ages[6:], alone[1][6:], atol=1e-4)
+    assert not np.allclose(alone[0][6:], alone[1][6:], atol=1e-3)  # the two sets are told apart
