@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from agegender.cli import UserError
-from agegender.data import AGE_BANDS, GENDER_LABELS, age_band, resize_face
+from agegender.data import AGE_BANDS, GENDER_LABELS, age_band, is_grey, resize_face
 from agegender.intervals import DISTRIBUTION_LAYER, age_distribution_layer, with_age_distribution
 
 AGE_WINDOW = 5  # years either side of the predicted age whose probability the age map explains
@@ -114,6 +114,14 @@ class Part:
     layer: Any
     functions: dict[str, Any]
     mirror: bool = False  # averaged with its map of the mirror image, as the ensemble averages this member
+    grey_weights: dict[str, float] | None = None  # the mix for grey images, where the ensemble has one
+
+    def weight(self, output: str, grey: np.ndarray) -> np.ndarray:
+        """The part's weight for each image of a batch (`grey`: whether each image is grey)."""
+        colour = self.weights.get(output, 0.0)
+        if self.grey_weights is None:
+            return np.full(len(grey), colour, np.float32)
+        return np.where(grey, self.grey_weights.get(output, 0.0), colour).astype(np.float32)
 
 
 class GradCam:
@@ -139,12 +147,18 @@ class GradCam:
 
         nested = {layer.name.split("_", 1)[0]: layer for layer in model.layers if isinstance(layer, keras.Model)}
         weights, tta = metadata["params"]["weights"], bool(metadata["params"].get("tta"))
+        grey_weights = metadata["params"].get("grey_weights")
         plain = set(metadata["params"].get("plain_members", []))
         parts, missing = [], []
+
+        def member_mix(chosen, name):
+            return {output: float(chosen.get(output, {}).get(name, 0.0)) for output in chosen}
+
         for index, member in enumerate(metadata["members"]):
             inner = nested[f"member{index}"]
-            mix = {output: float(weights.get(output, {}).get(member["name"], 0.0)) for output in weights}
-            if not any(mix.values()):
+            mix = member_mix(weights, member["name"])
+            grey_mix = None if grey_weights is None else member_mix(grey_weights, member["name"])
+            if not any(mix.values()) and not any((grey_mix or {}).values()):
                 continue
             try:
                 path, layer = find_layer(inner, layer_name)
@@ -153,7 +167,7 @@ class GradCam:
                 continue
             distribution = inner if age_distribution_layer(inner) is None else with_age_distribution(inner)
             parts.append(Part(distribution, int(member["image_size"]), mix, f"{inner.name}/{path}", layer, {},
-                              mirror=tta and member["name"] not in plain))
+                              mirror=tta and member["name"] not in plain, grey_weights=grey_mix))
         if not parts:
             raise UserError(missing[0] if missing else "The ensemble has no member with a say in its outputs.")
         return parts
@@ -210,16 +224,17 @@ class GradCam:
         found: dict[str, list[np.ndarray]] = {output: [] for output in self.outputs}
         for start in range(0, len(images), batch_size):
             batch = np.asarray(images[start:start + batch_size])
+            grey = is_grey(batch)
             for output in self.outputs:
                 total = np.zeros(batch.shape[:3], np.float32)
                 for part in self.parts:
-                    weight = part.weights.get(output, 0.0)
-                    if not weight:
+                    weight = part.weight(output, grey)
+                    if not weight.any():
                         continue
                     maps = self.part_maps(part, batch, output)
                     if part.mirror:
                         maps = (maps + self.part_maps(part, batch[:, :, ::-1], output)[:, :, ::-1]) / 2
-                    total += weight * maps
+                    total += weight[:, None, None] * maps
                 found[output].append(scaled(total))
         return {output: np.concatenate(parts) for output, parts in found.items()}
 

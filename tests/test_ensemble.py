@@ -170,6 +170,19 @@ def test_grey_weights_are_chosen_on_the_validation_faces_turned_grey(trained_mod
     predicted = Predictor.load(out, "keras").predict_arrays(grey[:16])
     np.testing.assert_allclose(predicted["p_female"], sum(w * p_female[n][:16] for n, w in
                                                           params["grey_weights"]["gender"].items()), atol=2e-3)
+    # and its heatmaps of a grey face mix the members' maps with the grey weights, of a colour face with the others
+    from agegender.gradcam import load_gradcam, scaled
+
+    cam = load_gradcam(out)
+    faces = np.concatenate([images[:2], grey[:2]])
+    for output in ("gender", "age"):
+        members = {part.layer_path.split("_", 1)[0]: cam.part_maps(part, faces, output) for part in cam.parts
+                   if part.weight(output, np.array([False, True])).any()}
+        names = [m["name"] for m in json.loads((out / "metadata.json").read_text())["members"]]
+        expected = [sum(params[chosen][output].get(names[int(key[6:])], 0.0) * maps[rows]
+                        for key, maps in members.items()) for chosen, rows in (("weights", [0, 1]),
+                                                                               ("grey_weights", [2, 3]))]
+        np.testing.assert_allclose(cam.maps(faces)[output], scaled(np.concatenate(expected)), atol=1e-4)
 
 
 def test_the_grey_switch_picks_the_grey_mix_for_grey_images_only(trained_models, prepared):
