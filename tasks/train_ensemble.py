@@ -315,11 +315,12 @@ def user_units(predictions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def summary(predictions: dict[str, np.ndarray], rows) -> dict[str, float]:
-    found = {}
-    if "age" in predictions:
-        found["age_mae"] = age_metrics(rows["age"].to_numpy(), predictions["age"] * 120.0)["mae"]
-    if "gender" in predictions:
-        found["gender_accuracy"] = gender_metrics(rows["gender"].to_numpy(), predictions["gender"])["accuracy"]
+    """Age MAE and gender accuracy of mixed outputs, read in the units a user gets (user_units)."""
+    units, found = user_units(predictions), {}
+    if "age" in units:
+        found["age_mae"] = age_metrics(rows["age"].to_numpy(), units["age"])["mae"]
+    if "p_female" in units:
+        found["gender_accuracy"] = gender_metrics(rows["gender"].to_numpy(), units["p_female"])["accuracy"]
     return found
 
 
