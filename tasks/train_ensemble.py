@@ -10,8 +10,8 @@ average each member with its view of the mirror image (`--tta auto` keeps it onl
 on validation; `--plain-member NAME` leaves a member to the plain image alone, halving its share of the time per
 face). With `--grey-weights` a second set of weights is chosen on the validation faces turned grey, and the
 saved model uses it for photos whose three channels are equal (old and scanned photos), since the members
-lose unequally on them. The ensemble takes the largest member's input size and shrinks the image inside the model for
-smaller members, so predict, compare, export and the Spaces use it like any other model folder.
+lose unequally on them. The ensemble takes the largest member's input size and shrinks the image inside the
+model for smaller members, so predict, compare, export and the Spaces use it like any other model folder.
 """
 
 from __future__ import annotations
@@ -266,7 +266,8 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
             preds = predictions_as_chosen(members, split.images, input_size, use_tta, plain_indices)
         for (name, _, _), member in zip(members, preds, strict=True):
             report[split_name][name] = summary(member, split.rows)
-        ensemble_preds[split_name] = mixed(preds, weights, grey_chosen, is_grey(split.images))
+        grey = None if grey_chosen is None else is_grey(split.images)  # the test reads every pixel: only if used
+        ensemble_preds[split_name] = mixed(preds, weights, grey_chosen, grey)
         report[split_name]["ensemble"] = summary(ensemble_preds[split_name], split.rows)
     # the saved model computes this same mix (tests/test_ensemble.py), so finish_run takes the test split's
     # instead of predicting it a second time

@@ -179,9 +179,9 @@ def test_grey_weights_are_chosen_on_the_validation_faces_turned_grey(trained_mod
         members = {part.layer_path.split("_", 1)[0]: cam.part_maps(part, faces, output) for part in cam.parts
                    if part.weight(output, np.array([False, True])).any()}
         names = [m["name"] for m in json.loads((out / "metadata.json").read_text())["members"]]
-        expected = [sum(params[chosen][output].get(names[int(key[6:])], 0.0) * maps[rows]
-                        for key, maps in members.items()) for chosen, rows in (("weights", [0, 1]),
-                                                                               ("grey_weights", [2, 3]))]
+        expected = [sum(params[chosen][output].get(names[int(key[6:])], 0.0) * maps[picked]
+                        for key, maps in members.items()) for chosen, picked in (("weights", [0, 1]),
+                                                                                 ("grey_weights", [2, 3]))]
         np.testing.assert_allclose(cam.maps(faces)[output], scaled(np.concatenate(expected)), atol=1e-4)
 
 
