@@ -47,10 +47,9 @@ from agegender.metrics import (
     GROUPINGS,
     METRIC_COLUMNS,
     THROUGHPUT_BATCH,
-    age_metrics,
-    gender_metrics,
     group_gaps,
     group_metrics,
+    labelled_metrics,
 )
 from agegender.modelio import METADATA_FILE, MODEL_FILE, find_models, read_metadata
 from agegender.plots import (
@@ -243,25 +242,26 @@ def save_cache(path: Path, predictions: dict[str, np.ndarray], cost: dict) -> No
 # ---------------------------------------------------------------- metrics
 
 
+def condition_predictions(predictions: dict[str, np.ndarray], condition: str = "clean") -> dict[str, np.ndarray]:
+    """One condition's predictions ({"clean/age": ...} -> {"age": ...})."""
+    return {key.removeprefix(f"{condition}/"): values for key, values in predictions.items()
+            if key.startswith(f"{condition}/")}
+
+
 def flat_metrics(predictions: dict[str, np.ndarray], rows: pd.DataFrame, condition: str = "clean") -> dict:
-    """Every metric of one condition in one flat dict (gender and age metrics share no names)."""
-    metrics: dict[str, Any] = {"n": len(rows)}
-    if f"{condition}/p_female" in predictions:
-        found = gender_metrics(rows["gender"].to_numpy(), predictions[f"{condition}/p_female"])
-        metrics.update({key: found[key] for key, *_ in GENDER_COLUMNS})
-    if f"{condition}/age" in predictions:
-        found = age_metrics(rows["age"].to_numpy(), predictions[f"{condition}/age"])
-        metrics.update({key: found[key] for key, *_ in AGE_COLUMNS})
-    return metrics
+    """Every metric of one condition in one flat dict: agegender.metrics.labelled_metrics without its label
+    counts (every test face has every label, so both equal n)."""
+    found = labelled_metrics(condition_predictions(predictions, condition), rows)
+    found.pop("n_gender", None)
+    found.pop("n_age", None)
+    return found
 
 
 def bias_tables(results: list[ModelResult], rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every metric per group (agegender.metrics.GROUPINGS); per metric, the best and worst group and the gap."""
     records = []
     for result in results:
-        clean = {key.removeprefix("clean/"): values for key, values in result.predictions.items()
-                 if key.startswith("clean/")}
-        for record in group_metrics(clean, rows):
+        for record in group_metrics(condition_predictions(result.predictions), rows):
             record.pop("n_gender", None)  # every test face has every label: both equal n
             record.pop("n_age", None)
             records.append({"model": result.name, **record})
