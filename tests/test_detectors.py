@@ -20,6 +20,8 @@ from agegender.faces import (
     DETECTORS,
     EYE_CENTRE,
     EYE_DISTANCE,
+    Face,
+    SecondLook,
     detect_faces,
     get_detector,
     read_image,
@@ -86,6 +88,41 @@ def test_detectors_are_built_once_and_unknown_names_are_refused():
     assert get_detector(DEFAULT_DETECTOR) is get_detector(DEFAULT_DETECTOR)
     with pytest.raises(UserError, match="Unknown detector 'retina'; expected one of blazeface"):
         get_detector("retina")
+
+
+def test_the_second_detector_looks_only_where_the_first_finds_no_face(monkeypatch, test_faces):
+    """SecondLook runs the first detector; the second only on photos where the first found nothing."""
+    from agegender import faces as faces_module
+
+    first_found = [Face((10, 10, 50, 50), 0.9, (20.0, 30.0), (40.0, 30.0))]
+    looked: list[str] = []
+
+    def fake(name, found):
+        def detector(image):
+            looked.append(name)
+            return found(image)
+        return detector
+
+    monkeypatch.setitem(faces_module._detectors, "blazeface-back",
+                        fake("first", lambda image: first_found if image.width > 100 else []))
+    monkeypatch.setitem(faces_module._detectors, "mtcnn", fake("second", lambda image: [Face((1, 1, 8, 8), 0.95)]))
+    chain = SecondLook("blazeface-back", "mtcnn")
+    assert chain(Image.new("RGB", (200, 200))) == first_found and looked == ["first"]
+    looked.clear()
+    assert chain(Image.new("RGB", (80, 80)))[0].box == (1, 1, 8, 8) and looked == ["first", "second"]
+
+
+def test_the_default_detector_finds_a_face_the_fast_one_misses(test_faces):
+    """A face too small for the back-camera BlazeFace at its input size is found by the default's second look."""
+    if not installed("mtcnn"):
+        pytest.skip("mtcnn is not installed")
+    photo = Image.new("RGB", (1600, 1200), (96, 110, 124))
+    photo.paste(test_faces[0].resize((48, 48)), (776, 576))  # centred on (800, 600)
+    assert detect_faces(photo, "blazeface-back") == []
+    found = detect_faces(photo)
+    assert len(found) == 1
+    x, y, w, h = found[0].box
+    assert x <= 800 <= x + w and y <= 600 <= y + h and 24 <= w <= 96
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from agegender.faces import DEFAULT_DETECTOR
 from agegender.metrics import age_metrics, gender_metrics
 from tasks import evaluate, predict
 
@@ -80,7 +81,7 @@ def test_detection_scores_the_face_predict_finds(trained_models, labelled_datase
                  "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"))
     summary = json.loads((tmp_path / "out" / "faces-ds" / "evaluation.json").read_text())
     images = summary["images"]  # the usable ones among 12 labelled rows drawn
-    assert 8 <= images <= 12 and images + len(summary["skipped"]) >= 12 and summary["detector"] == "blazeface-back"
+    assert 8 <= images <= 12 and images + len(summary["skipped"]) >= 12 and summary["detector"] == DEFAULT_DETECTOR
     assert summary["faces_found"] + len(summary["not_found"]) == images
     assert summary["not_found_rate"] == pytest.approx(len(summary["not_found"]) / images)
     predictions = pd.read_csv(tmp_path / "out" / "faces-ds" / "predictions.csv").set_index("file")
