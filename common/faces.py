@@ -333,6 +333,7 @@ BLAZEFACE_FULL_EYES = EyeCalibration(along=0.003, down=-0.039, scale=1.037)
 BLAZEFACE_SHORT_EYES = EyeCalibration(along=-0.009, down=-0.057, scale=1.029)
 HAAR_BOX_EYES = (0.499, 0.373, 0.389)  # eye midpoint at (across, down) of the box; eye distance over its width
 
+
 class SecondLook:
     """One detector, and another that looks at the photos where the first finds no face: only those photos
     pay for the second (tasks/bench_detectors.py measures how many of the first's misses it finds)."""

@@ -73,14 +73,15 @@ def print_table(frame: pd.DataFrame) -> None:
     """The rows on the console, narrower than the CSV: the interval beside the age, the box in one cell."""
     shown = frame.copy()
     if "age_low" in shown:
-        interval = [f" ({low:.0f}–{high:.0f})" if low == low else "" for low, high in
+        # pd.isna, not x != x: a column with no number at all (no face in any image) holds None
+        interval = [f" ({low:.0f}–{high:.0f})" if not pd.isna(low) else "" for low, high in
                     zip(shown["age_low"], shown["age_high"], strict=True)]
-        shown["age"] = [cell("age", age) + (extra if age == age else "") for age, extra in
+        shown["age"] = [cell("age", age) + (extra if not pd.isna(age) else "") for age, extra in
                         zip(shown["age"], interval, strict=True)]
         shown = shown.drop(columns=["age_low", "age_high"]).rename(columns={"age_band": "band"})
     if "x" in shown:
         shown.insert(shown.columns.get_loc("x"), "box", [
-            "" if x != x else f"{x:.0f},{y:.0f} {w:.0f}x{h:.0f}"
+            "" if pd.isna(x) else f"{x:.0f},{y:.0f} {w:.0f}x{h:.0f}"
             for x, y, w, h in shown[["x", "y", "width", "height"]].itertuples(index=False)])
         shown = shown.drop(columns=["x", "y", "width", "height"])
     rows = [[cell(column, row[column]) for column in shown.columns] for _, row in shown.iterrows()]

@@ -90,7 +90,7 @@ def test_detectors_are_built_once_and_unknown_names_are_refused():
         get_detector("retina")
 
 
-def test_the_second_detector_looks_only_where_the_first_finds_no_face(monkeypatch, test_faces):
+def test_the_second_detector_looks_only_where_the_first_finds_no_face(monkeypatch):
     """SecondLook runs the first detector; the second only on photos where the first found nothing."""
     from agegender import faces as faces_module
 

@@ -91,6 +91,9 @@ def test_an_image_without_a_face_gets_a_row_with_the_reason(trained_models, tmp_
     assert result.exit_code == 0, result.output
     row = pd.read_csv(out).iloc[0]
     assert row["reason"] == "no face found" and np.isnan(row["age"])
+    shown = runner.invoke(predict.app, [str(trained_models["multitask"]), str(tmp_path / "landscape.png")])
+    assert shown.exit_code == 0, shown.output  # the console table of a run where no image has a face
+    assert "1 prediction(s)" in shown.output and "no face" in shown.output
 
 
 def test_bad_inputs_end_in_one_sentence(trained_models, faces, tmp_path):
