@@ -13,7 +13,7 @@ from agegender.faces import DEFAULT_DETECTOR, DETECTORS
 from agegender.intervals import INTERVAL_KEY, interval_label
 from agegender.metrics import GROUPINGS
 from agegender.modelio import METADATA_FILE, METRICS_FILE
-from agegender.tables import markdown_table
+from agegender.tables import is_missing, markdown_table
 
 COMPARISON_FILE = "comparison.json"
 UTKFACE_URL = "https://susanqq.github.io/UTKFace/"
@@ -34,7 +34,7 @@ def load_comparison(results_dir: Path = RESULTS_DIR) -> dict[str, Any] | None:
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and value != value):
+    if is_missing(value):
         return "n/a"
     if isinstance(value, float):
         return f"{value:.{digits}f}"

@@ -34,9 +34,14 @@ def rich_table(title: str | None, headers: Sequence[str], rows: Sequence[Sequenc
     return table
 
 
+def is_missing(value: Any) -> bool:
+    """Whether a cell's value is absent: None (an object column with no value at all) or a float NaN."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
 def number(value: Any, fmt: str = "{:.4f}") -> str:
     """A value as a cell: NA for None or NaN, `fmt` for numbers, str() for anything else."""
-    if value is None or (isinstance(value, float) and value != value):
+    if is_missing(value):
         return NA
     return fmt.format(value) if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
 

@@ -31,7 +31,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Annotated
 
-import numpy as np
 import pandas as pd
 import typer
 from PIL import Image
@@ -51,14 +50,14 @@ from agegender.cli import UserError, check_choice, console, err_console, user_er
 from agegender.faces import BACKENDS, DEFAULT_DETECTOR, DETECTORS, Predictor, read_image
 from agegender.gradcam import load_gradcam
 from agegender.photos import AnnotatedCopies, HeatmapFiles, collect_images, each, predict_files
-from agegender.tables import rich_table
+from agegender.tables import is_missing, rich_table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 FLOAT_FORMAT = "%.4f"
 
 
 def cell(column: str, value) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if is_missing(value):
         return ""
     if column == "file":
         return Path(value).name
@@ -73,15 +72,14 @@ def print_table(frame: pd.DataFrame) -> None:
     """The rows on the console, narrower than the CSV: the interval beside the age, the box in one cell."""
     shown = frame.copy()
     if "age_low" in shown:
-        # pd.isna, not x != x: a column with no number at all (no face in any image) holds None
-        interval = [f" ({low:.0f}–{high:.0f})" if not pd.isna(low) else "" for low, high in
+        interval = ["" if is_missing(low) else f" ({low:.0f}–{high:.0f})" for low, high in
                     zip(shown["age_low"], shown["age_high"], strict=True)]
-        shown["age"] = [cell("age", age) + (extra if not pd.isna(age) else "") for age, extra in
+        shown["age"] = [cell("age", age) + ("" if is_missing(age) else extra) for age, extra in
                         zip(shown["age"], interval, strict=True)]
         shown = shown.drop(columns=["age_low", "age_high"]).rename(columns={"age_band": "band"})
     if "x" in shown:
         shown.insert(shown.columns.get_loc("x"), "box", [
-            "" if pd.isna(x) else f"{x:.0f},{y:.0f} {w:.0f}x{h:.0f}"
+            "" if is_missing(x) else f"{x:.0f},{y:.0f} {w:.0f}x{h:.0f}"
             for x, y, w, h in shown[["x", "y", "width", "height"]].itertuples(index=False)])
         shown = shown.drop(columns=["x", "y", "width", "height"])
     rows = [[cell(column, row[column]) for column in shown.columns] for _, row in shown.iterrows()]
