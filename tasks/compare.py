@@ -248,13 +248,14 @@ def condition_predictions(predictions: dict[str, np.ndarray], condition: str = "
             if key.startswith(f"{condition}/")}
 
 
+def without_label_counts(found: dict) -> dict:
+    """A metrics record without n_gender and n_age: every test face has every label, so both equal n."""
+    return {key: value for key, value in found.items() if key not in ("n_gender", "n_age")}
+
+
 def flat_metrics(predictions: dict[str, np.ndarray], rows: pd.DataFrame, condition: str = "clean") -> dict:
-    """Every metric of one condition in one flat dict: agegender.metrics.labelled_metrics without its label
-    counts (every test face has every label, so both equal n)."""
-    found = labelled_metrics(condition_predictions(predictions, condition), rows)
-    found.pop("n_gender", None)
-    found.pop("n_age", None)
-    return found
+    """Every metric of one condition in one flat dict (agegender.metrics.labelled_metrics)."""
+    return without_label_counts(labelled_metrics(condition_predictions(predictions, condition), rows))
 
 
 def bias_tables(results: list[ModelResult], rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -262,9 +263,7 @@ def bias_tables(results: list[ModelResult], rows: pd.DataFrame) -> tuple[pd.Data
     records = []
     for result in results:
         for record in group_metrics(condition_predictions(result.predictions), rows):
-            record.pop("n_gender", None)  # every test face has every label: both equal n
-            record.pop("n_age", None)
-            records.append({"model": result.name, **record})
+            records.append({"model": result.name, **without_label_counts(record)})
     groups = pd.DataFrame(records)
     gaps = group_gaps(groups, by=("model", "grouping"))
     return groups, pd.DataFrame(gaps)
