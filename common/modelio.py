@@ -131,6 +131,15 @@ def read_metadata(folder: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid JSON ({error.msg}).") from error
 
 
+def training_datasets(metadata: dict[str, Any]) -> list[str]:
+    """The labelled datasets besides UTKFace a model learned from: its own `extra_datasets` and, for an ensemble,
+    its members'."""
+    names = list(metadata.get("extra_datasets") or [])
+    for member in metadata.get("members") or []:
+        names += member.get("extra_datasets") or []
+    return list(dict.fromkeys(names))
+
+
 def load_model(folder: Path) -> tuple[Any, dict[str, Any]]:
     """The Keras model and its metadata; a missing or broken folder raises UserError."""
     folder = Path(folder)

@@ -8,7 +8,8 @@ A dataset is a folder, .tar.gz or .zip of images with labels.csv (file, and any 
 race; empty where unknown; agegender.datasets). Each image's largest face is scored; an image where the detector
 finds none counts in the faces-not-found rate and in no other figure. Metrics are given for the labels the
 dataset has, and per race (all ages, and 13 and older), age band and gender where it has those (with each
-metric's best and worst group).
+metric's best and worst group). A model that learned from the dataset (its training split, through prepare_data
+--extra-source; an ensemble through its members) is scored with a warning that its figures include faces it saw.
 Writes results/evaluations/<dataset>/: evaluation.md, evaluation.json, predictions.csv and, for a model with an
 age output on a dataset with ages, <model>-age_error.png.
 """
@@ -37,6 +38,7 @@ from agegender.data import DATA_DIR, RESULTS_DIR, SEED
 from agegender.datasets import dataset_name, open_dataset
 from agegender.faces import BACKENDS, DEFAULT_DETECTOR, DETECTORS, Predictor, detect_faces, face_crop, read_image
 from agegender.metrics import AGE_COLUMNS, GENDER_COLUMNS, group_gaps, group_metrics, labelled_metrics
+from agegender.modelio import training_datasets
 from agegender.plots import plot_age_error
 from agegender.tables import frame_markdown, frame_rich, markdown_table, rich_table
 
@@ -135,6 +137,7 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
             plot_age_error(rows["age"].to_numpy()[known], predicted["age"][known], plot)
             plots["age_error"] = plot.name
         models[model] = {"folder": str(model_dir), "task": predictor.metadata.get("task"), "backend": predictor.backend,
+                         "trained_on_dataset": name in training_datasets(predictor.metadata),
                          "metrics": overall, "plots": plots}
         predicted_rows.append(pd.DataFrame({"model": model, "file": rows["file"],
                                             **{key: value for key, value in predicted.items()}}))
@@ -166,6 +169,17 @@ def overall_frame(summary: dict[str, Any]) -> pd.DataFrame:
     return frame.drop(columns=[column for column in ("n",) if column in frame])
 
 
+def trained_on_dataset(summary: dict[str, Any]) -> str:
+    """A warning naming the models that learned from this dataset (its training split, through prepare_data
+    --extra-source), whose figures here include faces they were trained on; empty when there are none."""
+    models = [model for model, found in summary["models"].items() if found.get("trained_on_dataset")]
+    if not models:
+        return ""
+    who, was, does = ("it", "was", "does") if len(models) == 1 else ("they", "were", "do")
+    return (f"{' and '.join(models)} learned from {summary['dataset']} (its training split): the figures here "
+            f"include faces {who} {was} trained on, and overstate how {who} {does} on new faces.")
+
+
 def markdown_report(summary: dict[str, Any], groups: pd.DataFrame, gaps: pd.DataFrame) -> str:
     how = (f"faces found with {summary['detector']} and aligned as predict aligns them" if summary["detect"]
            else "each image taken as an aligned face crop (--no-detect)")
@@ -175,6 +189,8 @@ def markdown_report(summary: dict[str, Any], groups: pd.DataFrame, gaps: pd.Data
              + f", labels: {', '.join(summary['labels'])}; {how}. An image without a face counts only in the "
                "not-found rate.",
              "## Overall", frame_markdown(overall_frame(summary), FORMATS)]
+    if seen := trained_on_dataset(summary):
+        parts.append(f"**{seen}**")
     if len(gaps):
         parts += ["## Bias: best and worst group per metric", frame_markdown(gaps, FORMATS)]
     for grouping in dict.fromkeys(groups["grouping"]) if len(groups) else []:
@@ -208,6 +224,8 @@ def print_report(summary: dict[str, Any], groups: pd.DataFrame, gaps: pd.DataFra
                                  [[r.model, r.grouping, r.metric, f"{r.best_group} {r.best:.3f}",
                                    f"{r.worst_group} {r.worst:.3f}", f"{r.gap:.3f}"] for r in named.itertuples()],
                                  left=("model", "grouping", "metric", "best group", "worst group")))
+    if seen := trained_on_dataset(summary):
+        err_console.print(f"[yellow]{seen}[/]")
     for item in summary["skipped"][:20]:
         err_console.print(f"[yellow]skipped[/] {item['file']}: {item['reason']}")
     if len(summary["skipped"]) > 20:

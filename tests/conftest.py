@@ -121,6 +121,18 @@ def copy_test_crops(prepared: dict[str, Path], folder: Path, count: int) -> list
     return names
 
 
+def model_trained_on(folder: Path, copy: Path, datasets: list[str]) -> Path:
+    """A copy of a saved model whose metadata says it also learned from `datasets` (as prepare_data
+    --extra-source records them)."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, copy)
+    metadata = json.loads((copy / "metadata.json").read_text())
+    (copy / "metadata.json").write_text(json.dumps({**metadata, "extra_datasets": datasets}))
+    return copy
+
+
 def said(result) -> str:
     """A CLI result's output with rich's line wrapping undone."""
     return " ".join(result.output.split())

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tasks import train_ensemble
+from tests.conftest import model_trained_on
 
 
 def said(result) -> str:
@@ -19,8 +20,9 @@ def said(result) -> str:
 @pytest.fixture(scope="module")
 def ensemble(trained_models, prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("ensemble") / "ensemble"
+    gender = model_trained_on(trained_models["gender"], out.parent / "members" / "gender", ["celeba-mini"])
     result = CliRunner().invoke(train_ensemble.app, [
-        "--member", str(trained_models["multitask"]), "--member", str(trained_models["gender"]),
+        "--member", str(trained_models["multitask"]), "--member", str(gender),
         "--member", str(trained_models["age"]), "--tta", "on", "--plain-member", "age",
         "--data-dir", str(prepared["data_dir"]), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -31,6 +33,9 @@ def test_the_ensemble_records_its_members_and_weights_chosen_on_validation(ensem
     meta = json.loads((ensemble / "metadata.json").read_text())
     assert meta["backbone"] == "ensemble" and meta["task"] == "multitask" and meta["outputs"] == ["age", "gender"]
     assert [m["name"] for m in meta["members"]] == ["multitask", "gender", "age"]
+    # what the members learned from besides UTKFace is the ensemble's too (evaluate and the model card read it)
+    assert [m["extra_datasets"] for m in meta["members"]] == [[], ["celeba-mini"], []]
+    assert meta["extra_datasets"] == ["celeba-mini"]
     weights = meta["params"]["weights"]
     assert set(weights["age"]) == {"multitask", "age"}  # the gender-only model has no say in the age
     assert set(weights["gender"]) == {"multitask", "gender"}

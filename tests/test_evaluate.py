@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from agegender.faces import DEFAULT_DETECTOR
 from agegender.metrics import age_metrics, gender_metrics
 from tasks import evaluate, predict
+from tests.conftest import model_trained_on, said
 
 runner = CliRunner()
 
@@ -59,6 +60,8 @@ def test_no_detect_scores_each_label_over_the_rows_that_have_it(trained_models, 
     expected_gender = gender_metrics(labels["gender"], by_predict.loc[labels.index, "p_female"])
     assert metrics["n_gender"] == 30 and metrics["accuracy"] == pytest.approx(expected_gender["accuracy"])
     assert "mae" not in summary["models"]["gender"]["metrics"]
+    assert not any(found["trained_on_dataset"] for found in summary["models"].values())
+    assert "learned from" not in said(result)
 
     # groups: race and age bands from the 15 rows that have them, gender from all 30
     groups = pd.DataFrame(summary["groups"])
@@ -77,9 +80,14 @@ def test_no_detect_scores_each_label_over_the_rows_that_have_it(trained_models, 
 
 
 def test_detection_scores_the_face_predict_finds(trained_models, labelled_dataset, tmp_path):
-    run_evaluate(str(trained_models["multitask"]), "--dataset", str(labelled_dataset), "--limit", "12",
-                 "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"))
+    # a model that learned from this dataset (prepare_data --extra-source) is scored, with a warning
+    model = model_trained_on(trained_models["multitask"], tmp_path / "multitask", ["faces-ds"])
+    result = run_evaluate(str(model), "--dataset", str(labelled_dataset), "--limit", "12",
+                          "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"))
+    assert "multitask learned from faces-ds (its training split)" in said(result)
     summary = json.loads((tmp_path / "out" / "faces-ds" / "evaluation.json").read_text())
+    assert summary["models"]["multitask"]["trained_on_dataset"] is True
+    assert "include faces it was trained on" in (tmp_path / "out" / "faces-ds" / "evaluation.md").read_text()
     images = summary["images"]  # the usable ones among 12 labelled rows drawn
     assert 8 <= images <= 12 and images + len(summary["skipped"]) >= 12 and summary["detector"] == DEFAULT_DETECTOR
     assert summary["faces_found"] + len(summary["not_found"]) == images
