@@ -12,7 +12,7 @@ from agegender.data import AGE_BANDS, RACE_LABELS, RESULTS_DIR, age_band
 from agegender.faces import DEFAULT_DETECTOR, DETECTORS
 from agegender.intervals import INTERVAL_KEY, interval_label
 from agegender.metrics import GROUPINGS
-from agegender.modelio import METADATA_FILE, METRICS_FILE
+from agegender.modelio import METADATA_FILE, METRICS_FILE, training_datasets
 from agegender.tables import is_missing, markdown_table
 
 COMPARISON_FILE = "comparison.json"
@@ -146,9 +146,9 @@ def about_markdown(name: str, folder: Path, comparison: dict[str, Any] | None = 
         *(["", "Each training face was found and aligned by the same detector and eye alignment that predictions "
                "use (`prepare_data --utkface-crops detected`), so the model learnt from what it sees in photos."]
           if metadata.get("utkface_crops") == "detected" else []),
-        *(["", "Also trained on " + ", ".join(f"`{name}`" for name in metadata["extra_datasets"]) + " (extra labelled "
-               "datasets, `prepare_data --extra-source`; each is used only for the labels it has, and keeps its own "
-               "licence terms)."] if metadata.get("extra_datasets") else []),
+        *(["", "Also trained on " + ", ".join(f"`{name}`" for name in training_datasets(metadata)) + " (extra "
+               "labelled datasets, `prepare_data --extra-source`; each is used only for the labels it has, and keeps "
+               "its own licence terms)."] if training_datasets(metadata) else []),
         "",
         "## Measured accuracy",
         metrics_markdown(metrics, metadata.get("utkface_crops", "original")),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from agegender.cards import about_markdown
 from tasks import train_ensemble
 from tests.conftest import model_trained_on
 
@@ -36,6 +37,7 @@ def test_the_ensemble_records_its_members_and_weights_chosen_on_validation(ensem
     # what the members learned from besides UTKFace is the ensemble's too (evaluate and the model card read it)
     assert [m["extra_datasets"] for m in meta["members"]] == [[], ["celeba-mini"], []]
     assert meta["extra_datasets"] == ["celeba-mini"]
+    assert "Also trained on `celeba-mini`" in about_markdown("ensemble", ensemble)
     weights = meta["params"]["weights"]
     assert set(weights["age"]) == {"multitask", "age"}  # the gender-only model has no say in the age
     assert set(weights["gender"]) == {"multitask", "gender"}
