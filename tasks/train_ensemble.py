@@ -30,7 +30,7 @@ from agegender.data import AGE_SCALE, DATA_DIR, MODELS_DIR, grey_copy, is_grey
 from agegender.families import FAMILIES
 from agegender.intervals import DISTRIBUTION_LAYER, age_distribution_layer, with_age_distribution
 from agegender.metrics import age_metrics, gender_metrics
-from agegender.modelio import load_model, training_datasets
+from agegender.modelio import load_model
 from agegender.recipes import plan_run
 from agegender.tables import rich_table
 from agegender.training import finish_run, load_data, print_metrics
@@ -287,7 +287,6 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
                        "utkface_crops": meta.get("utkface_crops"), "extra_datasets": meta.get("extra_datasets", [])}
                       for folder, (name, _, meta) in zip(member_folders, members, strict=True)]
     extra = {"family": FAMILY.name, "backbone": "ensemble", "weights": "members", "members": member_records,
-             "extra_datasets": training_datasets({"members": member_records}),  # what its members learned from
              "selection": report, "train_images": 0, "age_head": "ensemble", **(metadata_extra or {}),
              "train_seconds": round(time.perf_counter() - started, 1)}
     result = finish_run(model, FAMILY.task, data, params, input_size, data_dir, None if out is None else Path(out),
