@@ -125,6 +125,7 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
 
     folder = Path(out_dir) / name
     models, groups, predicted_rows = {}, [], []
+    known_as = {name, dataset_name(dataset)}  # --name renames it in the results; prepare_data names it by its path
     for model, predictor, model_dir in zip(names, predictors, model_dirs, strict=True):
         predicted = predictions[model]
         overall = labelled_metrics(predicted, rows)
@@ -137,7 +138,7 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
             plot_age_error(rows["age"].to_numpy()[known], predicted["age"][known], plot)
             plots["age_error"] = plot.name
         models[model] = {"folder": str(model_dir), "task": predictor.metadata.get("task"), "backend": predictor.backend,
-                         "trained_on_dataset": name in training_datasets(predictor.metadata),
+                         "trained_on_dataset": bool(known_as & set(training_datasets(predictor.metadata))),
                          "metrics": overall, "plots": plots}
         predicted_rows.append(pd.DataFrame({"model": model, "file": rows["file"],
                                             **{key: value for key, value in predicted.items()}}))

@@ -80,19 +80,20 @@ def test_no_detect_scores_each_label_over_the_rows_that_have_it(trained_models, 
 
 
 def test_detection_scores_the_face_predict_finds(trained_models, labelled_dataset, tmp_path):
-    # a model that learned from this dataset (prepare_data --extra-source) is scored, with a warning
+    # a model that learned from this dataset (prepare_data --extra-source names it faces-ds, by its path) is
+    # scored with a warning, also when --name renames the dataset in the results
     model = model_trained_on(trained_models["multitask"], tmp_path / "multitask", ["faces-ds"])
-    result = run_evaluate(str(model), "--dataset", str(labelled_dataset), "--limit", "12",
+    result = run_evaluate(str(model), "--dataset", str(labelled_dataset), "--limit", "12", "--name", "my-faces",
                           "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"))
-    assert "multitask learned from faces-ds (its training split)" in said(result)
-    summary = json.loads((tmp_path / "out" / "faces-ds" / "evaluation.json").read_text())
+    assert "multitask learned from my-faces (its training split)" in said(result)
+    summary = json.loads((tmp_path / "out" / "my-faces" / "evaluation.json").read_text())
     assert summary["models"]["multitask"]["trained_on_dataset"] is True
-    assert "include faces it was trained on" in (tmp_path / "out" / "faces-ds" / "evaluation.md").read_text()
+    assert "include faces it was trained on" in (tmp_path / "out" / "my-faces" / "evaluation.md").read_text()
     images = summary["images"]  # the usable ones among 12 labelled rows drawn
     assert 8 <= images <= 12 and images + len(summary["skipped"]) >= 12 and summary["detector"] == DEFAULT_DETECTOR
     assert summary["faces_found"] + len(summary["not_found"]) == images
     assert summary["not_found_rate"] == pytest.approx(len(summary["not_found"]) / images)
-    predictions = pd.read_csv(tmp_path / "out" / "faces-ds" / "predictions.csv").set_index("file")
+    predictions = pd.read_csv(tmp_path / "out" / "my-faces" / "predictions.csv").set_index("file")
     assert len(predictions) == summary["faces_found"] > 0
     by_predict = predicted_by_predict(trained_models["multitask"], labelled_dataset, tmp_path)
     np.testing.assert_allclose(predictions["age"], by_predict.loc[predictions.index, "age"], atol=2e-4)
