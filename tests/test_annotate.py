@@ -13,13 +13,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tasks import predict
-from tests.conftest import copy_test_crops
+from tests.conftest import copy_test_crops, said
 
 runner = CliRunner()
-
-
-def said(result) -> str:
-    return " ".join(result.output.split())
 
 
 def digest(folder) -> dict[str, str]:

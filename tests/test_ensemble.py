@@ -12,11 +12,7 @@ from typer.testing import CliRunner
 from agegender.cards import about_markdown
 from agegender.modelio import training_datasets
 from tasks import train_ensemble
-from tests.conftest import model_trained_on
-
-
-def said(result) -> str:
-    return " ".join(result.output.split())
+from tests.conftest import model_trained_on, said
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,9 @@ from agegender.cli import UserError
 from agegender.data import load_split
 from agegender.faces import Predictor
 from tasks import export, predict
-from tests.conftest import TEST_IMAGE_SIZE
+from tests.conftest import TEST_IMAGE_SIZE, said
 
 runner = CliRunner()
-
-
-def said(result) -> str:
-    return " ".join(result.output.split())
 
 
 # The int8 tolerances are set for trained models; the two-epoch test models sit near them (a 0.40-year mean

@@ -22,12 +22,9 @@ from agegender.intervals import (
 )
 from tasks import calibrate as calibrate_task
 from tasks import predict
+from tests.conftest import said
 
 runner = CliRunner()
-
-
-def said(result) -> str:
-    return " ".join(result.output.split())
 
 
 def test_quantiles_of_a_distribution_over_whole_years():

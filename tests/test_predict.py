@@ -13,14 +13,9 @@ from typer.testing import CliRunner
 from agegender.data import load_split
 from agegender.faces import Predictor
 from tasks import predict
-from tests.conftest import TEST_IMAGE_SIZE, copy_test_crops
+from tests.conftest import TEST_IMAGE_SIZE, copy_test_crops, said
 
 runner = CliRunner()
-
-
-def said(result) -> str:
-    """The output with rich's line wrapping undone."""
-    return " ".join(result.output.split())
 
 
 @pytest.fixture(scope="module")

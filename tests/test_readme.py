@@ -12,13 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from tasks import readme
+from tests.conftest import said
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
-
-
-def said(result) -> str:
-    return " ".join(result.output.split())
 
 
 def table_rows(block: str) -> dict[str, dict[str, str]]:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from agegender.cli import UserError
 from agegender.families import FAMILIES, RECIPES_DIR, family_of
 from agegender.recipes import read_recipe, recipe_extras
-from tests.conftest import TEST_IMAGE_SIZE
+from tests.conftest import TEST_IMAGE_SIZE, said
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -23,10 +23,6 @@ runner = CliRunner()
 
 def trainer(family: str):
     return importlib.import_module(FAMILIES[family].script.removesuffix(".py").replace("/", "."))
-
-
-def said(result) -> str:
-    return " ".join(result.output.split())
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

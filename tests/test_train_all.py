@@ -11,13 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from tasks import train_all
-from tests.conftest import TEST_IMAGE_SIZE
+from tests.conftest import TEST_IMAGE_SIZE, said
 
 runner = CliRunner()
-
-
-def said(result) -> str:
-    return " ".join(result.output.split())
 
 
 @pytest.fixture
