@@ -127,6 +127,7 @@ def about_markdown(name: str, folder: Path, comparison: dict[str, Any] | None = 
     metadata = read_json(Path(folder) / METADATA_FILE) or {}
     metrics = read_json(Path(folder) / METRICS_FILE)
     outputs = metadata.get("outputs", [])
+    extra_datasets = training_datasets(metadata)
     said = {"age": "age in years", "gender": "gender (probability of female)"}
     predicts = " and ".join(said[o] for o in outputs if o in said) or "unknown outputs"
     races = ", ".join(RACE_LABELS.values())
@@ -146,9 +147,9 @@ def about_markdown(name: str, folder: Path, comparison: dict[str, Any] | None = 
         *(["", "Each training face was found and aligned by the same detector and eye alignment that predictions "
                "use (`prepare_data --utkface-crops detected`), so the model learnt from what it sees in photos."]
           if metadata.get("utkface_crops") == "detected" else []),
-        *(["", "Also trained on " + ", ".join(f"`{name}`" for name in training_datasets(metadata)) + " (extra "
-               "labelled datasets, `prepare_data --extra-source`; each is used only for the labels it has, and keeps "
-               "its own licence terms)."] if training_datasets(metadata) else []),
+        *(["", "Also trained on " + ", ".join(f"`{name}`" for name in extra_datasets) + " (extra labelled datasets, "
+               "`prepare_data --extra-source`; each is used only for the labels it has, and keeps its own licence "
+               "terms)."] if extra_datasets else []),
         "",
         "## Measured accuracy",
         metrics_markdown(metrics, metadata.get("utkface_crops", "original")),
