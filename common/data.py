@@ -208,8 +208,9 @@ def load_face_array(path: Path | str, image_size: int) -> np.ndarray:
 
 
 def load_aligned_face(path: Path | str, face, image_size: int) -> np.ndarray:
-    """One face of a photo, aligned as the inference path aligns it (agegender.faces.face_crop on the photo as
-    read_image reads it) at image_size."""
+    """One face of a photo (as read_image reads it) aligned by agegender.faces.face_crop at image_size: the
+    alignment of the training and evaluation caches. The photo path aligns the same way except for inputs of at
+    most 64 px (agegender.faces.input_crop)."""
     from agegender.faces import face_crop, read_image
 
     return resize_face(face_crop(read_image(path), face, image_size), image_size)

@@ -433,6 +433,19 @@ def face_crop(image: Image.Image, face: Face, side: int = CROP_SIDE) -> Image.Im
                            resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
 
 
+OVERSAMPLED_INPUT = 64  # models whose input side is at most this read faces aligned at twice it, then halved
+
+
+def input_crop(image: Image.Image, face: Face, image_size: int) -> Image.Image:
+    """The face as a model of image_size px reads it in the photo path: face_crop at image_size, or for an
+    input of at most OVERSAMPLED_INPUT px, face_crop at twice the side averaged 2 x 2 down to it (a bilinear
+    warp straight to a small side keeps more aliasing than the model's validation faces favour; see
+    docs/experiments.md, session 32)."""
+    if image_size > OVERSAMPLED_INPUT:
+        return face_crop(image, face, image_size)
+    return face_crop(image, face, 2 * image_size).reduce(2)
+
+
 def to_model_input(faces: list[np.ndarray] | np.ndarray, metadata: dict[str, Any]) -> np.ndarray:
     """uint8 face crops (already resized) as the float batch the model takes."""
     batch = np.asarray(faces)
@@ -601,7 +614,7 @@ class Predictor:
             faces = detect_faces(image, detector)
             if not faces:
                 return [{"reason": "no face found"}]
-            crops = [self.prepare_crop(face_crop(image, face, self.image_size)) for face in faces]
+            crops = [self.prepare_crop(input_crop(image, face, self.image_size)) for face in faces]
         else:
             faces = [Face((0, 0, image.width, image.height), 1.0)]
             crops = [self.prepare_crop(image)]

@@ -282,13 +282,13 @@ def face_heatmaps(cam: GradCam, image: Image.Image, rows: list[dict[str, Any]], 
     """Per face with a box and per output: {"face": number from 1, "output", "image": the aligned crop at
     side x side with the heatmap over it}. Crops are aligned as Predictor.predict_image aligned them (the
     whole image with detect False)."""
-    from agegender.faces import face_crop
+    from agegender.faces import face_crop, input_crop
 
     faces = [row for row in rows if row.get("box")]
     if not faces:
         return []
     if detect:
-        crops = [face_crop(image, row_face(row), cam.image_size) for row in faces]
+        crops = [input_crop(image, row_face(row), cam.image_size) for row in faces]
         shown = [face_crop(image, row_face(row), side) for row in faces]
     else:
         crops, shown = [image], [image.resize((side, side), Image.Resampling.BILINEAR)]

@@ -248,7 +248,7 @@ def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
     import keras  # noqa: F401
     import tensorflow  # noqa: F401
 
-    from agegender.faces import Predictor, face_crop, read_image
+    from agegender.faces import Predictor, input_crop, read_image
 
     import_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -257,7 +257,7 @@ def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
     images = [read_image(path) for path in sample_files(Path(spec["data_dir"]), int(spec["faces"]))]
     faces = [canonical_face(image) for image in images]
     start = time.perf_counter()
-    first = predictor.prepare_crop(face_crop(images[0], faces[0], predictor.image_size))
+    first = predictor.prepare_crop(input_crop(images[0], faces[0], predictor.image_size))
     predictor.predict_arrays(first[None])
     first_call_s = time.perf_counter() - start
 
@@ -265,7 +265,7 @@ def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
     cpu_start = time.process_time()
     for image, face in zip(images, faces, strict=True):
         t0 = time.perf_counter()
-        crop = face_crop(image, face, predictor.image_size)
+        crop = input_crop(image, face, predictor.image_size)
         t1 = time.perf_counter()
         array = predictor.prepare_crop(crop)
         t2 = time.perf_counter()
@@ -277,14 +277,14 @@ def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
         total.append(t3 - t0)
     cpu_per_face = (time.process_time() - cpu_start) / len(images)
 
-    crops = np.stack([predictor.prepare_crop(face_crop(image, face, predictor.image_size))
+    crops = np.stack([predictor.prepare_crop(input_crop(image, face, predictor.image_size))
                       for image, face in zip(images, faces, strict=True)])
     batch = np.resize(crops, (THROUGHPUT_BATCH, *crops.shape[1:]))  # repeats the crops to fill one batch
     repeats = max(2, int(spec["faces"]) // THROUGHPUT_BATCH)
     batched = timed(lambda: predictor.predict_arrays(batch, THROUGHPUT_BATCH), repeats, warmup=1)
     start = time.perf_counter()
     for image, face in zip(images[:THROUGHPUT_BATCH], faces[:THROUGHPUT_BATCH], strict=False):
-        predictor.prepare_crop(face_crop(image, face, predictor.image_size))
+        predictor.prepare_crop(input_crop(image, face, predictor.image_size))
     prepare_ms = 1000 * (time.perf_counter() - start) / min(len(images), THROUGHPUT_BATCH)
 
     floats = batch.astype(np.float32) / 255.0

@@ -36,7 +36,7 @@ from agegender.cli import (
 )
 from agegender.data import DATA_DIR, RESULTS_DIR, SEED
 from agegender.datasets import dataset_name, open_dataset
-from agegender.faces import BACKENDS, DEFAULT_DETECTOR, DETECTORS, Predictor, detect_faces, face_crop, read_image
+from agegender.faces import BACKENDS, DEFAULT_DETECTOR, DETECTORS, Predictor, detect_faces, input_crop, read_image
 from agegender.metrics import AGE_COLUMNS, GENDER_COLUMNS, group_gaps, group_metrics, labelled_metrics
 from agegender.modelio import training_datasets
 from agegender.plots import plot_age_error
@@ -71,7 +71,8 @@ def find_faces(root: Path, files: list[str], detector: str, progress: Progress) 
 def predict_dataset(predictor: Predictor, root: Path, faces: dict[str, Any], detect: bool, batch_size: int,
                     progress: Progress, label: str) -> dict[str, np.ndarray]:
     """Predictions for the files with a face (in faces' order), each crop made as Predictor.predict_image makes
-    it: the face aligned at the model's input size, or with --no-detect the whole image resized."""
+    it: the face aligned for the model's input size (agegender.faces.input_crop), or with --no-detect the whole
+    image resized."""
     files = [name for name, face in faces.items() if face is not None or not detect]
     task = progress.add_task(f"predicting {label}", total=len(files))
     parts: dict[str, list[np.ndarray]] = {}
@@ -79,7 +80,7 @@ def predict_dataset(predictor: Predictor, root: Path, faces: dict[str, Any], det
         crops = []
         for name in files[start:start + batch_size]:
             image = read_image(root / name)
-            crop = face_crop(image, faces[name], predictor.image_size) if detect else image
+            crop = input_crop(image, faces[name], predictor.image_size) if detect else image
             crops.append(predictor.prepare_crop(crop))
             progress.advance(task)
         for key, value in predictor.predict_arrays(np.stack(crops), batch_size).items():

@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from agegender.data import load_split
-from agegender.faces import Predictor
+from agegender.faces import OVERSAMPLED_INPUT, Predictor, detect_faces, face_crop, input_crop, read_image
 from tasks import predict
 from tests.conftest import TEST_IMAGE_SIZE, copy_test_crops, said
 
@@ -136,3 +136,32 @@ def test_detector_choice_finds_the_faces_and_a_wrong_name_fails(trained_models, 
     result = runner.invoke(predict.app, [model, str(faces), "--detector", "retina"])
     assert result.exit_code == 2 and "--detector" in said(result) and "must be one of" in said(result)
     assert "Traceback" not in result.output
+
+
+def test_a_small_model_reads_each_face_aligned_at_twice_its_input_then_halved(trained_models, faces, tmp_path):
+    # a model whose input is 64 px or less (the WideResNet's, these test models') gets the face aligned at twice
+    # its side and averaged 2 x 2: what its validation faces favoured over a warp straight to 64 px
+    model = trained_models["multitask"]
+    out = tmp_path / "p.csv"
+    result = runner.invoke(predict.app, [str(model), str(faces), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out).dropna(subset=["age"]).groupby("file").first()
+    predictor = Predictor.load(model)
+    assert predictor.image_size == TEST_IMAGE_SIZE <= OVERSAMPLED_INPUT
+    checked = 0
+    for path, row in frame.iterrows():
+        image = read_image(path)
+        face = detect_faces(image)[0]
+        crop = input_crop(image, face, predictor.image_size)
+        assert crop.size == (TEST_IMAGE_SIZE, TEST_IMAGE_SIZE)
+        np.testing.assert_array_equal(np.asarray(crop), np.asarray(face_crop(image, face, 2 * TEST_IMAGE_SIZE)
+                                                                   .reduce(2)))
+        expected = predictor.predict_arrays(np.asarray(crop)[None])
+        assert row["age"] == pytest.approx(float(expected["age"][0]), abs=1e-3)
+        assert row["p_female"] == pytest.approx(float(expected["p_female"][0]), abs=1e-4)
+        checked += 1
+    assert checked >= 5
+    # a larger input is aligned straight to its side, as before
+    image = read_image(next(iter(frame.index)))
+    face = detect_faces(image)[0]
+    np.testing.assert_array_equal(np.asarray(input_crop(image, face, 128)), np.asarray(face_crop(image, face, 128)))
