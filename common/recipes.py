@@ -178,15 +178,17 @@ def recipe_data_dir(data_dir: Path, data: dict[str, Any]) -> Path:
 
 
 def prepare_arguments(data_dir: Path, data: dict[str, Any], limit: int | None) -> list[str]:
-    """prepare_data's arguments (all but --image-size and --results-dir) that prepare a recipe's data beside
-    data_dir from its source with its split settings, as prepared_sibling then accepts it; `limit`: --limit."""
+    """prepare_data's arguments (all but --image-size) that prepare a recipe's data beside data_dir from its
+    source with its split settings, as prepared_sibling then accepts it; `limit`: --limit. Its summary and plots
+    go into the sibling's own results/ folder, so the data folder's (results/data by default) stay as they are."""
     from agegender.data import data_state
 
     state = data_state(data_dir)
     splits = [flag for key in ("test_size", "val_size") if state.get(key) is not None
               for flag in (f"--{key.replace('_', '-')}", str(state[key]))]
-    return ["--source", str(state["source"]), "--data-dir", str(recipe_data_dir(data_dir, data)), *splits,
-            "--utkface-crops", recipe_crops(data),
+    folder = recipe_data_dir(data_dir, data)
+    return ["--source", str(state["source"]), "--data-dir", str(folder), "--results-dir", str(folder / "results"),
+            *splits, "--utkface-crops", recipe_crops(data),
             *[flag for source in recipe_sources(data) for flag in ("--extra-source", str(source))],
             *(["--limit", str(limit)] if limit else [])]
 

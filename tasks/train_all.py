@@ -185,7 +185,7 @@ def job_data_dir(job: Job, data_dir: Path, quick: bool) -> Path:
                         "or change the recipe's [data] extra_sources.")
     size = str(job.settings.get("image_size") or 128)
     command = [sys.executable, str(REPO_ROOT / "tasks/prepare_data.py"), *prepare_arguments(data_dir, data, limit),
-               "--results-dir", str(folder / "results"), "--image-size", size]
+               "--image-size", size]
     if not run_step(f"prepare {recipe_data_text(data)} for {job.name}", command):
         raise UserError(f"Could not prepare {recipe_data_text(data)} in {folder} for the {job.name} recipe.")
     return folder

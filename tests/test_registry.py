@@ -191,6 +191,12 @@ def test_the_prepare_command_a_recipe_asks_for_makes_the_folder_it_then_reads(pr
         prepared_data(plan, data)
     arguments = prepare_arguments(data, plan.data, None)
     assert " ".join(arguments) in " ".join(str(error.value).split())
-    result = runner.invoke(prepare_data.app, [*arguments, "--results-dir", str(tmp_path / "r"), "--image-size", "32"])
+    summary = tmp_path / "r" / "data" / "summary.json"
+    before = summary.read_bytes()
+    result = runner.invoke(prepare_data.app, [*arguments, "--image-size", "32"])
     assert result.exit_code == 0, result.output
     assert prepared_data(plan, data) == tmp_path / "data-detected"
+    # the sibling's summary goes into its own folder: the data folder's exploration is not overwritten
+    assert summary.read_bytes() == before
+    assert json.loads((tmp_path / "data-detected" / "results" / "data" / "summary.json").read_text())["crops"] == \
+        "detected"
