@@ -103,7 +103,8 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
              out_dir: Path = EVALUATIONS_DIR, data_dir: Path = DATA_DIR, detector: str = DEFAULT_DETECTOR,
              backend: str = "auto", batch_size: int = 64, name: str | None = None) -> dict[str, Any]:
     """Score every model on the dataset; returns the summary written to <out_dir>/<dataset>/evaluation.json."""
-    name = name or dataset_name(dataset)
+    source_name = dataset_name(dataset)  # what prepare_data calls it (by its path)
+    name = name or source_name
     predictors = [Predictor.load(folder, backend) for folder in model_dirs]
     names = model_names(model_dirs)
     with progress_bar() as progress:
@@ -126,7 +127,7 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
 
     folder = Path(out_dir) / name
     models, groups, predicted_rows = {}, [], []
-    known_as = {name, dataset_name(dataset)}  # --name renames it in the results; prepare_data names it by its path
+    known_as = {name, source_name}  # --name renames it in the results
     for model, predictor, model_dir in zip(names, predictors, model_dirs, strict=True):
         predicted = predictions[model]
         overall = labelled_metrics(predicted, rows)
