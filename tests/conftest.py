@@ -22,6 +22,7 @@ os.environ.setdefault("AGEGENDER_RUNS_DIR", tempfile.mkdtemp(prefix="agegender-t
 ARCHIVE = Path(os.environ.get("UTKFACE_SOURCE", REPO.parent / "shared/data/utkface/UTKFace.tar.gz"))
 SUBSET_EVERY = 50  # every 50th image: ~430 faces
 TEST_IMAGE_SIZE = 64  # small inputs keep the suite fast; the default 128 is used by the real runs
+SMALL_LIMIT = 40  # prepared_small's faces
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +51,18 @@ def prepared(utkface_subset, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("prepared")
     data_dir, results_dir = root / "data", root / "results"
     prepare(str(utkface_subset), data_dir, results_dir, [TEST_IMAGE_SIZE])
+    return {"data_dir": data_dir, "results_dir": results_dir, "images": utkface_subset}
+
+
+@pytest.fixture(scope="session")
+def prepared_small(utkface_subset, tmp_path_factory) -> dict[str, Path]:
+    """prepare_data --limit 40 on the subset at TEST_IMAGE_SIZE, for tests that prepare its data again another way
+    (detected crops, an extra dataset): {"data_dir", "results_dir", "images"}."""
+    from tasks.prepare_data import prepare
+
+    root = tmp_path_factory.mktemp("prepared-small")
+    data_dir, results_dir = root / "data", root / "results"
+    prepare(str(utkface_subset), data_dir, results_dir, [TEST_IMAGE_SIZE], limit=SMALL_LIMIT)
     return {"data_dir": data_dir, "results_dir": results_dir, "images": utkface_subset}
 
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from agegender.cli import UserError
 from agegender.families import FAMILIES, RECIPES_DIR, family_of
 from agegender.recipes import read_recipe, recipe_extras
-from tests.conftest import TEST_IMAGE_SIZE, said
+from tests.conftest import SMALL_LIMIT, TEST_IMAGE_SIZE, said
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -145,12 +145,13 @@ def test_the_fixture_models_logged_tensorboard_events_through_the_registry(train
         assert list((runs / name / "train").glob("events.out.tfevents.*")), name
 
 
-def test_a_recipe_on_detected_crops_reads_them_from_the_prepared_sibling_folder(prepared, tmp_path):
+def test_a_recipe_on_detected_crops_reads_them_from_the_prepared_sibling_folder(prepared_small, tmp_path):
     """The recipe's [data] names the crops; with the default data folder holding UTKFace's own crops, the trainer
     reads <data>-detected when it was prepared, and says so."""
     from agegender.recipes import plan_run, prepared_data
     from tasks import prepare_data
 
+    prepared = prepared_small
     data = tmp_path / "data"
     shutil.copytree(prepared["data_dir"], data)
     recipe = tmp_path / "recipe.toml"
@@ -160,14 +161,15 @@ def test_a_recipe_on_detected_crops_reads_them_from_the_prepared_sibling_folder(
         prepared_data(plan, data)
     result = runner.invoke(prepare_data.app, ["--source", str(prepared["images"]), "--data-dir",
                                               str(tmp_path / "data-detected"), "--results-dir", str(tmp_path / "r"),
-                                              "--image-size", "32", "--utkface-crops", "detected"])
+                                              "--image-size", "32", "--utkface-crops", "detected", "--limit",
+                                              str(SMALL_LIMIT)])
     assert result.exit_code == 0, result.output
     assert prepared_data(plan, data) == tmp_path / "data-detected"
     assert prepared_data(plan_run("gender"), data) == data  # without a recipe, any prepared data
     # a sibling prepared for another split (train_all --quick's subset, say) is not trained on in its place
     result = runner.invoke(prepare_data.app, ["--source", str(prepared["images"]), "--data-dir",
                                               str(tmp_path / "data-detected"), "--results-dir", str(tmp_path / "r"),
-                                              "--image-size", "32", "--utkface-crops", "detected", "--limit", "40"])
+                                              "--image-size", "32", "--utkface-crops", "detected", "--limit", "30"])
     assert result.exit_code == 0, result.output
     with pytest.raises(UserError, match="--utkface-crops detected"):
         prepared_data(plan, data)
@@ -182,14 +184,14 @@ def test_the_prepare_command_a_recipe_asks_for_makes_the_folder_it_then_reads(pr
     data = tmp_path / "data"
     result = runner.invoke(prepare_data.app, ["--source", str(prepared["images"]), "--data-dir", str(data),
                                               "--results-dir", str(tmp_path / "r"), "--image-size", "32",
-                                              "--test-size", "0.25"])
+                                              "--test-size", "0.25", "--limit", str(SMALL_LIMIT)])
     assert result.exit_code == 0, result.output
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('family = "gender"\n[data]\nutkface_crops = "detected"\n')
     plan = plan_run("gender", recipe)
     with pytest.raises(UserError, match="--test-size 0.25") as error:
         prepared_data(plan, data)
-    arguments = prepare_arguments(data, plan.data, None)
+    arguments = prepare_arguments(data, plan.data, SMALL_LIMIT)
     assert " ".join(arguments) in " ".join(str(error.value).split())
     summary = tmp_path / "r" / "data" / "summary.json"
     before = summary.read_bytes()

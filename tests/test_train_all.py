@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tasks import train_all
-from tests.conftest import TEST_IMAGE_SIZE, said
+from tests.conftest import SMALL_LIMIT, TEST_IMAGE_SIZE, said
 
 runner = CliRunner()
 
@@ -136,9 +136,9 @@ def test_an_interrupted_train_all_continues_where_it_stopped(recipes, trained_mo
     assert [name for name, _ in calls[3:]] == ["gender", "age"] and calls[4][1] != calls[1][1]
 
 
-def fake_gender_trainer(trained_models, prepared, tmp_path, monkeypatch) -> tuple[list[Path], Path]:
+def fake_gender_trainer(trained_models, prepared_small, tmp_path, monkeypatch) -> tuple[list[Path], Path]:
     """train_all's trainer replaced by a copy of the trained gender fixture, recording the --data-dir each run got;
-    and a copy of the prepared data (other data is prepared beside it, not beside the shared fixture)."""
+    and a copy of the small prepared data (other data is prepared beside it, not beside the shared fixture)."""
     folders = []
 
     def trainer(command, log_path, on_line):
@@ -148,11 +148,11 @@ def fake_gender_trainer(trained_models, prepared, tmp_path, monkeypatch) -> tupl
 
     monkeypatch.setattr(train_all, "run_trainer", trainer)
     data = tmp_path / "data"
-    shutil.copytree(prepared["data_dir"], data)
+    shutil.copytree(prepared_small["data_dir"], data)
     return folders, data
 
 
-def test_a_recipe_on_detected_crops_trains_and_is_judged_on_them(recipes, trained_models, prepared, tmp_path,
+def test_a_recipe_on_detected_crops_trains_and_is_judged_on_them(recipes, trained_models, prepared_small, tmp_path,
                                                                    monkeypatch):
     """A recipe whose [data] asks for UTKFace's detected crops: train_all prepares them beside the data folder
     (once) and hands that folder to the trainer and to the validation judgement."""
@@ -160,7 +160,7 @@ def test_a_recipe_on_detected_crops_trains_and_is_judged_on_them(recipes, traine
 
     (recipes / "gender.toml").write_text(f'family = "gender"\nimage_size = {TEST_IMAGE_SIZE}\nepochs = 1\n\n'
                                          '[data]\nutkface_crops = "detected"\n')
-    folders, data = fake_gender_trainer(trained_models, prepared, tmp_path, monkeypatch)
+    folders, data = fake_gender_trainer(trained_models, prepared_small, tmp_path, monkeypatch)
     result = invoke(recipes, tmp_path / "results", {"data_dir": data}, "--no-refresh")
     assert result.exit_code == 0, result.output
     [folder] = folders
@@ -174,8 +174,9 @@ def test_a_recipe_on_detected_crops_trains_and_is_judged_on_them(recipes, traine
     assert folders == [folder, folder] and (folder / "prepare.json").stat().st_mtime_ns == prepared_at  # reused
 
 
-def test_a_recipe_with_an_extra_dataset_trains_on_a_folder_prepared_with_it(recipes, trained_models, prepared,
-                                                                          labelled_dataset, tmp_path, monkeypatch):
+def test_a_recipe_with_an_extra_dataset_trains_on_a_folder_prepared_with_it(recipes, trained_models,
+                                                                          prepared_small, labelled_dataset, tmp_path,
+                                                                          monkeypatch):
     """[data] extra_sources: train_all prepares UTKFace plus that dataset beside the data folder
     (<data>-original+<name>, same split settings), hands it to the trainer, and reuses it on the next run; a
     recipe naming a dataset that is not there stops before anything is trained."""
@@ -184,13 +185,13 @@ def test_a_recipe_with_an_extra_dataset_trains_on_a_folder_prepared_with_it(reci
     recipe = recipes / "gender.toml"
     recipe.write_text(f'family = "gender"\nimage_size = {TEST_IMAGE_SIZE}\nepochs = 1\n\n'
                       f'[data]\nextra_sources = ["{labelled_dataset}"]\n')
-    folders, data = fake_gender_trainer(trained_models, prepared, tmp_path, monkeypatch)
+    folders, data = fake_gender_trainer(trained_models, prepared_small, tmp_path, monkeypatch)
     result = invoke(recipes, tmp_path / "results", {"data_dir": data}, "--no-refresh")
     assert result.exit_code == 0, result.output
     [folder] = folders
     assert folder == tmp_path / "data-original+faces-ds"
     assert prepared_extras(folder) == ["faces-ds"] and data_state(folder)["crops"] == "original"
-    assert data_state(folder)["limit"] == data_state(data)["limit"]
+    assert data_state(folder)["limit"] == data_state(data)["limit"] == SMALL_LIMIT
     again = invoke(recipes, tmp_path / "results", {"data_dir": data}, "--no-refresh")
     assert again.exit_code == 0, again.output
     assert folders == [folder, folder]
