@@ -151,15 +151,14 @@ def test_a_recipe_on_detected_crops_reads_them_from_the_prepared_sibling_folder(
     from agegender.recipes import plan_run, prepared_data
     from tasks import prepare_data
 
-    prepared = prepared_small
     data = tmp_path / "data"
-    shutil.copytree(prepared["data_dir"], data)
+    shutil.copytree(prepared_small["data_dir"], data)
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('family = "gender"\n[data]\nutkface_crops = "detected"\n')
     plan = plan_run("gender", recipe)
     with pytest.raises(UserError, match="--utkface-crops detected"):
         prepared_data(plan, data)
-    result = runner.invoke(prepare_data.app, ["--source", str(prepared["images"]), "--data-dir",
+    result = runner.invoke(prepare_data.app, ["--source", str(prepared_small["images"]), "--data-dir",
                                               str(tmp_path / "data-detected"), "--results-dir", str(tmp_path / "r"),
                                               "--image-size", "32", "--utkface-crops", "detected", "--limit",
                                               str(SMALL_LIMIT)])
@@ -167,7 +166,7 @@ def test_a_recipe_on_detected_crops_reads_them_from_the_prepared_sibling_folder(
     assert prepared_data(plan, data) == tmp_path / "data-detected"
     assert prepared_data(plan_run("gender"), data) == data  # without a recipe, any prepared data
     # a sibling prepared for another split (train_all --quick's subset, say) is not trained on in its place
-    result = runner.invoke(prepare_data.app, ["--source", str(prepared["images"]), "--data-dir",
+    result = runner.invoke(prepare_data.app, ["--source", str(prepared_small["images"]), "--data-dir",
                                               str(tmp_path / "data-detected"), "--results-dir", str(tmp_path / "r"),
                                               "--image-size", "32", "--utkface-crops", "detected", "--limit", "30"])
     assert result.exit_code == 0, result.output
