@@ -43,27 +43,27 @@ def utkface_subset(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def prepared(utkface_subset, tmp_path_factory) -> dict[str, Path]:
-    """prepare_data run on the subset at TEST_IMAGE_SIZE: {"data_dir", "results_dir", "images"}."""
+def prepare_subset(utkface_subset: Path, root: Path, limit: int | None = None) -> dict[str, Path]:
+    """prepare_data on the subset (at most `limit` faces) at TEST_IMAGE_SIZE into root:
+    {"data_dir", "results_dir", "images"}."""
     from tasks.prepare_data import prepare
 
-    root = tmp_path_factory.mktemp("prepared")
     data_dir, results_dir = root / "data", root / "results"
-    prepare(str(utkface_subset), data_dir, results_dir, [TEST_IMAGE_SIZE])
+    prepare(str(utkface_subset), data_dir, results_dir, [TEST_IMAGE_SIZE], limit=limit)
     return {"data_dir": data_dir, "results_dir": results_dir, "images": utkface_subset}
+
+
+@pytest.fixture(scope="session")
+def prepared(utkface_subset, tmp_path_factory) -> dict[str, Path]:
+    """prepare_data run on the whole subset."""
+    return prepare_subset(utkface_subset, tmp_path_factory.mktemp("prepared"))
 
 
 @pytest.fixture(scope="session")
 def prepared_small(utkface_subset, tmp_path_factory) -> dict[str, Path]:
-    """prepare_data --limit 40 on the subset at TEST_IMAGE_SIZE, for tests that prepare its data again another way
-    (detected crops, an extra dataset): {"data_dir", "results_dir", "images"}."""
-    from tasks.prepare_data import prepare
-
-    root = tmp_path_factory.mktemp("prepared-small")
-    data_dir, results_dir = root / "data", root / "results"
-    prepare(str(utkface_subset), data_dir, results_dir, [TEST_IMAGE_SIZE], limit=SMALL_LIMIT)
-    return {"data_dir": data_dir, "results_dir": results_dir, "images": utkface_subset}
+    """prepare_data --limit SMALL_LIMIT on the subset, for tests that prepare its data again another way (detected
+    crops, an extra dataset)."""
+    return prepare_subset(utkface_subset, tmp_path_factory.mktemp("prepared-small"), SMALL_LIMIT)
 
 
 @pytest.fixture(scope="session")
