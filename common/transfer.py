@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from agegender.cli import UserError, atomic_path, console
+from agegender.cydral import CYDRAL_LABEL, CYDRAL_NAME, build_cydral
 from agegender.data import DATA_DIR, SEED, load_split
 from agegender.families import FAMILIES, TASK_OUTPUTS
 from agegender.models import CNN_METRICS, compile_outputs
@@ -61,6 +62,7 @@ class Backbone:
     application: str | None = None  # keras.applications constructor; None for the WideResNet
     pretrained: str = "imagenet"  # what --weights pretrained means for it
     margin: float = 0.0  # agegender.layers.ZoomOut before the backbone: the face margin its training crops had
+    zero_shot: bool = False  # a whole pretrained model used with its own heads, as its authors trained it
 
 
 BACKBONES = {
@@ -73,7 +75,10 @@ BACKBONES = {
     # own heads on 400 test faces, gender accuracy / age MAE 0.677 / 14.44 as they are, 0.838 / 9.77 at
     # margin 0.2, 0.870 / 8.02 at 0.4, 0.853 / 8.10 at 0.5
     WRN_NAME: Backbone(WRN_NAME, "bgr255", None, pretrained="imdb-wiki", margin=WRN_MARGIN),
+    # Cydral's dlib age and gender networks (agegender.cydral), zero-shot: their normalisation is inside them
+    CYDRAL_NAME: Backbone(CYDRAL_NAME, "none", None, pretrained=CYDRAL_LABEL, zero_shot=True),
 }
+TRAINABLE_BACKBONES = [name for name, backbone in BACKBONES.items() if not backbone.zero_shot]
 
 # ---------------------------------------------------------------- weights
 
@@ -218,7 +223,7 @@ def load_wrn(path: Path, image_size: int):
 
 def resolve_backbone(name: str) -> Backbone:
     key = name.lower().replace("_", "")
-    key = {"wrn16-8": WRN_NAME, "wrn": WRN_NAME}.get(key, key)
+    key = {"wrn16-8": WRN_NAME, "wrn": WRN_NAME, "cydral": CYDRAL_NAME, "dlib": CYDRAL_NAME}.get(key, key)
     if key not in BACKBONES:
         raise UserError(f"Unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}.")
     return BACKBONES[key]
@@ -242,6 +247,9 @@ def build_backbone(backbone: Backbone, image_size: int, weights: str):
     """The backbone as a nested Keras model without its classifier, with the chosen starting weights."""
     import keras
 
+    if backbone.zero_shot:
+        raise UserError(f"{backbone.name} is used as its authors trained it (zero-shot, with its own heads): "
+                        "it has no backbone to fine-tune.")
     if weights == "imagenet" and backbone.application is None:
         raise UserError(f"{backbone.name} has no ImageNet weights; use --weights pretrained, none or PATH.")
     if backbone.application is None:
@@ -651,6 +659,9 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
     started = time.perf_counter()
     spec = resolve_backbone(backbone)
     params = {**FAMILIES["transfer"].defaults, **(params or {})}
+    if spec.zero_shot:
+        return zero_shot(spec, task, weights, params, image_size, epochs + fine_tune_epochs, data_dir, limit,
+                         out_dir, data, test_limit, evaluate_test, metadata_extra, started)
     outputs = list(TASK_OUTPUTS[task])
     pretrained = weights != "none"
     model = build_model(spec, image_size, params, task, weights)  # fails fast on weights, before the data
@@ -726,5 +737,33 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
     extra["train_seconds"] = round(time.perf_counter() - started, 1)
     result = finish_run(model, task, data, params, image_size, data_dir, out_dir, history, seconds_per_epoch,
                         evaluate_test, limit, extra)
+    result.extra["cpu_ms_per_image"] = extra.get("cpu_ms_per_image")
+    return result
+
+
+def zero_shot(spec: Backbone, task: str, weights: str, params: dict[str, Any], image_size: int, epochs: int,
+              data_dir: Path, limit: int | None, out_dir: Path | None, data: dict[str, SplitData] | None,
+              test_limit: int | None, evaluate_test: bool, metadata_extra: dict[str, Any] | None,
+              started: float) -> TrainResult:
+    """A whole pretrained model (the Cydral networks) scored and saved as its authors trained it: nothing is
+    trained, so the recipe's training parameters are recorded but unused."""
+    if weights != "pretrained" or epochs or task != "multitask":
+        raise UserError(f"{spec.name} is used as its authors trained it: --weights pretrained, --epochs 0, "
+                        "--fine-tune-epochs 0 and --task multitask.")
+    model = build_cydral(image_size=image_size)
+    data = {} if data is None else data
+    if not data:
+        data.update(load_data(image_size, data_dir, limit, datasets=None))
+        if test_limit is not None:
+            data["test"] = SplitData(*load_split("test", image_size, data_dir, test_limit))
+    extra = {"family": "transfer", "backbone": spec.name, "weights": spec.pretrained, "phase_epochs": [0, 0],
+             "backbone_layers_fine_tuned": 0, "preprocessing": "inside the model", "input_margin": spec.margin,
+             "zero_shot": True, "kept_phase": 0, "age_head": "cydral", "train_images": 0, **(metadata_extra or {})}
+    if evaluate_test:
+        extra["cpu_ms_per_image"] = cpu_ms_per_image(model, list(TASK_OUTPUTS[task]), data["test"].images)
+        extra["test_images"] = len(data["test"].rows)
+    extra["train_seconds"] = round(time.perf_counter() - started, 1)
+    result = finish_run(model, task, data, params, image_size, data_dir, out_dir, None, 0.0, evaluate_test, limit,
+                        extra)
     result.extra["cpu_ms_per_image"] = extra.get("cpu_ms_per_image")
     return result

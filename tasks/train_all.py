@@ -52,6 +52,7 @@ DEFAULT_RUN_SECONDS = 300.0  # a run without epochs (the ensemble), when none ha
 QUICK_RUN_SECONDS = 60.0  # a --quick run when no earlier one has recorded its time
 LOG_TAIL = 15  # lines of train.log shown when a trainer fails
 SESSION_FILE = "train_all.json"  # in <results>/runs: the last train_all's plan and how far it got
+ZERO_SHOT_QUICK_LIMIT = 256  # a --quick run scores a zero-shot model on this many images
 QUICK_PREPARE_LIMIT = 1000  # a --quick run prepares other crops for a stratified subset of this many images
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -89,11 +90,22 @@ def planned_epochs(settings: dict[str, Any]) -> int:
     return int(settings.get("epochs") or 0) + int(settings.get("fine_tune_epochs") or 0)
 
 
+def quick_flags(recipe: Recipe, family: Family) -> tuple[str, ...]:
+    """The family's smoke-run flags; a zero-shot model (the Cydral networks: nothing is trained) keeps its recipe's
+    weights and size and is scored on a subset only."""
+    from agegender.transfer import resolve_backbone
+
+    backbone = recipe.settings.get("backbone")
+    if backbone and resolve_backbone(backbone).zero_shot:
+        return ("--limit", str(ZERO_SHOT_QUICK_LIMIT))
+    return family.quick
+
+
 def make_job(recipe: Recipe, quick: bool, limit: int | None) -> Job:
     """The flags given on top of the recipe (the family's quick ones, then --limit; the last of a flag wins, as
     on a command line) and the settings they make; the run is judged on the validation subset its limit gives."""
     family = FAMILIES[recipe.family]
-    flags = [*(family.quick if quick else ()), *(["--limit", str(limit)] if limit else [])]
+    flags = [*(quick_flags(recipe, family) if quick else ()), *(["--limit", str(limit)] if limit else [])]
     settings = {**recipe.settings, "limit": None}
     for flag, value in zip(flags, flags[1:], strict=False):
         if flag in SETTING_FLAGS:
