@@ -8,16 +8,15 @@ import json
 import zipfile
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 from typer.testing import CliRunner
 
 from agegender import cydral
 from agegender.cli import UserError
 from tasks import finetune_transfer as ft
-
-onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-from onnx.reference import ReferenceEvaluator  # noqa: E402
 
 AGES = [0.25, *range(1, 11)]  # 11 classes, the first one a quarter year as in Cydral's age network
 
