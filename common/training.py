@@ -440,7 +440,8 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
     result.test_metrics = evaluate(predicted, data["test"].rows)
     if out_dir is not None:
         extra = {"epochs_run": 0 if history is None else len(history), "seconds_per_epoch": seconds_per_epoch,
-                 "train_images": len(data["train"].rows), "parameters": int(model.count_params()),
+                 "train_images": len(data["train"].rows) if "train" in data else 0,  # none for an ensemble
+                 "parameters": int(model.count_params()),
                  "utkface_crops": prepared_crops(data_dir), "extra_datasets": prepared_extras(data_dir),
                  "utkface_split_sha256": utkface_split_sha256(data_dir),
                  **(metadata_extra or {})}

@@ -661,7 +661,7 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
     params = {**FAMILIES["transfer"].defaults, **(params or {})}
     if spec.zero_shot:
         return zero_shot(spec, task, weights, params, image_size, epochs + fine_tune_epochs, data_dir, limit,
-                         out_dir, data, test_limit, evaluate_test, metadata_extra, started)
+                         out_dir, data, test_limit, evaluate_test, metadata_extra)
     outputs = list(TASK_OUTPUTS[task])
     pretrained = weights != "none"
     model = build_model(spec, image_size, params, task, weights)  # fails fast on weights, before the data
@@ -743,22 +743,21 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
 
 def zero_shot(spec: Backbone, task: str, weights: str, params: dict[str, Any], image_size: int, epochs: int,
               data_dir: Path, limit: int | None, out_dir: Path | None, data: dict[str, SplitData] | None,
-              test_limit: int | None, evaluate_test: bool, metadata_extra: dict[str, Any] | None,
-              started: float) -> TrainResult:
+              test_limit: int | None, evaluate_test: bool, metadata_extra: dict[str, Any] | None) -> TrainResult:
     """A whole pretrained model (the Cydral networks) scored and saved as its authors trained it: nothing is
-    trained, so the recipe's training parameters are recorded but unused."""
+    trained, so the recipe's training parameters are recorded but unused and the training split is not read."""
+    started = time.perf_counter()
     if weights != "pretrained" or epochs or task != "multitask":
         raise UserError(f"{spec.name} is used as its authors trained it: --weights pretrained, --epochs 0, "
                         "--fine-tune-epochs 0 and --task multitask.")
     model = build_cydral(image_size=image_size)
-    data = {} if data is None else data
-    if not data:
-        data.update(load_data(image_size, data_dir, limit, datasets=None))
+    if not data:  # val and test only (not the caller's dict, which a trained backbone would fill with all three)
+        data = load_data(image_size, data_dir, limit, splits=("val", "test"), datasets=None)
         if test_limit is not None:
             data["test"] = SplitData(*load_split("test", image_size, data_dir, test_limit))
     extra = {"family": "transfer", "backbone": spec.name, "weights": spec.pretrained, "phase_epochs": [0, 0],
              "backbone_layers_fine_tuned": 0, "preprocessing": "inside the model", "input_margin": spec.margin,
-             "zero_shot": True, "kept_phase": 0, "age_head": "cydral", "train_images": 0, **(metadata_extra or {})}
+             "zero_shot": True, "kept_phase": 0, "age_head": "cydral", **(metadata_extra or {})}
     if evaluate_test:
         extra["cpu_ms_per_image"] = cpu_ms_per_image(model, list(TASK_OUTPUTS[task]), data["test"].images)
         extra["test_images"] = len(data["test"].rows)

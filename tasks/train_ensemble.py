@@ -238,7 +238,7 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
     plain_indices = frozenset(names.index(name) for name in plain_members)
     members = load_members(member_folders)
     input_size = max(int(metadata["image_size"]) for _, _, metadata in members)
-    data = load_data(input_size, data_dir, limit)
+    data = load_data(input_size, data_dir, limit, splits=("val", "test"))  # nothing trains: no training split
     val, test = data["val"], data["test"]
     plain = member_predictions(members, val.images, input_size, flip=False)
     candidates = {"off": plain}
@@ -287,7 +287,7 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
                        "utkface_crops": meta.get("utkface_crops"), "extra_datasets": meta.get("extra_datasets", [])}
                       for folder, (name, _, meta) in zip(member_folders, members, strict=True)]
     extra = {"family": FAMILY.name, "backbone": "ensemble", "weights": "members", "members": member_records,
-             "selection": report, "train_images": 0, "age_head": "ensemble", **(metadata_extra or {}),
+             "selection": report, "age_head": "ensemble", **(metadata_extra or {}),
              "train_seconds": round(time.perf_counter() - started, 1)}
     result = finish_run(model, FAMILY.task, data, params, input_size, data_dir, None if out is None else Path(out),
                         limit=limit, metadata_extra=extra, test_predicted=test_predicted)

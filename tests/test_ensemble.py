@@ -30,6 +30,7 @@ def ensemble(trained_models, prepared, tmp_path_factory):
 def test_the_ensemble_records_its_members_and_weights_chosen_on_validation(ensemble, trained_models):
     meta = json.loads((ensemble / "metadata.json").read_text())
     assert meta["backbone"] == "ensemble" and meta["task"] == "multitask" and meta["outputs"] == ["age", "gender"]
+    assert meta["train_images"] == 0  # nothing trains: the training split is not even read
     assert [m["name"] for m in meta["members"]] == ["multitask", "gender", "age"]
     # what the members learned from besides UTKFace is the ensemble's too (evaluate and the model card read it);
     # its own extra_datasets stay those of the data its weights were chosen on, as its recipe says
