@@ -12,6 +12,7 @@ import re
 import shutil
 import tarfile
 import zipfile
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -208,16 +209,20 @@ def check_files(root: Path, rows: pd.DataFrame, progress=None) -> tuple[pd.DataF
 
 
 def open_dataset(source: str | Path, staging: Path, force: bool = False, name: str | None = None,
-                 progress_factory=None, limit: int | None = None, seed: int = 42) -> LabelledDataset:
+                 progress_factory=None, limit: int | None = None, seed: int = 42,
+                 only: Collection[str] | None = None) -> LabelledDataset:
     """Read a labelled dataset (a folder, or an archive unpacked into `staging`): its usable rows and the
     problems of the others. progress_factory(description, total) -> a callable advancing a bar, optional.
-    `limit` keeps a seeded random subset of that many labelled rows (before their files are checked)."""
+    `only` keeps the rows of those files; `limit` then a seeded random subset of that many labelled rows (before
+    their files are checked)."""
     source = Path(source).expanduser()
     if not source.exists():
         raise UserError(f"Dataset {source} does not exist.")
     folder = stage(source, staging, force)
     labels_path = find_labels(folder)
     rows, problems, listed = read_labels(labels_path)
+    if only is not None:
+        rows = rows[rows["file"].isin(set(only))].reset_index(drop=True)
     if limit is not None and limit < len(rows):
         rows = rows.sample(n=limit, random_state=seed).sort_values("file").reset_index(drop=True)
     root = labels_path.parent.resolve()

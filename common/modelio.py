@@ -140,6 +140,27 @@ def training_datasets(metadata: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def learned_manifests(metadata: dict[str, Any], folder: Path, datasets: set[str]) -> list[str | None]:
+    """The prepare_data manifests (their sha256) on which the parts of a model that learned from any of `datasets`
+    were trained: the model itself and, for an ensemble, each such member (its metadata read from its recorded
+    folder, or from the folder of its name beside the ensemble's); None where that is not recorded."""
+    hashes = []
+    if datasets & set(metadata.get("extra_datasets") or []):
+        hashes.append(metadata.get("manifest_sha256"))
+    for member in metadata.get("members") or []:
+        if not datasets & set(member.get("extra_datasets") or []):
+            continue
+        found = None
+        places = [Path(member[key]) if key == "folder" else Path(folder).parent / member[key]
+                  for key in ("folder", "name") if member.get(key)]
+        for place in places:
+            if (place / METADATA_FILE).is_file():
+                found = read_metadata(place).get("manifest_sha256")
+                break
+        hashes.append(member.get("manifest_sha256") or found)
+    return hashes
+
+
 def load_model(folder: Path) -> tuple[Any, dict[str, Any]]:
     """The Keras model and its metadata; a missing or broken folder raises UserError."""
     folder = Path(folder)

@@ -3,6 +3,7 @@ predict (agegender.faces, as predict does), and compare with the labels.
 
     python tasks/evaluate.py results/models/multitask --dataset ../shared/data/celeba/celeba-10k.tar.gz
     python tasks/evaluate.py results/models/age --dataset my_faces/ --no-detect --limit 500
+    python tasks/evaluate.py results/models/ensemble --dataset celeba-10k.tar.gz --split test --data-dir data
 
 A dataset is a folder, .tar.gz or .zip of images with labels.csv (file, and any of age, gender with 1 = female,
 race; empty where unknown; agegender.datasets). Each image's largest face is scored; an image where the detector
@@ -10,6 +11,8 @@ finds none counts in the faces-not-found rate and in no other figure. Metrics ar
 dataset has, and per race (all ages, and 13 and older), age band and gender where it has those (with each
 metric's best and worst group). A model that learned from the dataset (its training split, through prepare_data
 --extra-source; an ensemble through its members) is scored with a warning that its figures include faces it saw.
+--split val or test scores only the faces prepare_data put in that split of the dataset (the manifest in
+--data-dir): faces such a model never trained on, when it trained on that manifest (no warning then).
 Writes results/evaluations/<dataset>/: evaluation.md, evaluation.json, predictions.csv and, for a model with an
 age output on a dataset with ages, <model>-age_error.png.
 """
@@ -34,11 +37,11 @@ from agegender.cli import (
     write_json,
     write_text,
 )
-from agegender.data import DATA_DIR, RESULTS_DIR, SEED
+from agegender.data import DATA_DIR, RESULTS_DIR, SEED, SPLITS, file_sha256, load_manifest, manifest_path
 from agegender.datasets import dataset_name, open_dataset
 from agegender.faces import BACKENDS, DEFAULT_DETECTOR, DETECTORS, Predictor, detect_faces, input_crop, read_image
 from agegender.metrics import AGE_COLUMNS, GENDER_COLUMNS, group_gaps, group_metrics, labelled_metrics
-from agegender.modelio import training_datasets
+from agegender.modelio import learned_manifests, training_datasets
 from agegender.plots import plot_age_error
 from agegender.tables import frame_markdown, frame_rich, markdown_table, rich_table
 
@@ -99,12 +102,36 @@ def model_names(model_dirs: list[Path]) -> list[str]:
     return names
 
 
+def split_files(data_dir: Path, dataset: str | Path, split: str) -> tuple[list[str], str]:
+    """The files prepare_data put in `split` of the dataset (<data_dir>/manifest.csv), and that manifest's sha256."""
+    manifest = load_manifest(data_dir, None)
+    chosen = manifest[(manifest["dataset"] == dataset_name(dataset)) & (manifest["split"] == split)]
+    if chosen.empty:
+        raise UserError(f"{manifest_path(data_dir)} has no {split} split of {dataset_name(dataset)}: prepare it "
+                        f"with `python tasks/prepare_data.py --extra-source {dataset} --data-dir {data_dir}`, or "
+                        "leave out --split.")
+    return chosen["file"].tolist(), file_sha256(manifest_path(data_dir))
+
+
+def saw_faces(metadata: dict[str, Any], folder: Path, known_as: set[str], split: str | None,
+              manifest_sha256: str | None) -> bool:
+    """Whether a model's figures may include faces it trained on: it learned from the dataset, and the faces
+    scored are not a held-out split of the very manifest it (or each member that learned from it) trained on."""
+    if not known_as & set(training_datasets(metadata)):
+        return False
+    hashes = learned_manifests(metadata, folder, known_as)
+    return split not in ("val", "test") or any(found != manifest_sha256 for found in hashes)
+
+
 def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, limit: int | None = None,
              out_dir: Path = EVALUATIONS_DIR, data_dir: Path = DATA_DIR, detector: str = DEFAULT_DETECTOR,
-             backend: str = "auto", batch_size: int = 64, name: str | None = None) -> dict[str, Any]:
-    """Score every model on the dataset; returns the summary written to <out_dir>/<dataset>/evaluation.json."""
+             backend: str = "auto", batch_size: int = 64, name: str | None = None,
+             split: str | None = None) -> dict[str, Any]:
+    """Score every model on the dataset (or on one split of it as prepare_data made it in data_dir); returns the
+    summary written to <out_dir>/<dataset>/evaluation.json."""
     source_name = dataset_name(dataset)  # what prepare_data calls it (by its path)
-    name = name or source_name
+    name = name or (f"{source_name}-{split}" if split else source_name)
+    only, manifest_sha256 = split_files(data_dir, dataset, split) if split else (None, None)
     predictors = [Predictor.load(folder, backend) for folder in model_dirs]
     names = model_names(model_dirs)
     with progress_bar() as progress:
@@ -113,8 +140,8 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
             return lambda: progress.advance(task)
 
         with console.status(f"Reading {dataset} ..."):
-            labelled = open_dataset(dataset, data_dir / "datasets" / name / "files", name=name,
-                                    progress_factory=factory, limit=limit, seed=SEED)
+            labelled = open_dataset(dataset, data_dir / "datasets" / source_name / "files", name=name,
+                                    progress_factory=factory, limit=limit, seed=SEED, only=only)
         if labelled.rows.empty:
             raise UserError(f"{dataset} has no usable labelled image ({len(labelled.problems)} listed as unusable).")
         files = labelled.rows["file"].tolist()
@@ -140,7 +167,8 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
             plot_age_error(rows["age"].to_numpy()[known], predicted["age"][known], plot)
             plots["age_error"] = plot.name
         models[model] = {"folder": str(model_dir), "task": predictor.metadata.get("task"), "backend": predictor.backend,
-                         "trained_on_dataset": bool(known_as & set(training_datasets(predictor.metadata))),
+                         "trained_on_dataset": saw_faces(predictor.metadata, model_dir, known_as, split,
+                                                         manifest_sha256),
                          "metrics": overall, "plots": plots}
         predicted_rows.append(pd.DataFrame({"model": model, "file": rows["file"],
                                             **{key: value for key, value in predicted.items()}}))
@@ -149,7 +177,8 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
     images = len(files)
     summary = {
         "dataset": name, "source": str(dataset), "labels": labelled.labels, "rows_listed": labelled.listed,
-        "limit": limit, "detect": detect, "detector": detector if detect else None,
+        "limit": limit, "split": split, "manifest_sha256": manifest_sha256,
+        "detect": detect, "detector": detector if detect else None,
         "images": images, "faces_found": int(found.sum()),
         "not_found_rate": float(1 - found.mean()) if images else 0.0,
         "not_found": [file for file, hit in zip(files, found, strict=True) if not hit],
@@ -179,6 +208,9 @@ def trained_on_dataset(summary: dict[str, Any]) -> str:
     if not models:
         return ""
     who, was, does = ("it", "was", "does") if len(models) == 1 else ("they", "were", "do")
+    if summary.get("split") in ("val", "test"):
+        return (f"{' and '.join(models)} learned from {dataset_name(summary['source'])} as another manifest "
+                f"split it: the faces here may include faces {who} {was} trained on.")
     return (f"{' and '.join(models)} learned from {summary['dataset']} (its training split): the figures here "
             f"include faces {who} {was} trained on, and overstate how {who} {does} on new faces.")
 
@@ -189,6 +221,8 @@ def markdown_report(summary: dict[str, Any], groups: pd.DataFrame, gaps: pd.Data
     parts = [f"# Evaluation on {summary['dataset']}",
              f"`python tasks/evaluate.py` on {summary['source']}: {summary['images']:,} labelled images"
              + (f" (a seeded subset of {summary['limit']:,})" if summary["limit"] else "")
+             + (f", the {summary['split']} split as prepare_data made it (manifest sha256 "
+                f"{summary['manifest_sha256'][:12]})" if summary.get("split") else "")
              + f", labels: {', '.join(summary['labels'])}; {how}. An image without a face counts only in the "
                "not-found rate.",
              "## Overall", frame_markdown(overall_frame(summary), FORMATS)]
@@ -253,14 +287,19 @@ def main(
     detector: Annotated[str, typer.Option(help=f"Face detector: {', '.join(DETECTORS)}.")] = DEFAULT_DETECTOR,
     backend: Annotated[str, typer.Option(help="auto, keras, tflite or tflite-int8 (as predict).")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Faces per model call.")] = 64,
-    data_dir: Annotated[Path, typer.Option(help="Where an archive is unpacked (<data-dir>/datasets/<name>).")]
+    data_dir: Annotated[Path, typer.Option(help="Where an archive is unpacked (<data-dir>/datasets/<name>), and "
+                                                "whose manifest --split reads.")]
     = DATA_DIR,
+    split: Annotated[str | None, typer.Option(
+        help="Score only the faces prepare_data put in this split (train, val, test) of the dataset, as "
+             "<data-dir>/manifest.csv records it; results under <dataset>-<split>.")] = None,
 ) -> None:
     """Score saved models on a labelled dataset: metrics, faces-not-found rate, bias tables, age error by age."""
     check_choice(backend, BACKENDS, "--backend")
     check_choice(detector, tuple(DETECTORS), "--detector")
+    check_choice(split, SPLITS, "--split")
     with user_errors():
-        evaluate(model_dirs, dataset, detect, limit, out, data_dir, detector, backend, batch_size, name)
+        evaluate(model_dirs, dataset, detect, limit, out, data_dir, detector, backend, batch_size, name, split)
 
 
 if __name__ == "__main__":

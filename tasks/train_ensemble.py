@@ -284,7 +284,8 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
         params["grey_weights"] = by_name(grey_chosen)
     member_records = [{"folder": str(folder), "name": name, "created": meta.get("created"),
                        "backbone": meta.get("backbone"), "image_size": meta["image_size"],
-                       "utkface_crops": meta.get("utkface_crops"), "extra_datasets": meta.get("extra_datasets", [])}
+                       "utkface_crops": meta.get("utkface_crops"), "extra_datasets": meta.get("extra_datasets", []),
+                       "manifest_sha256": meta.get("manifest_sha256")}
                       for folder, (name, _, meta) in zip(member_folders, members, strict=True)]
     extra = {"family": FAMILY.name, "backbone": "ensemble", "weights": "members", "members": member_records,
              "selection": report, "age_head": "ensemble", **(metadata_extra or {}),

@@ -36,6 +36,10 @@ def test_the_ensemble_records_its_members_and_weights_chosen_on_validation(ensem
     # its own extra_datasets stay those of the data its weights were chosen on, as its recipe says
     assert [m["extra_datasets"] for m in meta["members"]] == [[], ["celeba-mini"], []]
     assert meta["extra_datasets"] == [] and training_datasets(meta) == ["celeba-mini"]
+    # and on which manifest each trained (evaluate --split reads it to tell held-out faces)
+    assert [m["manifest_sha256"] for m in meta["members"]] == [
+        json.loads((folder / "metadata.json").read_text())["manifest_sha256"]
+        for folder in (trained_models["multitask"], trained_models["gender"], trained_models["age"])]
     assert "Also trained on `celeba-mini`" in about_markdown("ensemble", ensemble)
     weights = meta["params"]["weights"]
     assert set(weights["age"]) == {"multitask", "age"}  # the gender-only model has no say in the age

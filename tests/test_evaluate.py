@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from agegender.data import file_sha256
 from agegender.faces import DEFAULT_DETECTOR
 from agegender.metrics import age_metrics, gender_metrics
 from tasks import evaluate, predict
@@ -98,6 +99,61 @@ def test_detection_scores_the_face_predict_finds(trained_models, labelled_datase
     by_predict = predicted_by_predict(trained_models["multitask"], labelled_dataset, tmp_path)
     np.testing.assert_allclose(predictions["age"], by_predict.loc[predictions.index, "age"], atol=2e-4)
     assert by_predict.loc[summary["not_found"], "reason"].eq("no face found").all()
+
+
+def test_split_scores_the_held_out_faces_of_a_prepared_dataset(trained_models, prepared_extra, labelled_dataset,
+                                                                tmp_path):
+    # faces-ds went through prepare_data --extra-source; --split test scores only its test faces, and a model that
+    # learned from faces-ds on that very manifest is scored without the warning (it never saw them)
+    data_dir = prepared_extra["data_dir"]
+    manifest = pd.read_csv(data_dir / "manifest.csv")
+    test_files = set(manifest.query("dataset == 'faces-ds' and split == 'test'")["file"])
+    assert 0 < len(test_files) < 30
+    same = model_trained_on(trained_models["multitask"], tmp_path / "same", ["faces-ds"])
+    metadata = json.loads((same / "metadata.json").read_text())
+    (same / "metadata.json").write_text(json.dumps({**metadata, "manifest_sha256": file_sha256(
+        data_dir / "manifest.csv")}))
+    other = model_trained_on(trained_models["gender"], tmp_path / "other", ["faces-ds"])
+    result = run_evaluate(str(same), str(other), "--dataset", str(labelled_dataset), "--split", "test",
+                          "--no-detect", "--out", str(tmp_path / "out"), "--data-dir", str(data_dir))
+    folder = tmp_path / "out" / "faces-ds-test"
+    summary = json.loads((folder / "evaluation.json").read_text())
+    assert summary["split"] == "test" and summary["images"] == len(test_files)
+    assert set(pd.read_csv(folder / "predictions.csv")["file"]) == test_files
+    assert summary["models"]["same"]["trained_on_dataset"] is False
+    assert summary["models"]["other"]["trained_on_dataset"] is True  # trained on another preparation
+    assert "other learned from faces-ds as another manifest split it" in said(result)
+    assert "the test split as prepare_data made it" in (folder / "evaluation.md").read_text()
+
+    # a data folder whose manifest has no such dataset, and a split that does not exist
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    manifest.query("dataset != 'faces-ds'").to_csv(bare / "manifest.csv", index=False)
+    for flags, message in ((["--split", "test", "--data-dir", str(bare)], "has no test split of faces-ds"),
+                           (["--split", "holdout"], "must be one of train, val, test")):
+        result = runner.invoke(evaluate.app, [str(same), "--dataset", str(labelled_dataset), "--no-detect",
+                                              "--out", str(tmp_path / "out2"), *flags])
+        assert result.exit_code != 0 and message in said(result) and "Traceback" not in result.output
+    assert not (tmp_path / "out2").exists()
+
+
+def test_an_ensemble_s_member_tells_whether_the_split_was_held_out(tmp_path):
+    # the shipped ensemble records its members' folders, not their manifests: the member's own metadata says
+    # (at its recorded folder, else beside the ensemble); a member whose manifest cannot be read may have seen them
+    member = tmp_path / "models" / "wrn"
+    member.mkdir(parents=True)
+    (member / "metadata.json").write_text(json.dumps({"manifest_sha256": "abc", "extra_datasets": ["faces-ds"]}))
+    ensemble = {"extra_datasets": [], "members": [{"name": "wrn", "folder": str(tmp_path / "moved"),
+                                                   "extra_datasets": ["faces-ds"]},
+                                                  {"name": "cnn", "extra_datasets": []}]}
+    folder = tmp_path / "models" / "ensemble"
+    assert not evaluate.saw_faces(ensemble, folder, {"faces-ds"}, "test", "abc")
+    assert evaluate.saw_faces(ensemble, folder, {"faces-ds"}, "test", "another")
+    assert evaluate.saw_faces(ensemble, folder, {"faces-ds"}, None, None)
+    assert evaluate.saw_faces(ensemble, folder, {"faces-ds"}, "train", "abc")
+    lost = {**ensemble, "members": [{"name": "gone", "extra_datasets": ["faces-ds"]}]}
+    assert evaluate.saw_faces(lost, folder, {"faces-ds"}, "test", "abc")
+    assert not evaluate.saw_faces(ensemble, folder, {"celeba-10k"}, None, None)
 
 
 def test_bad_inputs_end_in_one_sentence(trained_models, labelled_dataset, tmp_path):
