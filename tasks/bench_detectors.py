@@ -40,20 +40,25 @@ LANDSCAPE = REPO_ROOT / "spaces" / "examples" / "landscape.jpg"  # public domain
 # Where CelebA's 89x109 aligned faces put the eyes (MTCNN on 100 of them, enlarged 2x): image-left eye first
 CELEBA_EYES = ((34.7, 55.6), (53.9, 55.6))
 CANVAS_SIDES = (250, 600)
+BIG_SIDES = (1200, 2400)  # photos straight from a camera or a phone, 1.4-5.8 megapixels
 JPEG_QUALITY = 90
 TARGET_MS = 25.0  # issue 16: end to end per 250-600 px photo with one face, on this 2-core CPU
 MATCH_WIDTH = (1.0, 4.5)  # a found face's box width, in true eye distances
 
-# condition -> (what it is, face source, share of the canvas's shorter side the face's crop spans)
-CONDITIONS: dict[str, tuple[str, str, tuple[float, float]]] = {
-    "small": ("UTKFace face over 15-30% of the canvas's shorter side", "utkface", (0.15, 0.30)),
-    "medium": ("UTKFace face over 30-55%", "utkface", (0.30, 0.55)),
-    "large": ("UTKFace face over 55-95%", "utkface", (0.55, 0.95)),
-    "grey": ("UTKFace face over 20-80%, the whole canvas grey", "utkface", (0.20, 0.80)),
-    "turned": ("UTKFace face over 20-80%, turned 20 degrees left or right", "utkface", (0.20, 0.80)),
-    "celeba": ("CelebA face (89x109 aligned crop) over 20-60% (gender only)", "celeba", (0.20, 0.60)),
-    "crop": ("the UTKFace 200 px crop itself, no canvas (what predict got before)", "utkface", (1.0, 1.0)),
-    "no_face": ("background only: every box is a false face", "none", (0.0, 0.0)),
+# condition -> (what it is, face source, share of the canvas's shorter side the face's crop spans, canvas sides);
+# new conditions go last, so the canvases of the others stay the same for a seed
+CONDITIONS: dict[str, tuple[str, str, tuple[float, float], tuple[int, int]]] = {
+    "small": ("UTKFace face over 15-30% of the canvas's shorter side", "utkface", (0.15, 0.30), CANVAS_SIDES),
+    "medium": ("UTKFace face over 30-55%", "utkface", (0.30, 0.55), CANVAS_SIDES),
+    "large": ("UTKFace face over 55-95%", "utkface", (0.55, 0.95), CANVAS_SIDES),
+    "grey": ("UTKFace face over 20-80%, the whole canvas grey", "utkface", (0.20, 0.80), CANVAS_SIDES),
+    "turned": ("UTKFace face over 20-80%, turned 20 degrees left or right", "utkface", (0.20, 0.80), CANVAS_SIDES),
+    "celeba": ("CelebA face (89x109 aligned crop) over 20-60% (gender only)", "celeba", (0.20, 0.60), CANVAS_SIDES),
+    "crop": ("the UTKFace 200 px crop itself, no canvas (what predict got before)", "utkface", (1.0, 1.0),
+             CANVAS_SIDES),
+    "no_face": ("background only: every box is a false face", "none", (0.0, 0.0), CANVAS_SIDES),
+    "big": ("UTKFace face over 15-30% of a 1200-2400 px photo", "utkface", (0.15, 0.30), BIG_SIDES),
+    "big_distant": ("UTKFace face over 8-15% of a 1200-2400 px photo", "utkface", (0.08, 0.15), BIG_SIDES),
 }
 ONE_FACE_CANVASES = ("small", "medium", "large", "grey", "turned", "celeba")  # the 250-600 px target set
 
@@ -180,7 +185,8 @@ def make_canvas(condition: str, face: Source | None, rng: np.random.Generator, l
     if condition == "crop":
         image, eyes = face.image, face.eyes
     else:
-        width, height = (int(v) for v in rng.integers(CANVAS_SIDES[0], CANVAS_SIDES[1] + 1, 2))
+        sides = CONDITIONS[condition][3]
+        width, height = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
         image = background(width, height, rng, landscape)
         eyes = None
         if face is not None:
@@ -483,6 +489,7 @@ def main(
                   "settings": {"count": count, "seed": seed, "split": split, "model": shown_path(model),
                                "backend": predictor.backend,
                                "detectors": detectors, "conditions": conditions, "canvas_sides": CANVAS_SIDES,
+                               "big_sides": BIG_SIDES,
                                "jpeg_quality": JPEG_QUALITY, "target_ms": TARGET_MS,
                                "match_width_eye_distances": MATCH_WIDTH},
                   "reference": reference(predictor, canvases), **tabulate(records, detectors, conditions)}

@@ -78,6 +78,17 @@ def test_each_detector_boxes_the_face_and_finds_its_eyes(name, test_faces):
         assert 0.8 < np.linalg.norm(eyes[1] - eyes[0]) / distance < 1.25
 
 
+def test_canvases_have_their_condition_s_size_and_the_others_stay_as_they_were(prepared):
+    """The big-photo conditions come last: adding them left every other condition's canvases the same."""
+    both = bench_detectors.build_canvases(["small", "big", "big_distant"], 3, prepared["data_dir"], None, 7)
+    alone = bench_detectors.build_canvases(["small"], 3, prepared["data_dir"], None, 7)
+    assert [c.jpeg for c in both if c.condition == "small"] == [c.jpeg for c in alone]
+    for canvas in both:
+        sides = bench_detectors.CONDITIONS[canvas.condition][3]
+        assert all(sides[0] <= side <= sides[1] for side in canvas.size), (canvas.condition, canvas.size)
+    assert min(min(c.size) for c in both if c.condition != "small") >= 1200
+
+
 def test_a_photo_without_a_face_gives_no_face():
     landscape = read_image(bench_detectors.LANDSCAPE)
     assert detect_faces(landscape) == []
@@ -170,6 +181,7 @@ def test_benchmark_runs_every_condition_and_writes_its_tables(prepared, model, t
     assert report["reference"]["utkface"]["faces"] == 3
     text = (tmp_path / "detectors.md").read_text()
     assert "| blazeface-back |" in text and "## Per condition" in text
+    assert "- `big_distant`: UTKFace face over 8-15% of a 1200-2400 px photo" in text
     assert "blazeface-back" in result.output and "Wrote" in result.output
 
 
