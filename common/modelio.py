@@ -150,14 +150,14 @@ def learned_manifests(metadata: dict[str, Any], folder: Path, datasets: set[str]
     for member in metadata.get("members") or []:
         if not datasets & set(member.get("extra_datasets") or []):
             continue
-        found = None
+        found = member.get("manifest_sha256")  # train_ensemble records it; older ensembles do not
         places = [Path(member[key]) if key == "folder" else Path(folder).parent / member[key]
                   for key in ("folder", "name") if member.get(key)]
-        for place in places:
+        for place in places if found is None else []:
             if (place / METADATA_FILE).is_file():
                 found = read_metadata(place).get("manifest_sha256")
                 break
-        hashes.append(member.get("manifest_sha256") or found)
+        hashes.append(found)
     return hashes
 
 

@@ -153,6 +153,8 @@ def test_an_ensemble_s_member_tells_whether_the_split_was_held_out(tmp_path):
     assert evaluate.saw_faces(ensemble, folder, {"faces-ds"}, "train", "abc")
     lost = {**ensemble, "members": [{"name": "gone", "extra_datasets": ["faces-ds"]}]}
     assert evaluate.saw_faces(lost, folder, {"faces-ds"}, "test", "abc")
+    recorded = {**ensemble, "members": [{"name": "gone", "extra_datasets": ["faces-ds"], "manifest_sha256": "abc"}]}
+    assert not evaluate.saw_faces(recorded, folder, {"faces-ds"}, "test", "abc")
     assert not evaluate.saw_faces(ensemble, folder, {"celeba-10k"}, None, None)
 
 
