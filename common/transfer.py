@@ -642,6 +642,16 @@ def pooled_features(pool, activations: np.ndarray, batch_size: int = 128) -> np.
     return np.concatenate(parts)
 
 
+def transfer_data(image_size: int, data_dir: Path, limit: int | None, test_limit: int | None,
+                  splits=("train", "val", "test"), outputs: list[str] | None = None) -> dict[str, SplitData]:
+    """The splits of every dataset in the manifest (extra datasets too); with test_limit, a test subset of its own
+    size (the same images for every run)."""
+    data = load_data(image_size, data_dir, limit, splits=splits, datasets=None, outputs=outputs)
+    if test_limit is not None:
+        data["test"] = SplitData(*load_split("test", image_size, data_dir, test_limit))
+    return data
+
+
 def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained",
              params: dict[str, Any] | None = None, image_size: int = IMAGE_SIZE, epochs: int = 5,
              fine_tune_epochs: int = 5, data_dir: Path = DATA_DIR, limit: int | None = None,
@@ -667,9 +677,7 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
     model = build_model(spec, image_size, params, task, weights)  # fails fast on weights, before the data
     data = {} if data is None else data
     if not data:  # filled in place, so several backbones share one load
-        data.update(load_data(image_size, data_dir, limit, datasets=None, outputs=outputs))  # extra datasets too
-        if test_limit is not None:  # a test subset of its own size (the same images for every run)
-            data["test"] = SplitData(*load_split("test", image_size, data_dir, test_limit))
+        data.update(transfer_data(image_size, data_dir, limit, test_limit, outputs=outputs))
     base = backbone_of(model)
     histories, seconds, phase_epochs, unfrozen = [], [], [], len([x for x in base.layers if x.weights])
     phase_one, kept_phase = None, 2 if fine_tune_epochs > 0 else 1
@@ -752,9 +760,7 @@ def zero_shot(spec: Backbone, task: str, weights: str, params: dict[str, Any], i
                         "--fine-tune-epochs 0 and --task multitask.")
     model = build_cydral(image_size=image_size)
     if not data:  # val and test only (not the caller's dict, which a trained backbone would fill with all three)
-        data = load_data(image_size, data_dir, limit, splits=("val", "test"), datasets=None)
-        if test_limit is not None:
-            data["test"] = SplitData(*load_split("test", image_size, data_dir, test_limit))
+        data = transfer_data(image_size, data_dir, limit, test_limit, splits=("val", "test"))
     extra = {"family": "transfer", "backbone": spec.name, "weights": spec.pretrained, "phase_epochs": [0, 0],
              "backbone_layers_fine_tuned": 0, "preprocessing": "inside the model", "input_margin": spec.margin,
              "zero_shot": True, "kept_phase": 0, "age_head": "cydral", **(metadata_extra or {})}

@@ -134,15 +134,15 @@ def copy_test_crops(prepared: dict[str, Path], folder: Path, count: int) -> list
     return names
 
 
-def model_trained_on(folder: Path, copy: Path, datasets: list[str]) -> Path:
+def model_trained_on(folder: Path, copy: Path, datasets: list[str], **fields) -> Path:
     """A copy of a saved model whose metadata says it also learned from `datasets` (as prepare_data
-    --extra-source records them)."""
+    --extra-source records them), with any other metadata `fields` replaced."""
     import json
     import shutil
 
     shutil.copytree(folder, copy)
     metadata = json.loads((copy / "metadata.json").read_text())
-    (copy / "metadata.json").write_text(json.dumps({**metadata, "extra_datasets": datasets}))
+    (copy / "metadata.json").write_text(json.dumps({**metadata, "extra_datasets": datasets, **fields}))
     return copy
 
 
