@@ -559,7 +559,7 @@ def make_dataset(images: np.ndarray, targets: dict[str, np.ndarray], batch_size:
     import tensorflow as tf
 
     image_tensor = tf.convert_to_tensor(images)
-    target_tensors = {name: tf.convert_to_tensor(np.asarray(v, dtype=np.float32).reshape(-1, 1))
+    target_tensors = {name: tf.convert_to_tensor(np.asarray(v, dtype=np.float32).reshape(len(v), -1))
                       for name, v in targets.items()}
     weight_tensor = None if sample_weight is None else tf.convert_to_tensor(sample_weight, tf.float32)
     count = len(images)

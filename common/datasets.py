@@ -1,6 +1,9 @@
 """Labelled datasets besides UTKFace: a folder (or a .tar.gz / .zip of one) of images with a `labels.csv` that has
 a `file` column (the image's path relative to the folder) and any of `age` (whole years), `gender` (1 female,
-0 male) and `race` (UTKFace's 0-4), empty where unknown; other columns are ignored.
+0 male) and `race` (UTKFace's 0-4), empty where unknown. An age known only as a range (FairFace's age groups,
+Adience-style labels) goes in `age_min` and `age_max` instead (whole years, both ends included; `age_max` empty
+when the range is open-ended, as in "70+"). Any other column of text values is kept as a named group (e.g.
+FairFace's `race_fairface`), for the bias tables.
 
 prepare_data adds them to the manifest (--extra-source) and evaluate scores models on them (--dataset). Rows
 that cannot be used are listed with a reason, never fatal: a malformed value, a file listed twice or outside the
@@ -23,6 +26,8 @@ from agegender.cli import UserError
 
 LABELS_FILE = "labels.csv"
 LABEL_COLUMNS = ("age", "gender", "race")
+AGE_RANGE_COLUMNS = ("age_min", "age_max")
+MAX_GROUP_VALUES = 50  # a text column with more distinct values than this is not a group (names, notes, ...)
 UTKFACE = "utkface"  # the name UTKFace's rows carry in the manifest's dataset column
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 # each label's whole-number range
@@ -34,14 +39,23 @@ class LabelledDataset:
     name: str
     source: Path  # what the user gave: a folder or an archive
     root: Path  # the folder holding labels.csv; files are relative to it
-    rows: pd.DataFrame  # file, age, gender, race (nullable integers), the usable rows only
+    rows: pd.DataFrame  # file, age, gender, race, age_min, age_max (nullable integers), groups; usable rows only
     problems: list[dict[str, str]] = field(default_factory=list)  # {"file", "reason"} per unusable row
     listed: int = 0  # rows in labels.csv
 
+    groups: list[str] = field(default_factory=list)  # the named group columns kept in rows
+
     @property
     def labels(self) -> list[str]:
-        """The label columns with at least one value."""
-        return [column for column in LABEL_COLUMNS if self.rows[column].notna().any()]
+        """The label columns with at least one value ("age" where any row has an age or an age range)."""
+        def has(column: str) -> bool:
+            return self.rows[column].notna().any() or (column == "age" and self.rows["age_min"].notna().any())
+
+        return [column for column in LABEL_COLUMNS if has(column)]
+
+    @property
+    def has_age_ranges(self) -> bool:
+        return bool(self.rows["age_min"].notna().any())
 
 
 def dataset_name(path: str | Path) -> str:
@@ -138,6 +152,46 @@ def parse_label(text: str, column: str) -> tuple[int | None, str | None]:
     return int(number), None
 
 
+def parse_age_range(min_text: str, max_text: str, age_text: str) -> tuple[tuple[int | None, int | None], str | None]:
+    """((age_min, age_max), None) for a row's age range: both empty (no range), a whole-year range with
+    age_min <= age_max, or age_min alone (open-ended); else ((None, None), reason)."""
+    min_text, max_text = min_text.strip(), max_text.strip()
+    if not min_text and not max_text:
+        return (None, None), None
+    low, reason = parse_label(min_text, "age")
+    high, high_reason = parse_label(max_text, "age")
+    if reason or high_reason:
+        return (None, None), "; ".join(r.replace("age ", f"{name} ", 1) for r, name in
+                                       ((reason, "age_min"), (high_reason, "age_max")) if r)
+    if low is None:
+        return (None, None), f"age_max {max_text!r} without an age_min"
+    if high is not None and high < low:
+        return (None, None), f"age range {low}-{high} ends before it starts"
+    if age_text.strip():
+        return (None, None), "both an age and an age range (give one)"
+    return (low, high), None
+
+
+def age_range_name(low, high) -> str:
+    """An age range as FairFace names its groups: "20-29", or "70+" when open-ended (high missing)."""
+    return f"{int(low)}+" if pd.isna(high) else f"{int(low)}-{int(high)}"
+
+
+def group_columns(raw: pd.DataFrame) -> list[str]:
+    """The named group columns of a labels.csv: text columns other than the file, labels and age columns whose
+    values are not all numbers and take at most MAX_GROUP_VALUES distinct values."""
+    known = {"file", *LABEL_COLUMNS, *AGE_RANGE_COLUMNS}
+    found = []
+    for column in raw.columns:
+        values = raw[column].str.strip()
+        values = values[values != ""]
+        if column in known or column.startswith("age") or values.empty or values.nunique() > MAX_GROUP_VALUES:
+            continue
+        if pd.to_numeric(values, errors="coerce").isna().any():
+            found.append(column)
+    return found
+
+
 def check_image(path: Path) -> str | None:
     """None when PIL decodes the file, else the reason it is unusable."""
     try:
@@ -149,8 +203,9 @@ def check_image(path: Path) -> str | None:
 
 
 def read_labels(labels_path: Path) -> tuple[pd.DataFrame, list[dict[str, str]], int]:
-    """The labelled rows of a labels.csv (file, age, gender, race as nullable integers), the rows it could not
-    use with their reasons, and how many rows it lists. Files are not opened here (see check_files)."""
+    """The labelled rows of a labels.csv (file, age, gender, race, age_min, age_max as nullable integers, then
+    the named group columns as text), the rows it could not use with their reasons, and how many rows it lists.
+    Files are not opened here (see check_files)."""
     try:
         raw = pd.read_csv(labels_path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
@@ -158,9 +213,11 @@ def read_labels(labels_path: Path) -> tuple[pd.DataFrame, list[dict[str, str]], 
     raw.columns = [str(column).strip().lower() for column in raw.columns]
     if "file" not in raw.columns:
         raise UserError(f"{labels_path} has no file column (its columns: {', '.join(raw.columns) or 'none'}).")
-    present = [column for column in LABEL_COLUMNS if column in raw.columns]
+    present = [column for column in (*LABEL_COLUMNS, "age_min") if column in raw.columns]
     if not present:
-        raise UserError(f"{labels_path} has none of the label columns {', '.join(LABEL_COLUMNS)}.")
+        raise UserError(f"{labels_path} has none of the label columns {', '.join(LABEL_COLUMNS)} "
+                        "(or an age range: age_min, age_max).")
+    groups = group_columns(raw)
     root = labels_path.parent.resolve()
     rows, problems, seen = [], [], set()
     for line, record in enumerate(raw.to_dict("records"), start=2):  # line 1 is the header
@@ -182,6 +239,10 @@ def read_labels(labels_path: Path) -> tuple[pd.DataFrame, list[dict[str, str]], 
             values[column] = value
             if reason:
                 reasons.append(reason)
+        (values["age_min"], values["age_max"]), reason = parse_age_range(
+            record.get("age_min", ""), record.get("age_max", ""), record.get("age", ""))
+        if reason:
+            reasons.append(reason)
         if reasons:
             problems.append({"file": where, "reason": "malformed row: " + "; ".join(reasons)})
             continue
@@ -189,9 +250,10 @@ def read_labels(labels_path: Path) -> tuple[pd.DataFrame, list[dict[str, str]], 
             problems.append({"file": where, "reason": "no label"})
             continue
         seen.add(str(path))
-        rows.append({"file": str(path), **values})
-    frame = pd.DataFrame(rows, columns=["file", *LABEL_COLUMNS])
-    return frame.astype({column: "Int64" for column in LABEL_COLUMNS}), problems, len(raw)
+        named = {column: record[column].strip() or None for column in groups}
+        rows.append({"file": str(path), **values, **named})
+    frame = pd.DataFrame(rows, columns=["file", *LABEL_COLUMNS, *AGE_RANGE_COLUMNS, *groups])
+    return frame.astype({column: "Int64" for column in (*LABEL_COLUMNS, *AGE_RANGE_COLUMNS)}), problems, len(raw)
 
 
 def check_files(root: Path, rows: pd.DataFrame, progress=None) -> tuple[pd.DataFrame, list[dict[str, str]]]:
@@ -228,4 +290,5 @@ def open_dataset(source: str | Path, staging: Path, force: bool = False, name: s
     root = labels_path.parent.resolve()
     advance = progress_factory(f"checking {dataset_name(source)} images", len(rows)) if progress_factory else None
     rows, missing = check_files(root, rows, advance)
-    return LabelledDataset(name or dataset_name(source), source, root, rows, problems + missing, listed)
+    groups = [column for column in rows.columns if column not in ("file", *LABEL_COLUMNS, *AGE_RANGE_COLUMNS)]
+    return LabelledDataset(name or dataset_name(source), source, root, rows, problems + missing, listed, groups)

@@ -38,6 +38,27 @@ def age_metrics(age_true, age_pred) -> dict:
     }
 
 
+def range_metrics(age_min, age_max, age_pred) -> dict:
+    """Against ages known only as ranges (age_max NaN: open-ended): the share of predictions whose whole-year
+    age (rounded, as predict's age band) lies inside the range, and how many years the predictions lie outside it
+    on average (0 inside; measured from the range's rounding edges, age_min - 0.5 and age_max + 0.5)."""
+    low = np.asarray(age_min, dtype=float).ravel()
+    high = np.nan_to_num(np.asarray(age_max, dtype=float).ravel(), nan=np.inf)
+    pred = np.asarray(age_pred, dtype=float).ravel()
+    whole = np.round(pred)
+    outside = np.maximum(low - 0.5 - pred, 0.0) + np.maximum(pred - high - 0.5, 0.0)
+    return {"age_group_accuracy": float(np.mean((whole >= low) & (whole <= high))),
+            "years_outside": float(np.mean(outside)), "n": int(len(pred))}
+
+
+def range_rows(rows) -> np.ndarray:
+    """Which rows have an age range and no exact age."""
+    if "age_min" not in rows:
+        return np.zeros(len(rows), dtype=bool)
+    exact = rows["age"].notna().to_numpy() if "age" in rows else np.zeros(len(rows), dtype=bool)
+    return rows["age_min"].notna().to_numpy() & ~exact
+
+
 # the comparison's columns (compare, readme): (key, header, format, better); better is "max", "min" or None
 THROUGHPUT_BATCH = 64  # compare's batched timing
 GENDER_COLUMNS = [("accuracy", "accuracy", "{:.4f}", "max"), ("precision", "precision", "{:.4f}", "max"),
@@ -50,6 +71,9 @@ COST_COLUMNS = [("backend", "runs", "{}", None), ("parameters", "parameters", "{
                 ("ms_batch1", "CPU ms/image (batch 1)", "{:.2f}", "min"),
                 ("images_per_s", f"images/s (batch {THROUGHPUT_BATCH})", "{:,.0f}", "max")]
 METRIC_COLUMNS = GENDER_COLUMNS + AGE_COLUMNS
+# against ages known only as ranges (FairFace's age groups): evaluate's and the bias tables' extra columns
+RANGE_COLUMNS = [("age_group_accuracy", "age group accuracy", "{:.4f}", "max"),
+                 ("years_outside", "years outside the range", "{:.2f}", "min")]
 
 
 # ---------------------------------------------------------------- figures per group (evaluate; compare's bias view)
@@ -81,24 +105,54 @@ def labelled_metrics(predictions: dict[str, np.ndarray], rows) -> dict:
             found["n_age"] = int(known.sum())
             age = age_metrics(rows["age"].to_numpy()[known], np.asarray(predictions["age"])[known])
             found.update({key: age[key] for key, *_ in AGE_COLUMNS})
+    ranged = range_rows(rows)
+    if "age" in predictions and ranged.any():
+        found["n_age_range"] = int(ranged.sum())
+        within = range_metrics(rows["age_min"].to_numpy(float)[ranged], rows["age_max"].to_numpy(float)[ranged],
+                               np.asarray(predictions["age"])[ranged])
+        found.update({key: within[key] for key, *_ in RANGE_COLUMNS})
     return found
 
 
+ADULTS_SUFFIX = f", age {ADULT_AGE}+"
+
+
+def known_age(rows):
+    """Each row's age for grouping: its exact age, else the low end of its age range (NaN where neither)."""
+    import pandas as pd
+
+    age = rows["age"].astype(float) if "age" in rows else pd.Series(np.nan, index=rows.index)
+    return age.fillna(rows["age_min"].astype(float)) if "age_min" in rows else age
+
+
+def named_groupings(columns) -> list[str]:
+    """The groupings of a dataset's named group columns (e.g. FairFace's race_fairface): each over all ages and
+    over the faces 13 and older."""
+    return [grouping for column in columns for grouping in (column, f"{column}{ADULTS_SUFFIX}")]
+
+
 def group_labels(rows, grouping: str):
-    """(each row's group name, NaN where its label is missing; the groups in reporting order)."""
+    """(each row's group name, NaN where its label is missing; the groups in reporting order). A face whose age
+    is a range counts as 13 and older when the whole range is, and in the age band of the range's low end."""
     from agegender.data import AGE_BANDS, GENDER_LABELS, RACE_LABELS, age_band
 
+    column = grouping.removesuffix(ADULTS_SUFFIX)
     if grouping in ("race", RACE_ADULTS):
         labels = rows["race"].map(lambda race: RACE_LABELS.get(int(race)) if race == race else None)
         if grouping == RACE_ADULTS:
-            labels = labels.where(rows["age"] >= ADULT_AGE, None)
+            labels = labels.where(known_age(rows) >= ADULT_AGE, None)
         return labels, list(RACE_LABELS.values())
     if grouping == "age band":
-        return rows["age"].map(lambda age: age_band(age) if age == age else None), \
+        return known_age(rows).map(lambda age: age_band(age) if age == age else None), \
             [age_band(low) for low, _ in AGE_BANDS]
     if grouping == "gender":
         return rows["gender"].map(lambda gender: GENDER_LABELS[str(int(gender))] if gender == gender else None), \
             list(GENDER_LABELS.values())
+    if column in rows and column not in GROUPING_LABELS:  # a named group column (agegender.datasets)
+        labels = rows[column].where(rows[column].notna(), None)
+        if grouping != column:
+            labels = labels.where(known_age(rows) >= ADULT_AGE, None)
+        return labels, sorted(rows[column].dropna().unique())
     raise ValueError(f"unknown grouping {grouping!r}; expected one of {GROUPINGS}")
 
 
@@ -108,7 +162,9 @@ def group_metrics(predictions: dict[str, np.ndarray], rows, groupings=GROUPINGS)
     one-gender group."""
     records = []
     for grouping in groupings:
-        if any(label not in rows or rows[label].isna().all() for label in GROUPING_LABELS[grouping]):
+        needed = GROUPING_LABELS.get(grouping, (grouping.removesuffix(ADULTS_SUFFIX),))
+        if any(label not in rows or rows[label].isna().all() for label in needed if label != "age") or (
+                "age" in needed and known_age(rows).isna().all()):
             continue
         labels, order = group_labels(rows, grouping)
         for group in order:
@@ -132,7 +188,7 @@ def group_gaps(groups, by=("grouping",)) -> list[dict]:
         return gaps
     for keys, part in groups.groupby(list(by), sort=False):
         keys = keys if isinstance(keys, tuple) else (keys,)
-        for key, _, _, better in METRIC_COLUMNS:
+        for key, _, _, better in METRIC_COLUMNS + RANGE_COLUMNS:
             if key not in part or part[key].notna().sum() < 2:
                 continue
             valid = part[part[key].notna()]

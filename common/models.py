@@ -79,11 +79,20 @@ def labelled(y_true, y_pred=None):
     return keras.ops.cast(known, "float32"), keras.ops.where(known, y_true, keras.ops.zeros_like(y_true))
 
 
+def years_outside(y_true, y_pred):
+    """How far each prediction lies outside its target range: targets are [low, high] (an age range; its last
+    axis has 2 entries) or one value (an exact age, low == high). Zero inside the range, growing linearly
+    outside it; for an exact age, the absolute error."""
+    low, high = y_true[..., :1], y_true[..., -1:]
+    return keras.ops.relu(low - y_pred) + keras.ops.relu(y_pred - high)
+
+
 @keras.saving.register_keras_serializable("agegender")
 class MaskedLoss(keras.losses.Loss):
     """A per-image loss over the images that have the label: a missing one (NaN target) adds nothing, and the
     others' mean is taken over their own count (Keras divides the batch's sum by the batch size, so each value
-    is scaled by batch size / labelled images). Without a missing label it is the plain loss."""
+    is scaled by batch size / labelled images). Without a missing label it is the plain loss. "mae" reads an
+    age range target ([low, high]) as the distance to the range (years_outside)."""
 
     def __init__(self, kind: str = "mae", label_smoothing: float = 0.0, name: str | None = None, **kwargs):
         super().__init__(name=name or f"masked_{kind}", **kwargs)
@@ -92,7 +101,7 @@ class MaskedLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         mask, y_true = labelled(y_true, y_pred)
         if self.kind == "mae":
-            per_image = keras.ops.mean(keras.ops.abs(y_pred - y_true), axis=-1)
+            per_image = keras.ops.mean(years_outside(y_true, y_pred), axis=-1)
         else:
             per_image = keras.losses.binary_crossentropy(y_true, y_pred, label_smoothing=self.label_smoothing)
         mask = keras.ops.min(mask, axis=-1)
@@ -117,8 +126,34 @@ def masked_metric(base):
     return Masked
 
 
-MASKED_METRICS = {"mae": masked_metric(keras.metrics.MeanAbsoluteError),
-                  "mse": masked_metric(keras.metrics.MeanSquaredError),
+def range_metric(squared: bool):
+    """A Keras metric class: the mean (squared) distance of the predictions to their age ranges over the images
+    that have one (for exact ages, the mean absolute or squared error)."""
+
+    def distance(y_true, y_pred):
+        outside = years_outside(y_true, y_pred)
+        return outside * outside if squared else outside
+
+    class RangeError(keras.metrics.MeanMetricWrapper):
+        def __init__(self, name: str = "mse" if squared else "mae", dtype=None):
+            super().__init__(distance, name=name, dtype=dtype)
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            mask, y_true = labelled(y_true, y_pred)
+            mask = keras.ops.min(mask, axis=-1, keepdims=True)
+            weight = mask if sample_weight is None else mask * keras.ops.reshape(
+                keras.ops.cast(sample_weight, "float32"), keras.ops.shape(mask))
+            return super().update_state(y_true, y_pred, sample_weight=weight)
+
+        def get_config(self):
+            return {"name": self.name, "dtype": self.dtype}
+
+    RangeError.__name__ = "RangeSquaredError" if squared else "RangeAbsoluteError"
+    return RangeError
+
+
+MASKED_METRICS = {"mae": range_metric(squared=False),
+                  "mse": range_metric(squared=True),
                   "binary_accuracy": masked_metric(keras.metrics.BinaryAccuracy),
                   "auc": masked_metric(keras.metrics.AUC)}
 

@@ -29,7 +29,7 @@ from agegender.data import (
 from agegender.datasets import UTKFACE
 from agegender.families import TASK_OUTPUTS
 from agegender.intervals import DISTRIBUTION_LAYER, INTERVAL_KEY, calibrate
-from agegender.metrics import age_metrics, gender_metrics
+from agegender.metrics import age_metrics, gender_metrics, range_metrics, range_rows
 from agegender.modelio import METRICS_FILE, make_metadata, save_model, staging_dir
 from agegender.plots import plot_age_error, plot_confusion, plot_history
 from agegender.tables import rich_table
@@ -41,9 +41,25 @@ class SplitData:
     rows: pd.DataFrame
 
     def targets(self, outputs: list[str]) -> dict[str, np.ndarray]:
-        values = {"age": self.rows["age"].to_numpy(np.float32) / AGE_SCALE,
-                  "gender": self.rows["gender"].to_numpy(np.float32)}
-        return {name: values[name] for name in outputs}
+        """Per output, the training target: gender as 0/1, age as its range [low, high] / AGE_SCALE (N x 2;
+        low == high for an exact age); NaN where the label is missing."""
+        values = {"age": lambda: age_range_targets(self.rows),
+                  "gender": lambda: self.rows["gender"].to_numpy(np.float32)}
+        return {name: values[name]() for name in outputs}
+
+
+def age_range_targets(rows: pd.DataFrame) -> np.ndarray:
+    """[low, high] / AGE_SCALE per row (N x 2): an exact age gives low == high, an age range (age_min, age_max;
+    an open-ended one reaches AGE_SCALE) the ages that round into it (age_min - 0.5 to age_max + 0.5, as
+    agegender.metrics.range_metrics scores it), no age NaN in both."""
+    exact = pd.to_numeric(rows["age"], errors="coerce").to_numpy(np.float64) if len(rows) else np.zeros(0)
+    low, high = exact.copy(), exact.copy()
+    if "age_min" in rows:
+        ranged = rows["age_min"].notna().to_numpy() & np.isnan(exact)
+        low[ranged] = rows["age_min"].to_numpy(np.float64, na_value=np.nan)[ranged] - 0.5
+        high[ranged] = np.nan_to_num(rows["age_max"].to_numpy(np.float64, na_value=np.nan)[ranged] + 0.5,
+                                     nan=AGE_SCALE)
+    return (np.stack([low, high], axis=1) / AGE_SCALE).astype(np.float32)
 
 
 @dataclass
@@ -72,7 +88,9 @@ def load_data(image_size: int, data_dir: Path = DATA_DIR, limit: int | None = No
     for split in splits:
         images, rows = load_split(split, image_size, data_dir, split_cap(split, limit), datasets)
         if outputs is not None:
-            keep = rows[list(outputs)].notna().any(axis=1).to_numpy()
+            keep = rows[list(outputs)].notna().any(axis=1).to_numpy().copy()
+            if "age" in outputs and "age_min" in rows:  # an age range is an age label too
+                keep |= rows["age_min"].notna().to_numpy()
             if not keep.all():
                 images, rows = images[keep], rows[keep].reset_index(drop=True)
         data[split] = SplitData(images, rows)
@@ -391,6 +409,10 @@ def evaluate(predicted: dict[str, np.ndarray], rows: pd.DataFrame) -> dict[str, 
     if "age" in predicted and rows["age"].notna().any():
         known = rows["age"].notna().to_numpy()
         metrics["age"] = age_metrics(rows["age"].to_numpy()[known], predicted["age"][known])
+    ranged = range_rows(rows)
+    if "age" in predicted and ranged.any():
+        metrics["age_range"] = range_metrics(rows["age_min"].to_numpy(float)[ranged],
+                                             rows["age_max"].to_numpy(float)[ranged], predicted["age"][ranged])
     return metrics
 
 

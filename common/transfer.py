@@ -534,11 +534,12 @@ def activations_dataset(views: list[np.ndarray], targets: dict[str, np.ndarray],
                 picked = np.flatnonzero(chosen == index)
                 if len(picked):
                     batch[picked] = source[rows[picked]]
-            labels = {name: value[rows].reshape(-1, 1).astype(np.float32) for name, value in targets.items()}
+            labels = {name: value[rows].reshape(len(rows), -1).astype(np.float32) for name, value in targets.items()}
             yield (batch, labels) if weights is None else (batch, labels, weights[rows].astype(np.float32))
 
     signature = (tf.TensorSpec((None, *shape), tf.float32),
-                 {name: tf.TensorSpec((None, 1), tf.float32) for name in targets})
+                 {name: tf.TensorSpec((None, int(np.prod(np.shape(value)[1:]))), tf.float32)
+                  for name, value in targets.items()})
     if weights is not None:
         signature = (*signature, tf.TensorSpec((None,), tf.float32))
     dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
@@ -588,7 +589,7 @@ def fit_on_activations(model, base, backbone: Backbone, data: dict[str, SplitDat
         keras.utils.set_random_seed(seed)
         timer = EpochTimer()
         history = split.head.fit(
-            train_pooled, {k: np.tile(v, repeat) for k, v in train_targets.items()},
+            train_pooled, {k: np.concatenate([v] * repeat) for k, v in train_targets.items()},
             sample_weight=None if weights is None else np.tile(weights, repeat), batch_size=batch_size,
             epochs=head_epochs, validation_data=(val_pooled, val_targets), shuffle=True,
             verbose=resolve_verbose(verbose),

@@ -119,7 +119,7 @@ def naive_dataset(paths: list[str], targets: dict[str, np.ndarray], batch_size: 
         image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
         return tf.image.resize(image, (image_size, image_size)) / 255.0, target
 
-    labels = {name: np.asarray(v, np.float32).reshape(-1, 1) for name, v in targets.items()}
+    labels = {name: np.asarray(v, np.float32).reshape(len(v), -1) for name, v in targets.items()}
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels)).shuffle(len(paths), seed=seed).repeat()
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
     if augment:
@@ -133,7 +133,7 @@ def in_memory_dataset(images: np.ndarray, targets: dict[str, np.ndarray], batch_
     import tensorflow as tf
 
     batch = tf.constant(images[:batch_size].astype(np.float32) / 255.0)
-    labels = {name: tf.constant(np.asarray(v[:batch_size], np.float32).reshape(-1, 1))
+    labels = {name: tf.constant(np.asarray(v[:batch_size], np.float32).reshape(min(len(v), batch_size), -1))
               for name, v in targets.items()}
     return tf.data.Dataset.from_tensors((batch, labels)).repeat()
 

@@ -5,12 +5,15 @@ predict (agegender.faces, as predict does), and compare with the labels.
     python tasks/evaluate.py results/models/age --dataset my_faces/ --no-detect --limit 500
     python tasks/evaluate.py results/models/ensemble --dataset celeba-10k.tar.gz --split test --data-dir data
 
-A dataset is a folder, .tar.gz or .zip of images with labels.csv (file, and any of age, gender with 1 = female,
-race; empty where unknown; agegender.datasets). Each image's largest face is scored; an image where the detector
-finds none counts in the faces-not-found rate and in no other figure. Metrics are given for the labels the
-dataset has, and per race (all ages, and 13 and older), age band and gender where it has those (with each
-metric's best and worst group). A model that learned from the dataset (its training split, through prepare_data
---extra-source; an ensemble through its members) is scored with a warning that its figures include faces it saw.
+A dataset is a folder, .tar.gz or .zip of images with labels.csv (file, and any of age or an age range, gender with
+1 = female, race; empty where unknown; named group columns such as FairFace's race_fairface; agegender.datasets).
+Against age ranges: the age-group accuracy (the predicted age, rounded, inside the range) and the years outside the
+range; every figure also per named group, over all ages and 13 and older. Each image's largest face is scored; an
+image where the detector finds none counts in the faces-not-found rate and in no other figure. Metrics are given
+for the labels the dataset has, and per race (all ages, and 13 and older), age band and gender where it has those
+(with each metric's best and worst group). A model that learned from the dataset (its training split, through
+prepare_data --extra-source; an ensemble through its members) is scored with a warning that its figures include
+faces it saw.
 --split val or test scores only the faces prepare_data put in that split of the dataset (the manifest in
 --data-dir): faces such a model never trained on, when it trained on that manifest (no warning then).
 Writes results/evaluations/<dataset>/: evaluation.md, evaluation.json, predictions.csv and, for a model with an
@@ -38,19 +41,29 @@ from agegender.cli import (
     write_text,
 )
 from agegender.data import DATA_DIR, RESULTS_DIR, SEED, SPLITS, file_sha256, load_manifest, manifest_path
-from agegender.datasets import dataset_name, open_dataset
+from agegender.datasets import AGE_RANGE_COLUMNS, dataset_name, open_dataset
 from agegender.faces import BACKENDS, DEFAULT_DETECTOR, DETECTORS, Predictor, detect_faces, input_crop, read_image
-from agegender.metrics import AGE_COLUMNS, GENDER_COLUMNS, group_gaps, group_metrics, labelled_metrics
+from agegender.metrics import (
+    AGE_COLUMNS,
+    GENDER_COLUMNS,
+    GROUPINGS,
+    RANGE_COLUMNS,
+    group_gaps,
+    group_metrics,
+    labelled_metrics,
+    named_groupings,
+)
 from agegender.modelio import learned_manifests, training_datasets
 from agegender.plots import plot_age_error
 from agegender.tables import frame_markdown, frame_rich, markdown_table, rich_table
 
 EVALUATIONS_DIR = RESULTS_DIR / "evaluations"
-FORMATS = {key: fmt for key, _, fmt, _ in GENDER_COLUMNS + AGE_COLUMNS} | {
-    "n": "{:,.0f}", "n_gender": "{:,.0f}", "n_age": "{:,.0f}", "faces_found": "{:,.0f}",
+FORMATS = {key: fmt for key, _, fmt, _ in GENDER_COLUMNS + AGE_COLUMNS + RANGE_COLUMNS} | {
+    "n": "{:,.0f}", "n_gender": "{:,.0f}", "n_age": "{:,.0f}", "n_age_range": "{:,.0f}", "faces_found": "{:,.0f}",
     "not_found_rate": "{:.1%}", "best": "{:.3f}", "worst": "{:.3f}", "gap": "{:.3f}"}
 SHORT = {"accuracy": "acc", "precision": "prec", "roc_auc": "AUC", "n_gender": "n gender", "n_age": "n age",
-         "not_found_rate": "no face", "faces_found": "found"}
+         "not_found_rate": "no face", "faces_found": "found", "n_age_range": "n age range",
+         "age_group_accuracy": "age group acc", "years_outside": "y outside"}
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -148,7 +161,7 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
         faces = find_faces(labelled.root, files, detector, progress) if detect else dict.fromkeys(files)
         found = np.array([faces[file] is not None or not detect for file in files])
         rows = labelled.rows[found].reset_index(drop=True)
-        rows = rows.astype({column: "float64" for column in ("age", "gender", "race")})  # NaN where unknown
+        rows = rows.astype({column: "float64" for column in ("age", "gender", "race", *AGE_RANGE_COLUMNS)})
         predictions = {model: predict_dataset(predictor, labelled.root, faces, detect, batch_size, progress, model)
                        for model, predictor in zip(names, predictors, strict=True)}
 
@@ -158,7 +171,7 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
     for model, predictor, model_dir in zip(names, predictors, model_dirs, strict=True):
         predicted = predictions[model]
         overall = labelled_metrics(predicted, rows)
-        model_groups = group_metrics(predicted, rows)
+        model_groups = group_metrics(predicted, rows, (*GROUPINGS, *named_groupings(labelled.groups)))
         groups += [{"model": model, **record} for record in model_groups]
         plots = {}
         if "age" in predicted and rows["age"].notna().any():
@@ -247,15 +260,17 @@ def markdown_report(summary: dict[str, Any], groups: pd.DataFrame, gaps: pd.Data
 def print_report(summary: dict[str, Any], groups: pd.DataFrame, gaps: pd.DataFrame, folder: Path) -> None:
     title = (f"{summary['dataset']}: {summary['images']:,} images, {summary['faces_found']:,} with a face "
              f"({summary['not_found_rate']:.1%} not found)")
-    shown = [c for c in ("model", "backend", "n_gender", "accuracy", "f1", "roc_auc", "n_age", "mae", "cs5")
+    shown = [c for c in ("model", "backend", "n_gender", "accuracy", "f1", "roc_auc", "n_age", "mae", "cs5",
+                         "n_age_range", "age_group_accuracy", "years_outside")
              if c in overall_frame(summary)]
     console.print(frame_rich(overall_frame(summary)[shown], title, FORMATS, SHORT))
-    headline = [c for c in ("model", "group", "n", "accuracy", "f1", "mae", "cs5") if c in groups]
+    headline = [c for c in ("model", "group", "n", "accuracy", "f1", "mae", "cs5", "age_group_accuracy",
+                            "years_outside") if c in groups]
     for grouping in dict.fromkeys(groups["grouping"]) if len(groups) else []:
         part = groups.loc[groups["grouping"] == grouping, headline].dropna(axis=1, how="all")
         console.print(frame_rich(part, f"By {grouping}", FORMATS, SHORT))
     if len(gaps):
-        named = gaps[gaps["metric"].isin(["accuracy", "mae"])]
+        named = gaps[gaps["metric"].isin(["accuracy", "mae", "age_group_accuracy"])]
         console.print(rich_table("Gap between the best and worst group", ["model", "grouping", "metric", "best group",
                                                                          "worst group", "gap"],
                                  [[r.model, r.grouping, r.metric, f"{r.best_group} {r.best:.3f}",

@@ -55,8 +55,10 @@ from agegender.data import (
     parse_utkface_name,
 )
 from agegender.datasets import (
+    AGE_RANGE_COLUMNS,
     UTKFACE,
     LabelledDataset,
+    age_range_name,
     check_image,
     dataset_name,
     open_dataset,
@@ -198,11 +200,14 @@ MIN_EXTRA_IMAGES = 10  # fewer usable images than this cannot be split three way
 
 
 def extra_strata(frame: pd.DataFrame, minimum: int = 4) -> pd.Series | None:
-    """The split's strata for an extra dataset: age stratum x gender where every row has both, else the one of
-    them every row has; None (a plain random split) when neither is complete or the groups are too small."""
+    """The split's strata for an extra dataset: age stratum (or age group, where ages are ranges) x gender where
+    every row has both, else the one of them every row has; None (a plain random split) when neither is complete
+    or the groups are too small."""
     parts = []
     if frame["age"].notna().all():
         parts.append(frame["age"].map(lambda age: band_name(age, SPLIT_AGE_STRATA)))
+    elif "age_min" in frame and frame["age_min"].notna().all():  # ranges: the age group itself
+        parts.append(frame["age_min"].astype(int).astype(str) + "-" + frame["age_max"].astype(str))
     if frame["gender"].notna().all():
         parts.append(frame["gender"].astype(int).astype(str))
     if not parts:
@@ -265,6 +270,9 @@ def prepare_extra(source: str, data_dir: Path, results_dir: Path, test_size: flo
     if len(rows) < MIN_EXTRA_IMAGES:
         raise UserError(f"Only {len(rows)} usable images in {source} ({len(problems)} listed as unusable); an "
                         f"extra dataset needs at least {MIN_EXTRA_IMAGES}.")
+    rows = rows.drop(columns=dataset.groups)  # named groups stay in labels.csv (evaluate reads them there)
+    if not dataset.has_age_ranges:
+        rows = rows.drop(columns=list(AGE_RANGE_COLUMNS))
     manifest = split_extra(rows, test_size, val_size).assign(dataset=name)
     state = {"source": str(Path(source).expanduser()), "image_root": str(dataset.root),
              "faces": str((folder / "faces.csv").resolve()), "detector": detector}
@@ -281,12 +289,18 @@ def explore_extra(manifest: pd.DataFrame, name: str, out_dir: Path) -> dict:
     named = {"gender": manifest["gender"].map({0: "male", 1: "female"}),
              "race": manifest["race"].map(RACE_LABELS),
              "age band": manifest["age"].map(lambda age: None if pd.isna(age) else age_band(age))}
+    if "age_min" in manifest and manifest["age_min"].notna().any():
+        named["age range"] = pd.Series([None if pd.isna(low) else age_range_name(low, high)
+                                        for low, high in zip(manifest["age_min"], manifest["age_max"], strict=True)],
+                                       index=manifest.index, dtype=object)
     band_order = [age_band(low) for low, _ in AGE_BANDS]
     counts, rows = {}, []
     for label, values in named.items():
         if values.notna().any():
             found = values.value_counts()
-            order = [band for band in band_order if band in found] if label == "age band" else found.index
+            order = ([band for band in band_order if band in found] if label == "age band" else
+                     sorted(found.index, key=lambda name: int(name.split("-")[0].rstrip("+")))
+                     if label == "age range" else found.index)
             counts[label] = {str(value): int(found[value]) for value in order}
         counts.setdefault(label, {})
         missing = int(values.isna().sum())
@@ -397,7 +411,8 @@ def prepare(source: str | None = None, data_dir: Path = DATA_DIR, results_dir: P
             extras.append(rows)
     if extras:  # a dataset column only with extra datasets: a UTKFace-only manifest keeps its format and hash
         manifest = pd.concat([manifest.assign(dataset=UTKFACE), *extras], ignore_index=True)
-        manifest = manifest.astype({column: "Int64" for column in ("age", "gender", "race")})
+        labels = [column for column in ("age", "gender", "race", *AGE_RANGE_COLUMNS) if column in manifest]
+        manifest = manifest.astype({column: "Int64" for column in labels})
 
     path = manifest_path(data_dir)
     write_text(path, manifest.to_csv(index=False))
