@@ -2,8 +2,8 @@
 a `file` column (the image's path relative to the folder) and any of `age` (whole years), `gender` (1 female,
 0 male) and `race` (UTKFace's 0-4), empty where unknown. An age known only as a range (FairFace's age groups,
 Adience-style labels) goes in `age_min` and `age_max` instead (whole years, both ends included; `age_max` empty
-when the range is open-ended, as in "70+"). Any other column of text values is kept as a named group (e.g.
-FairFace's `race_fairface`), for the bias tables.
+when the range is open-ended, as in "70+"). Columns named `race_<name>` or `group_<name>` are named groups (e.g.
+FairFace's `race_fairface`: White, Black, ...), kept as text for the bias tables; other columns are ignored.
 
 prepare_data adds them to the manifest (--extra-source) and evaluate scores models on them (--dataset). Rows
 that cannot be used are listed with a reason, never fatal: a malformed value, a file listed twice or outside the
@@ -27,7 +27,7 @@ from agegender.cli import UserError
 LABELS_FILE = "labels.csv"
 LABEL_COLUMNS = ("age", "gender", "race")
 AGE_RANGE_COLUMNS = ("age_min", "age_max")
-MAX_GROUP_VALUES = 50  # a text column with more distinct values than this is not a group (names, notes, ...)
+GROUP_PREFIXES = ("race_", "group_")  # named group columns, for the bias tables (FairFace's race_fairface)
 UTKFACE = "utkface"  # the name UTKFace's rows carry in the manifest's dataset column
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 # each label's whole-number range
@@ -178,18 +178,9 @@ def age_range_name(low, high) -> str:
 
 
 def group_columns(raw: pd.DataFrame) -> list[str]:
-    """The named group columns of a labels.csv: text columns other than the file, labels and age columns whose
-    values are not all numbers and take at most MAX_GROUP_VALUES distinct values."""
-    known = {"file", *LABEL_COLUMNS, *AGE_RANGE_COLUMNS}
-    found = []
-    for column in raw.columns:
-        values = raw[column].str.strip()
-        values = values[values != ""]
-        if column in known or column.startswith("age") or values.empty or values.nunique() > MAX_GROUP_VALUES:
-            continue
-        if pd.to_numeric(values, errors="coerce").isna().any():
-            found.append(column)
-    return found
+    """The named group columns of a labels.csv: those named race_<name> or group_<name> (FairFace's
+    race_fairface), read as text."""
+    return [column for column in raw.columns if column.startswith(GROUP_PREFIXES) and column != "race"]
 
 
 def check_image(path: Path) -> str | None:
