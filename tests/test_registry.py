@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from agegender.cli import UserError
-from agegender.families import FAMILIES, RECIPES_DIR
+from agegender.families import FAMILIES, RECIPES_DIR, TRAINABLE, Choice
 from agegender.recipes import read_recipe
 from tests.conftest import SMALL_LIMIT, TEST_IMAGE_SIZE, said
 
@@ -41,6 +41,18 @@ def test_committed_recipes_name_every_parameter_of_their_family(path):
     recipe = read_recipe(path)
     family = FAMILIES[recipe.family]
     assert set(recipe.params) == {key for key, value in family.defaults.items() if value is not None}
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_every_trained_family_has_a_search_space_over_its_own_parameters(name):
+    """tune searches what the registry says; a trial's parameters must be ones the family's trainer takes, and
+    its defaults (the first trial of a study) must lie inside the space."""
+    family = FAMILIES[name]
+    assert family.search_space and set(family.search_space) <= set(family.defaults)
+    for key, dimension in family.search_space.items():
+        default = family.defaults[key]
+        assert default in dimension.values if isinstance(dimension, Choice) else \
+            dimension.low <= default <= dimension.high, (key, default)
 
 
 def test_a_cnn_trainer_hides_and_refuses_the_parameters_of_other_families(prepared, tmp_path):
