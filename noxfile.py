@@ -1,5 +1,6 @@
 """Task runner: `nox -s train_all` trains every model from its recipe and promotes the better ones; `nox -s tests`
-runs the fast tier of the test suite and `nox -s tests_full` all of it."""
+runs the fast tier of the test suite, `nox -s tests_full` every test of the code and `nox -s shipped` the checks
+that the committed results agree with it."""
 
 from __future__ import annotations
 
@@ -17,17 +18,26 @@ def install(session: nox.Session, extras: str = "") -> None:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The fast tier: every task's command line on a few hundred real UTKFace images, no slow tests (needs
-    UTKFACE_SOURCE or ../shared)."""
+    """The fast tier: every task's command line on a few hundred real UTKFace images, neither the slow tests nor
+    the shipped checks (needs UTKFACE_SOURCE or ../shared)."""
     install(session, "dev")
-    session.run("pytest", "-m", "not slow", *session.posargs, env=TEST_ENV)
+    session.run("pytest", "-m", "not slow and not shipped", *session.posargs, env=TEST_ENV)
 
 
 @nox.session(python=PYTHON)
 def tests_full(session: nox.Session) -> None:
-    """Every test, the slow ones too: real training, every backbone, the Spaces in a browser."""
+    """Every test of the code, the slow ones too: real training, every backbone, the Spaces in a browser (not the
+    shipped checks)."""
     install(session, "dev")
-    session.run("pytest", *session.posargs, env=TEST_ENV)
+    session.run("pytest", "-m", "not shipped", *session.posargs, env=TEST_ENV)
+
+
+@nox.session(python=PYTHON)
+def shipped(session: nox.Session) -> None:
+    """Checks that the committed results agree with the code: the README's tables, the benchmark reports, the
+    shipped models against their recipes and Spaces (tests/shipped)."""
+    install(session, "dev")
+    session.run("pytest", "-m", "shipped", "tests/shipped", *session.posargs, env=TEST_ENV)
 
 
 @nox.session(python=PYTHON)

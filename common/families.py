@@ -1,7 +1,7 @@
 """Every model family in one place: what it predicts, its default parameters, how it is built and trained, the
 validation score it is judged on, its model folder, trainer script, recipe and Space title. The trainers,
-tune, bench, compare, export, publish, train_all, the Spaces and noxfile read this registry; nothing else
-lists the families.
+tune (each family's search space), bench, compare, export, publish, train_all, the Spaces and noxfile read this
+registry; nothing else lists the families.
 
 Importing it loads neither TensorFlow nor Keras: the builders and trainers import them when called.
 """
@@ -9,7 +9,7 @@ Importing it loads neither TensorFlow nor Keras: the builders and trainers impor
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,56 @@ def train_transfer(params: dict[str, Any], image_size: int, epochs: int, data_di
                     **options)
 
 
+# ---------------------------------------------------------------- what tune searches (tasks/tune.py)
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    """A parameter tune draws from [low, high], on a log scale when `log`."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A parameter tune picks from a few values."""
+
+    values: tuple[Any, ...]
+
+
+SearchSpace = dict[str, FloatRange | Choice]  # parameter name (a key of the family's defaults) -> its range
+
+CNN_SEARCH: SearchSpace = {
+    "learning_rate": FloatRange(3e-4, 1e-2, log=True),
+    "batch_size": Choice((32, 64, 128)),
+    "dropout": FloatRange(0.0, 0.5),
+    "width": Choice((16, 32, 48)),
+    "weight_decay": FloatRange(1e-5, 1e-2, log=True),
+    "augment": FloatRange(0.0, 1.5),
+}
+AGE_HEAD_SEARCH: SearchSpace = {"age_head": Choice(("regression", "dex"))}
+AGE_LOSS_WEIGHT_SEARCH: SearchSpace = {"age_loss_weight": FloatRange(1.0, 16.0, log=True)}
+# the backbone is fixed: tune the head and the two training phases instead of the trunk's width
+TRANSFER_SEARCH: SearchSpace = {
+    **{name: value for name, value in CNN_SEARCH.items() if name != "width"}, **AGE_LOSS_WEIGHT_SEARCH,
+    "fine_tune_learning_rate": FloatRange(1e-5, 1e-3, log=True),
+    "unfreeze": FloatRange(0.1, 0.6),
+    "head_units": Choice((64, 128, 256)),
+}
+TUNING_BACKBONE = "mobilenetv2"  # the cheapest keras.applications backbone on a CPU
+
+
+def transfer_tuning_settings(backbone: str | None, weights: str, epochs: int) -> dict[str, Any]:
+    """A tuning trial fine-tunes one backbone (TUNING_BACKBONE unless named): half its epochs with the backbone
+    frozen, half fine-tuning."""
+    from agegender.transfer import resolve_backbone
+
+    return {"backbone": resolve_backbone(backbone or TUNING_BACKBONE).name, "weights": weights,
+            "fine_tune_epochs": epochs // 2}
+
+
 # ---------------------------------------------------------------- the registry
 
 
@@ -124,6 +174,9 @@ class Family:
     folder_prefix: str | None = None  # its other model folders are named <prefix><something>
     quick: tuple[str, ...] = ()  # trainer flags for a smoke run (train_all --quick)
     out_flag: str = "--out"  # the trainer's flag naming the one model folder it writes
+    search_space: SearchSpace = field(default_factory=dict)  # what tune searches (empty: not tuned)
+    # (--backbone, --weights, epochs) -> the trainer settings of a tuning trial (None: a trial needs none)
+    tuning_settings: Callable[[str | None, str, int], dict[str, Any]] | None = None
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -170,18 +223,19 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("gender", "gender", "Model 1: a CNN that classifies gender (sigmoid output = probability of female).",
            {**CNN_DEFAULTS, "dropout": 0.3, **SMOOTHING_DEFAULT}, CNN_SETTINGS, GOALS["gender"],
            "tasks/train_gender.py", "gender", "Gender from a face photo",
-           partial(build_cnn, "gender"), partial(train_cnn, "gender"), quick=CNN_QUICK),
+           partial(build_cnn, "gender"), partial(train_cnn, "gender"), quick=CNN_QUICK, search_space=CNN_SEARCH),
     Family("age", "age", "Model 2: a CNN that regresses age (normalised by 120), or reads it from a DEX softmax.",
            {**CNN_DEFAULTS, **AGE_DEFAULTS}, CNN_SETTINGS, GOALS["age"],
            "tasks/train_age.py", "age", "Age from a face photo",
-           partial(build_cnn, "age"), partial(train_cnn, "age"), quick=CNN_QUICK),
+           partial(build_cnn, "age"), partial(train_cnn, "age"), quick=CNN_QUICK,
+           search_space={**CNN_SEARCH, **AGE_HEAD_SEARCH}),
     Family("multitask", "multitask", "Model 3: one CNN trunk with an age head and a gender head, trained together.",
            {**CNN_DEFAULTS, "age_head": "regression",
             "age_loss_weight": 4.0,  # age MAE on the /120 scale is ~0.05; this balances it against gender's BCE
             "gender_loss_weight": 1.0, **SMOOTHING_DEFAULT, "age_weight_power": 0.0},
            CNN_SETTINGS, GOALS["multitask"], "tasks/train_multitask.py", "multitask",
            "Age and gender from a face photo", partial(build_cnn, "multitask"), partial(train_cnn, "multitask"),
-           quick=CNN_QUICK),
+           quick=CNN_QUICK, search_space={**CNN_SEARCH, **AGE_HEAD_SEARCH, **AGE_LOSS_WEIGHT_SEARCH}),
     Family("transfer", "multitask", "Model 4: a pretrained backbone fine-tuned with age and gender heads.",
            {"learning_rate": 1e-3,  # phase 1: new head (and, with weights none, the whole backbone)
             "fine_tune_learning_rate": 1e-4,  # phase 2: head + top of the backbone
@@ -201,7 +255,8 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
            "Age and gender from a face photo (fine-tuned pretrained backbone)", build_transfer, train_transfer,
            folder_prefix="transfer-", out_flag="--model-out",
            quick=("--epochs", "1", "--fine-tune-epochs", "0", "--image-size", "32", "--limit", "128",
-                  "--batch-size", "32", "--weights", "none")),
+                  "--batch-size", "32", "--weights", "none"),
+           search_space=TRANSFER_SEARCH, tuning_settings=transfer_tuning_settings),
     Family("ensemble", "multitask", "Several saved models in one, averaging their ages and gender probabilities "
                                     "with weights chosen on validation.",
            {}, {"members": ["multitask", "transfer-wrn16-8-imdbwiki"], "tta": "auto", "plain_members": [],

@@ -5,7 +5,7 @@ and its face-pretraining table, from results/transfer/comparison.csv (`finetune_
     python tasks/readme.py --check    # exit 1 if the README's tables are not what the results give
 
 Only the lines between `<!-- results:start -->` and `<!-- results:end -->` change (and, where the README has
-them, between `<!-- transfer:start -->` and `<!-- transfer:end -->`). The test suite runs the check, so new
+them, between `<!-- transfer:start -->` and `<!-- transfer:end -->`). `nox -s shipped` runs the check, so new
 results committed without rerunning this fail it.
 """
 

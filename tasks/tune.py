@@ -31,7 +31,7 @@ from rich.table import Table
 
 from agegender.cli import UserError, console, user_errors, write_json
 from agegender.data import DATA_DIR, REPO_ROOT, RESULTS_DIR, SEED
-from agegender.families import FAMILIES, TRAINABLE, Goal
+from agegender.families import FAMILIES, TRAINABLE, TUNING_BACKBONE, Choice, Goal, SearchSpace
 from agegender.plots import plot_importances, plot_study_history
 from agegender.tables import rich_table
 
@@ -53,40 +53,16 @@ def monitor_goal(goal: Goal, monitor: str) -> Goal:
     return Goal(goal.metric, goal.direction, (monitor,), goal.score, lambda logs: sign * logs[monitor])
 
 
-# ---------------------------------------------------------------- the search space
+# ---------------------------------------------------------------- the search space (the family's, from the registry)
 
 
-def float_range(low: float, high: float, log: bool = False):
+def distributions(space: SearchSpace) -> dict[str, Any]:
+    """A family's search space as Optuna distributions, in the registry's order."""
     import optuna
 
-    return optuna.distributions.FloatDistribution(low, high, log=log)
-
-
-def choice(*values):
-    import optuna
-
-    return optuna.distributions.CategoricalDistribution(values)
-
-
-def search_space(model: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Learning rate, batch size and dropout, plus the knobs each trainer exposes that pay off."""
-    space = {
-        "learning_rate": float_range(3e-4, 1e-2, log=True),
-        "batch_size": choice(32, 64, 128),
-        "dropout": float_range(0.0, 0.5),
-        "width": choice(16, 32, 48),
-        "weight_decay": float_range(1e-5, 1e-2, log=True),
-        "augment": float_range(0.0, 1.5),
-    }
-    if model in ("age", "multitask"):
-        space["age_head"] = choice("regression", "dex")
-    if model in ("multitask", "transfer"):
-        space["age_loss_weight"] = float_range(1.0, 16.0, log=True)
-    if model == "transfer":  # the backbone is fixed: tune the head and the two training phases instead
-        del space["width"]
-        space.update(fine_tune_learning_rate=float_range(1e-5, 1e-3, log=True),
-                     unfreeze=float_range(0.1, 0.6), head_units=choice(64, 128, 256))
-    return {name: dist for name, dist in space.items() if name in defaults}
+    return {name: optuna.distributions.CategoricalDistribution(dimension.values) if isinstance(dimension, Choice)
+            else optuna.distributions.FloatDistribution(dimension.low, dimension.high, log=dimension.log)
+            for name, dimension in space.items()}
 
 
 def suggest(trial, space: dict[str, Any]) -> dict[str, Any]:
@@ -131,22 +107,15 @@ class Trainer:
     budget: dict[str, Any]
 
 
-DEFAULT_BACKBONE = "mobilenetv2"  # the cheapest keras.applications backbone on a CPU
-
-
 def family_trainer(model: str, image_size: int, epochs: int, data_dir: Path, limit: int | None, verbose: int,
                    backbone: str | None = None, weights: str = "pretrained") -> Trainer:
-    """The family's train() with out_dir=None and no test evaluation; transfer trains one backbone (multitask),
-    half the epochs frozen and half fine-tuning."""
+    """The family's train() with out_dir=None and no test evaluation, with the family's tuning settings (the
+    registry's: a transfer trial trains one backbone, half the epochs frozen and half fine-tuning)."""
     family = FAMILIES[model]
-    budget: dict[str, Any] = {"epochs": epochs, "limit": limit, "image_size": image_size}
-    settings: dict[str, Any] = {}
-    if model == "transfer":
-        from agegender.transfer import resolve_backbone
-
-        name = resolve_backbone(backbone or DEFAULT_BACKBONE).name
-        settings = {"backbone": name, "weights": weights, "fine_tune_epochs": epochs // 2}
-        budget.update(backbone=name, weights=weights)
+    settings = family.tuning_settings(backbone, weights, epochs) if family.tuning_settings else {}
+    # trials are comparable only under one budget: the backbone and its starting weights are part of it
+    budget: dict[str, Any] = {"epochs": epochs, "limit": limit, "image_size": image_size,
+                              **{key: settings[key] for key in ("backbone", "weights") if key in settings}}
     first_epochs = epochs - settings.get("fine_tune_epochs", 0)
 
     def train(params, callbacks):
@@ -349,16 +318,17 @@ def tune(model: str, trials: int | None = 20, timeout: float | None = None, epoc
     """Run `trials` more trials (or until `timeout` seconds) of the model's study; returns the study."""
     if model not in TRAINABLE:
         raise UserError(f"Unknown model {model!r}; expected one of {', '.join(TRAINABLE)}.")
-    if backbone is not None and model != "transfer":
-        raise UserError("--backbone only applies to --model transfer.")
+    if backbone is not None and FAMILIES[model].tuning_settings is None:
+        with_backbone = [name for name in TRAINABLE if FAMILIES[name].tuning_settings is not None]
+        raise UserError(f"--backbone only applies to --model {' or '.join(with_backbone)}.")
     if not (Path(data_dir) / "manifest.csv").exists():
         raise UserError(f"No prepared data in {data_dir}: run tasks/prepare_data.py first.")
     trainer = family_trainer(model, image_size, epochs, Path(data_dir), limit, verbose, backbone, weights)
     goal = trainer.goal if monitor is None else monitor_goal(trainer.goal, monitor)
     check_monitors(trainer, image_size, goal.monitors)
-    space = search_space(model, trainer.defaults)
+    space = distributions(FAMILIES[model].search_space)
     storage_url = storage or sqlite_url(TUNING_DIR / "optuna.db")
-    default_name = f"transfer-{trainer.budget['backbone']}" if model == "transfer" else model
+    default_name = f"{model}-{trainer.budget['backbone']}" if "backbone" in trainer.budget else model
     study = open_study(open_storage(storage_url), study_name or default_name, goal, trainer.budget, seed,
                        make_pruner(pruner) if isinstance(pruner, str) else pruner)
     study.set_user_attr("storage", shown_url(storage_url))
@@ -506,7 +476,7 @@ def main(
     defaults_first: Annotated[bool, typer.Option(
         help="First trial of a new study: the trainer's defaults, as the baseline.")] = True,
     backbone: Annotated[str | None, typer.Option(
-        help=f"Backbone for --model transfer (default {DEFAULT_BACKBONE}).")] = None,
+        help=f"Backbone for --model transfer (default {TUNING_BACKBONE}).")] = None,
     weights: Annotated[str, typer.Option(
         help="Starting weights for --model transfer: pretrained, imagenet, none or PATH.")] = "pretrained",
     data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,

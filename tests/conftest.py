@@ -1,7 +1,8 @@
 """Shared fixtures: a few hundred real UTKFace images, prepared once per test session.
 
-Two tiers: `pytest -m "not slow"` (nox -s tests) is the fast one; tests marked `slow` (real training beyond a few
-batches, Spaces servers, worker processes, every backbone) run only in the full tier (nox -s tests_full)."""
+Two tiers: `pytest -m "not slow and not shipped"` (nox -s tests) is the fast one; tests marked `slow` (real
+training beyond a few batches, Spaces servers, worker processes, every backbone) run only in the full tier
+(nox -s tests_full). tests/shipped (marked `shipped`, nox -s shipped) checks the committed results instead."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""bench.py as a user runs it: a --quick benchmark on a few hundred real faces (full tier), its committed
-tables, and bad input."""
+"""bench.py as a user runs it: a --quick benchmark on a few hundred real faces (full tier) and bad input
+(the committed report: tests/shipped)."""
 
 from __future__ import annotations
 
@@ -79,21 +79,6 @@ def test_quick_run_writes_its_tables_next_to_its_report(quick_report):
     for title in ("Training, 64 px", "Each pipeline alone", "Inference on the CPU", "Per face at batch 1"):
         assert title in text
     assert "| multitask |" in text and report["machine"]["cpu_model"] in text
-
-
-BENCH_REPORTS = [path for path in sorted(bench.BENCH_DIR.glob("*.json"))  # other benchmarks write there too
-                 if {"machine", "training", "ratios", "inference"} <= set(json.loads(path.read_text()))]
-
-
-def test_the_speed_report_is_committed():
-    assert BENCH_REPORTS, f"no bench.py report in {bench.BENCH_DIR}"
-
-
-@pytest.mark.parametrize("report", BENCH_REPORTS, ids=lambda path: path.name)
-def test_committed_tables_are_what_bench_writes_from_the_committed_report(report):
-    """results/bench/<device>.md, which the docs link to, is bench's own output for the JSON beside it."""
-    expected = bench.markdown(json.loads(report.read_text()), report.name).rstrip() + "\n"
-    assert report.with_suffix(".md").read_text() == expected, f"rerun bench or rewrite {report.with_suffix('.md')}"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -221,21 +221,3 @@ def test_benchmark_bad_input_ends_in_one_sentence(args, message, prepared, model
                                                  "--model", model, "--out", str(tmp_path), *args])
     assert result.exit_code != 0 and message in " ".join(result.output.split())
     assert "Traceback" not in result.output and not (tmp_path / "detectors.json").exists()
-
-
-REPORT = bench_detectors.OUT_DIR / "detectors.json"
-
-
-def test_committed_tables_are_what_the_benchmark_writes_from_its_report():
-    assert REPORT.exists(), f"no {REPORT}: run python tasks/bench_detectors.py"
-    expected = bench_detectors.markdown(json.loads(REPORT.read_text()))
-    assert REPORT.with_suffix(".md").read_text() == expected, "rerun tasks/bench_detectors.py"
-
-
-def test_the_default_detector_is_the_one_the_committed_report_favours():
-    """Within the time target, no detector finds more faces than the default, which finds them at least as
-    often as MTCNN."""
-    overall = {row["detector"]: row for row in json.loads(REPORT.read_text())["overall"]}
-    default = overall[DEFAULT_DETECTOR]
-    assert default["meets_time_target"] and default["finds_as_often_as_mtcnn"]
-    assert all(row["found_rate"] <= default["found_rate"] for row in overall.values() if row["meets_time_target"])

@@ -81,22 +81,6 @@ def hub(monkeypatch, tmp_path) -> FakeHub:
     return fake
 
 
-def test_each_space_names_every_dataset_its_shipped_model_learned_from():
-    """A Space's README says what its model was trained on and under which licences: every extra dataset of the
-    shipped model (an ensemble's members' too) is named, as the model card names it."""
-    from agegender.modelio import find_model, read_metadata, training_datasets
-
-    learned = {}
-    for name in FAMILIES:
-        entry = find_model(name, REPO / "results" / "models")
-        learned[name] = training_datasets(read_metadata(entry.folder)) if entry else []
-    learned[publish.COMBINED] = [dataset for datasets in learned.values() for dataset in datasets]
-    for space, datasets in learned.items():
-        readme = (REPO / "spaces" / space / "README.md").read_text().lower()
-        for dataset in datasets:  # celeba-10k is named as CelebA
-            assert dataset.split("-")[0] in readme, (space, dataset)
-
-
 def test_space_sources_have_front_matter_and_requirements():
     import gradio
 
