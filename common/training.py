@@ -529,12 +529,13 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
 
 def evaluate_folder(folder: Path, split: str = "val", data_dir: Path = DATA_DIR,
                     limit: int | None = None) -> dict[str, Any]:
-    """A saved model's metrics on a split, as its trainer measured them (the Keras model, the split capped as
-    load_data caps it for `limit`)."""
+    """A saved model's metrics on a split of every dataset in data_dir, as its trainer measured them (the Keras
+    model, the split capped as load_data caps it for `limit`; UTKFace's at the top level, each dataset's under
+    "datasets")."""
     from agegender.faces import Predictor
 
     predictor = Predictor.load(folder, backend="keras")
-    images, rows = load_split(split, predictor.image_size, data_dir, split_cap(split, limit))
+    images, rows = load_split(split, predictor.image_size, data_dir, split_cap(split, limit), datasets=None)
     return evaluate(predictor.predict_arrays(images, batch_size=128), rows)
 
 
