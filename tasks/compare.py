@@ -525,10 +525,53 @@ def compare(models_dir: Path = MODELS_DIR, data_dir: Path = DATA_DIR, out: Path 
         "age_interval": intervals,
         "plots": plots,
         "cache": {r.name: {"file": str(r.cache_file), "hit": r.cached} for r in results},
+        "everyday": everyday_photos(Path(out) / EVERYDAY_EVALUATION, [r.name for r in results]),
     }
     write_outputs(summary, table, groups, gaps, robustness, Path(out))
     print_report(summary, table, groups, gaps, robustness)
     return summary
+
+
+# evaluate's figures on FairFace's held-out test photos (every race and age, age groups), shown beside UTKFace's
+EVERYDAY_EVALUATION = Path("evaluations") / "fairface-18k-test" / "evaluation.json"
+EVERYDAY_COLUMNS = {"faces_found": "faces found", "accuracy": "gender accuracy",
+                    "age_group_accuracy": "age group right", "years_outside": "years outside the group"}
+
+
+def everyday_photos(path: Path, names: list[str]) -> dict[str, Any] | None:
+    """The compared models' figures on the everyday photos, from `evaluate --split test` on FairFace (run by
+    hand: it reads every photo through the detector), with the gender spread across its seven groups among
+    faces 13 and older; None when that evaluation has not been run."""
+    if not path.exists():
+        return None
+    evaluation = json.loads(path.read_text())
+    spreads = {gap["model"]: gap for gap in evaluation.get("gaps", [])
+               if gap["grouping"] == "race_fairface, age 13+" and gap["metric"] == "accuracy"}
+    models = {}
+    for name in names:
+        if name not in evaluation["models"]:
+            continue
+        metrics = evaluation["models"][name]["metrics"]
+        found = {key: metrics[key] for key in EVERYDAY_COLUMNS if key in metrics}
+        found["faces_found"] = evaluation["faces_found"]
+        if name in spreads:
+            found["gender_spread_13_plus"] = spreads[name]["gap"]
+            found["spread_groups"] = f"{spreads[name]['worst_group']} .. {spreads[name]['best_group']}"
+        models[name] = found
+    return {"source": str(path), "images": evaluation["images"], "created_by": "tasks/evaluate.py",
+            "models": models}
+
+
+def everyday_markdown(everyday: dict[str, Any]) -> str:
+    header = ["model", *EVERYDAY_COLUMNS.values(), "gender spread, 7 groups, 13+ (points)"]
+    rows = [[name, f"{found['faces_found']:,}", *(f"{found[key]:.4f}" if key in found else "–"
+                                                   for key in list(EVERYDAY_COLUMNS)[1:3]),
+             f"{found['years_outside']:.2f}" if "years_outside" in found else "–",
+             f"{100 * found['gender_spread_13_plus']:.1f} ({found['spread_groups']})"
+             if "gender_spread_13_plus" in found else "–"]
+            for name, found in everyday["models"].items()]
+    return (f"FairFace's held-out test part, {everyday['images']:,} everyday photos, through the photo path "
+            f"(`{everyday['source']}`; every group in its evaluation.md).\n\n" + markdown_table(header, rows))
 
 
 def write_outputs(summary: dict, table: list[dict], groups: pd.DataFrame, gaps: pd.DataFrame,
@@ -556,6 +599,8 @@ def markdown_report(summary: dict, table: list[dict], groups: pd.DataFrame, gaps
         "## Cost", render(table, COST_COLUMNS, "", markdown=True),
         f"Timing: {settings['timing']}.",
     ]
+    if summary.get("everyday"):
+        parts += ["## Everyday photos", everyday_markdown(summary["everyday"])]
     if summary["skipped"]:
         parts += ["Skipped:", "\n".join(f"- {line}" for line in summary["skipped"])]
     for name, notes in summary["notes"].items():

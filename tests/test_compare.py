@@ -210,3 +210,24 @@ def test_a_model_without_a_calibrated_interval_says_so():
     report = compare.interval_report([result], rows)
     assert report == {"old": {"interval": None, "note": "no age interval: not calibrated (tasks/calibrate.py)"}}
     assert "- `old`: no age interval: not calibrated" in compare.interval_markdown(report)
+
+
+def test_everyday_photos_come_from_evaluate_s_fairface_test_figures(tmp_path):
+    import json
+
+    from tasks.compare import everyday_markdown, everyday_photos
+
+    assert everyday_photos(tmp_path / "missing.json", ["a"]) is None
+    evaluation = {"images": 100, "faces_found": 98,
+                  "models": {"a": {"metrics": {"accuracy": 0.9, "age_group_accuracy": 0.55, "years_outside": 1.5}},
+                             "other": {"metrics": {"accuracy": 0.5}}},
+                  "gaps": [{"model": "a", "grouping": "race_fairface, age 13+", "metric": "accuracy", "gap": 0.04,
+                            "best_group": "White", "worst_group": "Black"},
+                           {"model": "a", "grouping": "race", "metric": "accuracy", "gap": 0.2,
+                            "best_group": "White", "worst_group": "Asian"}]}
+    (tmp_path / "evaluation.json").write_text(json.dumps(evaluation))
+    found = everyday_photos(tmp_path / "evaluation.json", ["a", "not-evaluated"])
+    assert list(found["models"]) == ["a"]
+    assert found["models"]["a"]["gender_spread_13_plus"] == 0.04 and found["models"]["a"]["faces_found"] == 98
+    table = everyday_markdown(found)
+    assert "| a | 98 | 0.9000 | 0.5500 | 1.50 | 4.0 (Black .. White) |" in table
