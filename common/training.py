@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from agegender.calibration import CALIBRATION_KEY, can_fit_calibration, fit_calibration
 from agegender.cli import UserError, console, write_json
 from agegender.data import (
     AGE_SCALE,
@@ -428,7 +429,8 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
     """The tail every trainer shares: validation metrics, then (unless evaluate_test is False, as in a tuning
     trial, which must never see the test split) test metrics and the model folder saved to out_dir (skipped
     when it is None), with metadata.json recording metadata_extra and, for a model with an age output, its 80%
-    age interval calibrated on the validation predictions. test_predicted: the model's test predictions in
+    age interval calibrated on the validation predictions (for one with a gender output, its gender calibration
+    and certainty threshold, agegender.calibration). test_predicted: the model's test predictions in
     predict_split's units when the caller already has them (the ensemble mixes its members'), not made again."""
     outputs = list(TASK_OUTPUTS[task])
     val_predicted = predict_split(model, data["val"], outputs, age_bins=True)
@@ -449,6 +451,11 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
             val_age, val_rows = primary(val_predicted, data["val"].rows)
             extra[INTERVAL_KEY] = calibrate(val_age["age"], val_rows["age"].to_numpy(),
                                             val_age.get(DISTRIBUTION_LAYER))
+        if "gender" in outputs:
+            known = data["val"].rows["gender"].notna().to_numpy()
+            truth = data["val"].rows["gender"].to_numpy()[known]
+            if can_fit_calibration(truth):
+                extra[CALIBRATION_KEY] = fit_calibration(val_predicted["p_female_model"][known], truth)
         metadata = make_metadata(task, image_size, params, manifest_hash(data_dir), **extra)
         save_run(out_dir, model, metadata, history, result.test_metrics, *primary(predicted, data["test"].rows),
                  validation={**val_metrics, "limit": limit})

@@ -1,10 +1,14 @@
-"""Calibrate the 80% age interval of saved models on the validation split and store it in their metadata.json.
+"""Calibrate saved models on the validation split and store it in their metadata.json: the 80% age interval of a
+model with an age, and the calibrated p_female and certainty threshold of a model with a gender.
 
     python tasks/calibrate.py results/models/multitask results/models/age
-    python tasks/calibrate.py                        # every model folder under results/models/ with an age
+    python tasks/calibrate.py results/models/ensemble --data-dir data-detected
+    python tasks/calibrate.py                        # every model folder under results/models/
 
 Trainers calibrate the models they save; this command does it for model folders saved before, or again after
-a change. Only the validation split is read. How the interval is built: agegender.intervals.
+a change (a data folder with more datasets). Only the validation split is read: UTKFace's for the age interval,
+every dataset's, pooled, for the gender. How the interval is built: agegender.intervals; the gender:
+agegender.calibration.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Annotated
 
 import typer
 
+from agegender.calibration import calibrate_gender_folder, calibration_label
 from agegender.cli import UserError, console, user_errors
 from agegender.data import DATA_DIR, MODELS_DIR, load_manifest
 from agegender.intervals import band_names, calibrate_folder, interval_label
@@ -23,24 +28,54 @@ from agegender.tables import rich_table
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
+CALIBRATED_OUTPUTS = ("age", "gender")
+
+
 def calibrate_models(folders: list[Path] | None, data_dir: Path = DATA_DIR, limit: int | None = None,
-                     models_dir: Path = MODELS_DIR) -> dict[str, dict]:
-    """{folder: calibration record} for the folders given (each must predict age), or for every model folder
-    under models_dir that predicts age."""
+                     models_dir: Path = MODELS_DIR) -> tuple[dict[str, dict], dict[str, dict]]:
+    """({folder: age interval record}, {folder: gender calibration record}) for the folders given (each must
+    predict age or gender), or for every model folder under models_dir that does."""
     load_manifest(data_dir)  # fails in one sentence when prepare_data has not run
     found = model_folders(folders, models_dir)
-    if not folders:
-        found = [folder for folder in found if "age" in read_metadata(folder).get("outputs", [])]
+    outputs = {folder: set(read_metadata(folder).get("outputs", [])) & set(CALIBRATED_OUTPUTS) for folder in found}
+    if folders:
+        for folder in found:
+            if not outputs[folder]:
+                raise UserError(f"{folder} predicts neither age nor gender, so it has nothing to calibrate.")
+    found = [folder for folder in found if outputs[folder]]
     if not found:
-        raise UserError(f"No model folder in {models_dir} predicts age.")
-    records = {}
+        raise UserError(f"No model folder in {models_dir} predicts age or gender.")
+    intervals, genders = {}, {}
     for folder in found:
         with console.status(f"calibrating {folder} on the validation split"):
-            records[str(folder)] = calibrate_folder(folder, data_dir, limit)
-    return records
+            if "age" in outputs[folder]:
+                intervals[str(folder)] = calibrate_folder(folder, data_dir, limit)
+            if "gender" in outputs[folder]:
+                genders[str(folder)] = calibrate_gender_folder(folder, data_dir, limit)
+    return intervals, genders
+
+
+def print_gender_records(records: dict[str, dict]) -> None:
+    rows = []
+    for folder, record in records.items():
+        val = record["validation"]
+        rows.append([Path(folder).name, calibration_label(record), f"{val['faces']:,}", f"{val['ece_before']:.4f}",
+                     f"{val['ece_after']:.4f}", f"{val['ece_after_out_of_fold']:.4f}", f"{record['threshold']:.3f}",
+                     f"{val['coverage']:.1%}", f"{val['certain_accuracy']:.1%}", f"{val['accuracy']:.1%}"])
+    console.print(rich_table(
+        "Gender calibrated on the validation split (certain: at least 97% right)",
+        ["model", "calibration", "faces", "ECE before", "ECE after", "ECE after (out of fold)", "threshold",
+         "coverage", "certain accuracy", "accuracy (all)"], rows, left=["model", "calibration"]))
+    for folder, record in records.items():
+        datasets = ", ".join(f"{name} {count:,}" for name, count in record["datasets"].items())
+        losses = ", ".join(f"{name} {found['log_loss_out_of_fold']:.4f}"
+                           for name, found in record["candidates"].items())
+        console.print(f"{Path(folder).name}: validation faces pooled from {datasets}; out-of-fold log loss {losses}.")
 
 
 def print_records(records: dict[str, dict]) -> None:
+    if not records:
+        return
     rows = []
     for folder, record in records.items():
         val = record["validation"]
@@ -62,16 +97,20 @@ def print_records(records: dict[str, dict]) -> None:
 @app.command()
 def main(
     folders: Annotated[list[Path] | None, typer.Argument(
-        help="Model folders to calibrate; default every folder under results/models/ that predicts age.")] = None,
+        help="Model folders to calibrate; default every folder under results/models/ that predicts age or "
+             "gender.")] = None,
     data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
     limit: Annotated[int | None, typer.Option(
         min=10, help="Use a seeded subset of N validation faces (quick checks).")] = None,
 ) -> None:
-    """Fit each model's 80% age interval on the validation split and write it into its metadata.json."""
+    """Fit each model's 80% age interval and gender calibration on the validation split and write them into its
+    metadata.json."""
     with user_errors():
-        records = calibrate_models(folders, data_dir, limit)
-        print_records(records)
-        console.print(f"Wrote the calibration into {len(records)} metadata.json file(s).")
+        intervals, genders = calibrate_models(folders, data_dir, limit)
+        print_records(intervals)
+        if genders:
+            print_gender_records(genders)
+        console.print(f"Wrote the calibration into {len(set(intervals) | set(genders))} metadata.json file(s).")
 
 
 if __name__ == "__main__":
