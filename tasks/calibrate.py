@@ -3,6 +3,7 @@ model with an age, and the calibrated p_female and certainty threshold of a mode
 
     python tasks/calibrate.py results/models/multitask results/models/age
     python tasks/calibrate.py results/models/ensemble --data-dir data-detected
+    python tasks/calibrate.py results/models/ensemble --only gender   # the gender alone
     python tasks/calibrate.py                        # every model folder under results/models/
 
 Trainers calibrate the models they save; this command does it for model folders saved before, or again after
@@ -19,7 +20,7 @@ from typing import Annotated
 import typer
 
 from agegender.calibration import calibrate_gender_folder, calibration_label
-from agegender.cli import UserError, console, user_errors
+from agegender.cli import UserError, check_choice, console, user_errors
 from agegender.data import DATA_DIR, MODELS_DIR, load_manifest
 from agegender.intervals import band_names, calibrate_folder, interval_label
 from agegender.modelio import model_folders, read_metadata
@@ -32,19 +33,22 @@ CALIBRATED_OUTPUTS = ("age", "gender")
 
 
 def calibrate_models(folders: list[Path] | None, data_dir: Path = DATA_DIR, limit: int | None = None,
-                     models_dir: Path = MODELS_DIR) -> tuple[dict[str, dict], dict[str, dict]]:
+                     models_dir: Path = MODELS_DIR, only: str | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
     """({folder: age interval record}, {folder: gender calibration record}) for the folders given (each must
-    predict age or gender), or for every model folder under models_dir that does."""
+    predict age or gender, or the `only` one of them), or for every model folder under models_dir that does."""
     load_manifest(data_dir)  # fails in one sentence when prepare_data has not run
+    wanted = {only} if only else set(CALIBRATED_OUTPUTS)
     found = model_folders(folders, models_dir)
-    outputs = {folder: set(read_metadata(folder).get("outputs", [])) & set(CALIBRATED_OUTPUTS) for folder in found}
+    outputs = {folder: set(read_metadata(folder).get("outputs", [])) & wanted for folder in found}
     if folders:
         for folder in found:
             if not outputs[folder]:
-                raise UserError(f"{folder} predicts neither age nor gender, so it has nothing to calibrate.")
+                what = " nor ".join(sorted(wanted))
+                raise UserError(f"{folder} predicts {'neither ' if len(wanted) > 1 else 'no '}{what}, so it has "
+                                "nothing to calibrate.")
     found = [folder for folder in found if outputs[folder]]
     if not found:
-        raise UserError(f"No model folder in {models_dir} predicts age or gender.")
+        raise UserError(f"No model folder in {models_dir} predicts {' or '.join(sorted(wanted))}.")
     intervals, genders = {}, {}
     for folder in found:
         with console.status(f"calibrating {folder} on the validation split"):
@@ -102,11 +106,15 @@ def main(
     data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
     limit: Annotated[int | None, typer.Option(
         min=10, help="Use a seeded subset of N validation faces (quick checks).")] = None,
+    only: Annotated[str | None, typer.Option(
+        help="Calibrate only this output: age (the 80% interval) or gender (calibrated p_female and certainty "
+             "threshold); default both.")] = None,
 ) -> None:
     """Fit each model's 80% age interval and gender calibration on the validation split and write them into its
     metadata.json."""
+    check_choice(only, CALIBRATED_OUTPUTS, "--only")
     with user_errors():
-        intervals, genders = calibrate_models(folders, data_dir, limit)
+        intervals, genders = calibrate_models(folders, data_dir, limit, only=only)
         print_records(intervals)
         if genders:
             print_gender_records(genders)

@@ -63,7 +63,7 @@ def test_the_saved_test_metrics_are_the_saved_models_own(ensemble, prepared):
     assert metrics["age"]["mae"] == pytest.approx(age_metrics(rows["age"].to_numpy(), predicted["age"])["mae"],
                                                   abs=0.01)
     assert metrics["gender"]["accuracy"] == pytest.approx(
-        gender_metrics(rows["gender"].to_numpy(), predicted["p_female_model"])["accuracy"], abs=1 / len(rows))
+        gender_metrics(rows["gender"].to_numpy(), predicted["p_female"])["accuracy"], abs=1 / len(rows))
 
 
 def test_the_saved_ensemble_predicts_its_members_mixed_with_the_recorded_weights(ensemble, trained_models, prepared):
