@@ -645,8 +645,9 @@ class Predictor:
                 out[DISTRIBUTION_LAYER] = merged[DISTRIBUTION_LAYER]
         if "gender" in merged:
             out["p_female_model"] = np.clip(merged["gender"].reshape(-1), 0.0, 1.0)
-            out["p_female"] = self.gender_calibration.apply(out["p_female_model"]).astype(out["p_female_model"].dtype)
-            out["gender_certain"] = confidence_of(out["p_female"]) >= self.gender_threshold
+            calibrated = self.gender_calibration.apply(out["p_female_model"])
+            out["gender_certain"] = confidence_of(calibrated) >= self.gender_threshold
+            out["p_female"] = calibrated.astype(out["p_female_model"].dtype)
         return out
 
     def prepare_crop(self, crop: Image.Image) -> np.ndarray:

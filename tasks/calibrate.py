@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from agegender.calibration import calibrate_gender_folder, calibration_label
+from agegender.calibration import TARGET_ACCURACY, calibrate_gender_folder, calibration_label
 from agegender.cli import UserError, check_choice, console, user_errors
 from agegender.data import DATA_DIR, MODELS_DIR, load_manifest
 from agegender.intervals import band_names, calibrate_folder, interval_label
@@ -63,18 +63,19 @@ def print_gender_records(records: dict[str, dict]) -> None:
     rows = []
     for folder, record in records.items():
         val = record["validation"]
-        rows.append([Path(folder).name, calibration_label(record), f"{val['faces']:,}", f"{val['ece_before']:.4f}",
-                     f"{val['ece_after']:.4f}", f"{val['ece_after_out_of_fold']:.4f}", f"{record['threshold']:.3f}",
+        rows.append([Path(folder).name, calibration_label(record), f"{val['faces']:,}",
+                     f"{val['ece_before']:.3f} -> {val['ece_after']:.3f}", f"{record['threshold']:.3f}",
                      f"{val['coverage']:.1%}", f"{val['certain_accuracy']:.1%}", f"{val['accuracy']:.1%}"])
     console.print(rich_table(
-        "Gender calibrated on the validation split (certain: at least 97% right)",
-        ["model", "calibration", "faces", "ECE before", "ECE after", "ECE after (out of fold)", "threshold",
-         "coverage", "certain accuracy", "accuracy (all)"], rows, left=["model", "calibration"]))
+        f"Gender calibrated on the validation split (certain: at least {TARGET_ACCURACY:.0%} right)",
+        ["model", "calibration", "faces", "ECE", "threshold", "coverage", "certain acc.", "acc. (all)"], rows,
+        left=["model", "calibration"]))
     for folder, record in records.items():
         datasets = ", ".join(f"{name} {count:,}" for name, count in record["datasets"].items())
         losses = ", ".join(f"{name} {found['log_loss_out_of_fold']:.4f}"
                            for name, found in record["candidates"].items())
-        console.print(f"{Path(folder).name}: validation faces pooled from {datasets}; out-of-fold log loss {losses}.")
+        console.print(f"{Path(folder).name}: validation faces pooled from {datasets}; out-of-fold log loss {losses}; "
+                      f"ECE after, out of fold {record['validation']['ece_after_out_of_fold']:.3f}.")
 
 
 def print_records(records: dict[str, dict]) -> None:
