@@ -165,3 +165,19 @@ def test_the_tflite_export_gives_the_same_certainty(calibrated, prepared):
     np.testing.assert_allclose(lite_out["p_female"], keras_out["p_female"], atol=0.02)
     export_record = json.loads((folder / "metadata.json").read_text())["exports"]["tflite"]
     assert "certainty_agreement" in export_record
+
+
+def test_an_uncertain_gender_reads_uncertain_on_photos_and_in_the_webcam_view():
+    from agegender.drawing import face_label
+    from agegender.tracking import FaceTracker
+
+    row = {"box": (0, 0, 50, 50), "gender": "female", "p_female": 0.52, "gender_certain": False, "age": 31.0}
+    assert face_label(1, row) == "1: uncertain (52% female), 31"
+    assert face_label(1, {**row, "p_female": 0.97, "gender_certain": True}) == "1: female 97%, 31"
+    assert face_label(1, {key: value for key, value in row.items() if key != "gender_certain"}) == "1: female 52%, 31"
+    # the webcam view decides on the averaged probability, with the model's threshold
+    tracker = FaceTracker(gender_threshold=0.8)
+    first = tracker.update([{**row, "p_female": 0.95, "gender_certain": True}])[0]
+    second = tracker.update([{**row, "p_female": 0.45, "gender_certain": False}])[0]
+    assert first["gender_certain"] and first["gender"] == "female"
+    assert second["p_female"] == pytest.approx(0.7) and not second["gender_certain"] and second["gender"] == "female"
