@@ -207,9 +207,11 @@ def can_fit_calibration(truth: np.ndarray) -> bool:
 
 
 def fit_calibration(p_model: np.ndarray, truth: np.ndarray, target: float = TARGET_ACCURACY,
-                    methods: tuple[str, ...] = (TEMPERATURE, ISOTONIC)) -> dict[str, Any]:
+                    methods: tuple[str, ...] = (TEMPERATURE, ISOTONIC), rows: pd.DataFrame | None = None
+                    ) -> dict[str, Any]:
     """The metadata.json record fitted on validation predictions: the method with the lower out-of-fold log
-    loss, refitted on every face, its certainty threshold, and the validation figures before and after."""
+    loss, refitted on every face, its certainty threshold, and the validation figures before and after (with
+    `rows`, the faces' labels, also per group and the race spreads)."""
     p_model, truth = np.asarray(p_model, dtype=float), np.asarray(truth, dtype=float)
     if not can_fit_calibration(truth):
         raise ValueError("the gender calibration needs faces of both genders, at least "
@@ -229,9 +231,14 @@ def fit_calibration(p_model: np.ndarray, truth: np.ndarray, target: float = TARG
                   "ece_after_out_of_fold": candidates[method]["ece_out_of_fold"],
                   "log_loss_before": log_loss(p_model, truth), "log_loss_after": log_loss(calibrated, truth),
                   **coverage_and_accuracy(calibrated, truth, threshold)}
-    return {**calibration.record(), "target_accuracy": target, "ece_bins": ECE_BINS, "split": "val",
-            "validation": validation, "candidates": candidates,
-            "created": datetime.now(UTC).isoformat(timespec="seconds")}
+    if rows is not None:
+        validation["groups"] = certainty_by_group(calibrated, rows.reset_index(drop=True), threshold)
+        validation["race_spreads"] = race_spreads(validation["groups"])
+    from agegender.cli import without_nan
+
+    return without_nan({**calibration.record(), "target_accuracy": target, "ece_bins": ECE_BINS, "split": "val",
+                        "validation": validation, "candidates": candidates,
+                        "created": datetime.now(UTC).isoformat(timespec="seconds")})
 
 
 def calibration_label(record: dict[str, Any]) -> str:
@@ -338,7 +345,7 @@ def calibrate_gender_folder(folder: Path, data_dir: Path, limit: int | None = No
         raise UserError(f"The validation split in {data_dir} has too few faces with a known gender (at least "
                         f"{2 * FOLDS}, of both genders) to calibrate {folder}.")
     predicted = predictor.predict_arrays(images[known], batch_size=128)
-    record = fit_calibration(predicted["p_female_model"], rows["gender"].to_numpy()[known])
+    record = fit_calibration(predicted["p_female_model"], rows["gender"].to_numpy()[known], rows=rows[known])
     datasets = rows.loc[known, "dataset"] if "dataset" in rows else pd.Series(["utkface"] * int(known.sum()))
     record["datasets"] = {str(name): int(count) for name, count in datasets.value_counts(sort=False).items()}
     write_json(Path(folder) / METADATA_FILE, {**read_metadata(folder), CALIBRATION_KEY: record})
@@ -400,28 +407,29 @@ def certainty_reports(models: dict[str, tuple[np.ndarray, np.ndarray, dict[str, 
     return reports
 
 
-def _percent(value: float) -> str:
-    return "n/a" if value != value else f"{value:.1%}"
+def percent(value: float | None) -> str:
+    """A share as a percentage; n/a for NaN or None (no face to take it over)."""
+    return "n/a" if value is None or value != value else f"{value:.1%}"
 
 
 def certainty_rows(reports: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     headers = ["model", "calibration", "threshold", "ECE before", "ECE after", "accuracy (all)", "coverage",
                "certain accuracy"]
     return headers, [[name, r["calibration"], f"{r['threshold']:.3f}", f"{r['ece_before']:.3f}",
-                      f"{r['ece_after']:.3f}", _percent(r["accuracy"]), _percent(r["coverage"]),
-                      _percent(r["certain_accuracy"])] for name, r in reports.items()]
+                      f"{r['ece_after']:.3f}", percent(r["accuracy"]), percent(r["coverage"]),
+                      percent(r["certain_accuracy"])] for name, r in reports.items()]
 
 
 def group_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return (["grouping", "group", "faces", "coverage", "certain accuracy", "accuracy (all)"],
-            [[g["grouping"], g["group"], f"{g['faces']:,}", _percent(g["coverage"]), _percent(g["certain_accuracy"]),
-              _percent(g["accuracy"])] for g in report["groups"]])
+            [[g["grouping"], g["group"], f"{g['faces']:,}", percent(g["coverage"]), percent(g["certain_accuracy"]),
+              percent(g["accuracy"])] for g in report["groups"]])
 
 
 def spread_rows(reports: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return (["model", "over", "figure", "best race", "worst race", "spread"],
             [[name, "all ages" if s["grouping"] == "race" else "13 and older", s["figure"].replace("_", " "),
-              f"{s['best_group']} {_percent(s['best'])}", f"{s['worst_group']} {_percent(s['worst'])}",
+              f"{s['best_group']} {percent(s['best'])}", f"{s['worst_group']} {percent(s['worst'])}",
               f"{s['spread'] * 100:.1f} points"] for name, r in reports.items() for s in r["race_spreads"]])
 
 

@@ -133,19 +133,23 @@ def certainty_markdown(name: str, metadata: dict[str, Any], comparison: dict[str
              f"{record['target_accuracy']:.0%} right. There, {_share(val['coverage'])} of faces were answered with "
              f"certainty and {_share(val['certain_accuracy'])} of those were right. Every other face reads "
              "\"uncertain\" with its probability, e.g. \"uncertain (52% female)\"."]
-    test = ((comparison or {}).get("gender_certainty") or {}).get(name)
-    if not test:
-        parts.append("\nIts coverage and accuracy on the test split are not measured yet: run "
-                     "`python tasks/compare.py`.")
+    shown = ((comparison or {}).get("gender_certainty") or {}).get(name)
+    if shown:
+        parts.append(f"\nOn the test split ({shown['faces']:,} faces): calibration error {shown['ece_after']:.3f}, "
+                     f"{_share(shown['coverage'])} answered with certainty, {_share(shown['certain_accuracy'])} of "
+                     "those right. By group (coverage: share answered with certainty; certain accuracy: share of "
+                     "those right):\n")
+    elif val.get("groups"):
+        parts.append("\nIts test figures are not measured yet (`python tasks/compare.py`); on the validation split, "
+                     "by group (coverage: share answered with certainty; certain accuracy: share of those right):\n")
+        shown = val
+    else:
+        parts.append("\nIts coverage and accuracy by group are not measured yet: run `python tasks/compare.py`.")
         return "\n".join(parts)
-    parts.append(f"\nOn the test split ({test['faces']:,} faces): calibration error {test['ece_after']:.3f}, "
-                 f"{_share(test['coverage'])} answered with certainty, {_share(test['certain_accuracy'])} of those "
-                 "right. By group (coverage: share answered with certainty; certain accuracy: share of those "
-                 "right):\n")
     parts.append(markdown_table(["grouping", "group", "faces", "coverage", "certain accuracy", "accuracy (all)"], [
         [g["grouping"], g["group"], f"{g['faces']:,}", _share(g.get("coverage")), _share(g.get("certain_accuracy")),
-         _share(g.get("accuracy"))] for g in test.get("groups", [])]))
-    spreads = test.get("race_spreads") or []
+         _share(g.get("accuracy"))] for g in shown.get("groups", [])]))
+    spreads = shown.get("race_spreads") or []
     if spreads:
         parts.append("\nSpread between the best and worst race:\n")
         parts.append(markdown_table(["over", "figure", "best race", "worst race", "spread"], [

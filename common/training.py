@@ -426,7 +426,9 @@ def fit_gender_calibration(predicted: dict[str, np.ndarray], rows: pd.DataFrame)
     there are too few faces with a gender to fit one."""
     known = rows["gender"].notna().to_numpy()
     truth = rows["gender"].to_numpy()[known]
-    return fit_calibration(predicted["p_female_model"][known], truth) if can_fit_calibration(truth) else None
+    if not can_fit_calibration(truth):
+        return None
+    return fit_calibration(predicted["p_female_model"][known], truth, rows=rows[known])
 
 
 def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, Any], image_size: int,

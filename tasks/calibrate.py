@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from agegender.calibration import TARGET_ACCURACY, calibrate_gender_folder, calibration_label
+from agegender.calibration import TARGET_ACCURACY, calibrate_gender_folder, calibration_label, percent
 from agegender.cli import UserError, check_choice, console, user_errors
 from agegender.data import DATA_DIR, MODELS_DIR, load_manifest
 from agegender.intervals import band_names, calibrate_folder, interval_label
@@ -65,7 +65,7 @@ def print_gender_records(records: dict[str, dict]) -> None:
         val = record["validation"]
         rows.append([Path(folder).name, calibration_label(record), f"{val['faces']:,}",
                      f"{val['ece_before']:.3f} -> {val['ece_after']:.3f}", f"{record['threshold']:.3f}",
-                     f"{val['coverage']:.1%}", f"{val['certain_accuracy']:.1%}", f"{val['accuracy']:.1%}"])
+                     percent(val["coverage"]), percent(val["certain_accuracy"]), percent(val["accuracy"])])
     console.print(rich_table(
         f"Gender calibrated on the validation split (certain: at least {TARGET_ACCURACY:.0%} right)",
         ["model", "calibration", "faces", "ECE", "threshold", "coverage", "certain acc.", "acc. (all)"], rows,
