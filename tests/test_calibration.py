@@ -111,6 +111,9 @@ def test_calibrate_stores_the_gender_calibration_and_the_threshold(calibrated, p
         assert record["split"] == "val" and record["method"] in (TEMPERATURE, ISOTONIC)
         assert 0.5 <= record["threshold"] <= 1.0
         assert ("age_interval" in metadata) == (name == "multitask")
+        groups = record["validation"]["groups"]
+        assert {group["grouping"] for group in groups} == {"race", "race, age 13+", "age band", "gender"}
+        assert sum(group["faces"] for group in groups if group["grouping"] == "gender") == record["validation"]["faces"]
         predictor = Predictor.load(folder, "keras")
         images, rows = load_split("val", predictor.image_size, prepared["data_dir"])
         predicted = predictor.predict_arrays(images)
