@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from agegender.calibration import CALIBRATION_KEY, GenderCalibration, can_fit_calibration, fit_calibration
 from agegender.cli import UserError, console, write_json
 from agegender.data import (
     AGE_SCALE,
@@ -442,6 +443,16 @@ def save_run(out_dir: Path, model, metadata: dict[str, Any], history: pd.DataFra
             plot_age_error(rows["age"].to_numpy(), predicted["age"], folder / "age_error.png")
 
 
+def fit_gender_calibration(predicted: dict[str, np.ndarray], rows: pd.DataFrame) -> dict[str, Any] | None:
+    """The gender calibration record fitted on validation predictions (agegender.calibration), or None when
+    there are too few faces with a gender to fit one."""
+    known = rows["gender"].notna().to_numpy()
+    truth = rows["gender"].to_numpy()[known]
+    if not can_fit_calibration(truth):
+        return None
+    return fit_calibration(predicted["p_female_model"][known], truth, rows=rows[known])
+
+
 def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, Any], image_size: int,
                data_dir: Path, out_dir: Path | None, history: pd.DataFrame | None = None,
                seconds_per_epoch: float = 0.0, evaluate_test: bool = True, limit: int | None = None,
@@ -450,7 +461,8 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
     """The tail every trainer shares: validation metrics, then (unless evaluate_test is False, as in a tuning
     trial, which must never see the test split) test metrics and the model folder saved to out_dir (skipped
     when it is None), with metadata.json recording metadata_extra and, for a model with an age output, its 80%
-    age interval calibrated on the validation predictions. test_predicted: the model's test predictions in
+    age interval calibrated on the validation predictions (for one with a gender output, its gender calibration
+    and certainty threshold, agegender.calibration). test_predicted: the model's test predictions in
     predict_split's units when the caller already has them (the ensemble mixes its members'), not made again."""
     outputs = list(TASK_OUTPUTS[task])
     val_predicted = predict_split(model, data["val"], outputs, age_bins=True)
@@ -459,6 +471,10 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
     if not evaluate_test:
         return result
     predicted = test_predicted if test_predicted is not None else predict_split(model, data["test"], outputs)
+    gender_calibration = fit_gender_calibration(val_predicted, data["val"].rows) if "gender" in outputs else None
+    if gender_calibration:  # the test figures are those of the p_female the saved model will give
+        predicted = {**predicted, "p_female": GenderCalibration.from_metadata(
+            {CALIBRATION_KEY: gender_calibration}).apply(predicted["p_female"])}
     result.test_metrics = evaluate(predicted, data["test"].rows)
     if out_dir is not None:
         extra = {"epochs_run": 0 if history is None else len(history), "seconds_per_epoch": seconds_per_epoch,
@@ -471,6 +487,8 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
             val_age, val_rows = primary(val_predicted, data["val"].rows)
             extra[INTERVAL_KEY] = calibrate(val_age["age"], val_rows["age"].to_numpy(),
                                             val_age.get(DISTRIBUTION_LAYER))
+        if gender_calibration:
+            extra[CALIBRATION_KEY] = gender_calibration
         metadata = make_metadata(task, image_size, params, manifest_hash(data_dir), **extra)
         save_run(out_dir, model, metadata, history, result.test_metrics, *primary(predicted, data["test"].rows),
                  validation={**val_metrics, "limit": limit})

@@ -6,6 +6,10 @@ often the calibrated 80% age interval holds the true age, and where each model l
 
 Predictions go through agegender.faces.Predictor (the one inference path) and are cached per model file,
 metadata and manifest hash in results/compare/cache/, so a rerun with nothing changed takes seconds.
+
+Per gender model, "Certain or uncertain gender": calibration error before and after its calibration, a
+reliability diagram beside accuracy against coverage (compare/<model>-gender_calibration.png), the certain
+answers' coverage and accuracy by group and the race spreads (agegender.calibration).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import typer
 from PIL import Image, ImageFilter
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from agegender.calibration import GenderCalibration, certainty_markdown, certainty_reports, print_certainty
 from agegender.cli import UserError, atomic_path, console, user_errors, without_nan, write_json, write_text
 from agegender.data import (
     DATA_DIR,
@@ -324,6 +329,18 @@ def interval_markdown(report: dict[str, dict[str, Any]]) -> str:
     return "\n\n".join(lines)
 
 
+def gender_certainty(results: list[ModelResult], rows: pd.DataFrame, folder: Path) -> dict[str, dict[str, Any]]:
+    """Per model with a gender output: calibration error before and after, the certain answers' coverage and
+    accuracy overall and per group, the race spreads (agegender.calibration), and its figure in folder."""
+    models = {}
+    for result in results:
+        predicted = condition_predictions(result.predictions)
+        if "p_female" in predicted:
+            models[result.name] = (predicted.get("p_female_model", predicted["p_female"]), predicted["p_female"],
+                                   result.metadata, GenderCalibration.from_metadata(result.metadata).threshold)
+    return certainty_reports(models, rows, folder)
+
+
 def cell_of(found: dict[str, Any] | None) -> str:
     return "–" if not found else f"{found['coverage']:.0%}, {found['mean_width']:.1f}"
 
@@ -507,6 +524,8 @@ def compare(models_dir: Path = MODELS_DIR, data_dir: Path = DATA_DIR, out: Path 
     if heatmap_faces:
         plots.update(heatmap_figures(results, data_dir, folder, limit, heatmap_faces, skipped))
     intervals = interval_report(results, rows)
+    certainty = gender_certainty(results, rows, folder)
+    plots.update({f"{name} gender calibration": f"compare/{report['plot']}" for name, report in certainty.items()})
 
     summary = {
         "settings": {"models_dir": str(models_dir), "data_dir": str(data_dir), "test_faces": len(rows),
@@ -523,6 +542,7 @@ def compare(models_dir: Path = MODELS_DIR, data_dir: Path = DATA_DIR, out: Path 
         "robustness": robustness.to_dict("records"),
         "robustness_note": robust_note,
         "age_interval": intervals,
+        "gender_certainty": certainty,
         "plots": plots,
         "cache": {r.name: {"file": str(r.cache_file), "hit": r.cached} for r in results},
         "everyday": everyday_photos(Path(out) / EVERYDAY_EVALUATION, [r.name for r in results]),
@@ -607,6 +627,8 @@ def markdown_report(summary: dict, table: list[dict], groups: pd.DataFrame, gaps
         parts += [f"Note on {name}: {'; '.join(notes)}."]
     if summary["age_interval"]:
         parts += ["## Age interval", interval_markdown(summary["age_interval"])]
+    if summary["gender_certainty"]:
+        parts += ["## Certain or uncertain gender", certainty_markdown(summary["gender_certainty"], "compare/")]
     parts += ["## Bias: best and worst group per metric",
               frame_markdown(gaps, FORMATS) if len(gaps) else "(no group has a defined metric)"]
     for grouping in GROUPINGS:
@@ -646,6 +668,7 @@ def print_report(summary: dict, table: list[dict], groups: pd.DataFrame, gaps: p
         title = f"{name}: degraded test images ({summary['robustness_note']})"
         console.print(frame_rich(part, title, FORMATS, SHORT))
     print_intervals(summary["age_interval"])
+    print_certainty(summary["gender_certainty"], "test")
     hits = sum(item["hit"] for item in summary["cache"].values())
     console.print(f"{len(table)} model(s) compared ({hits} from cache), {len(summary['skipped'])} skipped. "
                   "Wrote comparison.md, comparison.csv, comparison.json and compare/ "

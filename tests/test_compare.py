@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from agegender.plots import panel_reference
 from tasks import compare
+from tests.conftest import said
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -201,6 +202,35 @@ def test_the_age_interval_coverage_and_the_mean_heatmaps(first_run, models_dir, 
         for output in outputs:
             assert sum(count for key, count in means["counts"].items() if key[0] == output) == len(rows)
         assert all(heat.min() >= 0 and heat.max() <= 1 for heat in means["maps"].values())
+
+
+def test_each_gender_model_s_calibration_and_certain_answers_by_group(first_run, models_dir, prepared):
+    from agegender.calibration import coverage_and_accuracy
+    from agegender.data import load_split
+    from agegender.faces import Predictor
+
+    result, out = first_run
+    summary = json.loads((out / "comparison.json").read_text())
+    assert set(summary["gender_certainty"]) == {"gender", "multitask"}
+    predictor = Predictor.load(models_dir / "multitask")
+    images, rows = load_split("test", predictor.image_size, prepared["data_dir"])
+    predicted = predictor.predict_arrays(images)
+    found = summary["gender_certainty"]["multitask"]
+    expected = coverage_and_accuracy(predicted["p_female"], rows["gender"].to_numpy(), predictor.gender_threshold)
+    for key in ("coverage", "certain_accuracy", "accuracy"):  # NaN (no certain answer) is null in the JSON
+        assert found.get(key) == (None if np.isnan(expected[key]) else pytest.approx(expected[key])), key
+    assert found["ece_before"] >= 0 and found["ece_after"] >= 0
+    groups = pd.DataFrame(found["groups"])
+    assert set(groups["grouping"]) == {"race", "race, age 13+", "age band", "gender"}
+    assert groups.loc[groups["grouping"] == "gender", "faces"].sum() == len(rows)
+    spreads = pd.DataFrame(found["race_spreads"])
+    assert set(spreads["grouping"]) == {"race", "race, age 13+"}
+    assert (spreads["spread"] >= 0).all()
+    assert summary["plots"]["multitask gender calibration"] == "compare/multitask-gender_calibration.png"
+    assert (out / "compare" / "multitask-gender_calibration.png").stat().st_size > 1000
+    markdown = (out / "comparison.md").read_text()
+    assert "## Certain or uncertain gender" in markdown and "Spread between races" in markdown
+    assert "Certain or uncertain gender (test)" in said(result)
 
 
 def test_a_model_without_a_calibrated_interval_says_so():

@@ -47,7 +47,7 @@ def test_no_detect_treats_each_image_as_a_crop_and_matches_the_cache(trained_mod
                                          "--batch-size", "4"])
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(out)
-    assert list(frame.columns) == ["file", "gender", "p_female"]  # only what the model predicts
+    assert list(frame.columns) == ["file", "gender", "p_female", "gender_certain"]  # only what the model predicts
     assert len(frame) == 6
     # the same numbers as the model gives on prepare_data's cache of the test split (the arrays training and
     # evaluation read): one preprocessing path from file to model input
