@@ -260,18 +260,20 @@ def check_min_confidence(value: float | None, option: str = "--min-gender-confid
 # ---------------------------------------------------------------- per group (evaluate, compare)
 
 
-def certainty_by_group(p_female: np.ndarray, rows: pd.DataFrame, threshold: float) -> list[dict[str, Any]]:
-    """Per race (all ages and 13+), age band and gender whose labels the rows have: faces, coverage, accuracy
-    of the certain answers and accuracy of all answers (agegender.metrics' groups)."""
-    from agegender.metrics import GROUPING_LABELS, GROUPINGS, group_labels
+def certainty_by_group(p_female: np.ndarray, rows: pd.DataFrame, threshold: float,
+                       groupings: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Per race (all ages and 13+), age band and gender whose labels the rows have (and per named group, such as
+    FairFace's race_fairface, among `groupings`): faces, coverage, accuracy of the certain answers and accuracy
+    of all answers (agegender.metrics' groups)."""
+    from agegender.metrics import GROUPINGS, group_labels, has_grouping
 
     p_female = np.asarray(p_female, dtype=float)
     records = []
     if "gender" not in rows:
         return records
     gendered = rows["gender"].notna().to_numpy()
-    for grouping in GROUPINGS:
-        if any(label not in rows or rows[label].isna().all() for label in GROUPING_LABELS[grouping]):
+    for grouping in groupings or GROUPINGS:
+        if not has_grouping(rows, grouping):
             continue
         labels, order = group_labels(rows, grouping)
         for group in order:
@@ -286,11 +288,14 @@ SPREAD_FIGURES = ("accuracy", "coverage", "certain_accuracy")
 
 
 def race_spreads(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per race grouping (all ages, 13+) and figure: the best and worst race and the spread between them."""
+    """Per race grouping (all ages, 13+; a named race_<name> grouping too) and figure: the best and worst race
+    and the spread between them."""
     from agegender.metrics import RACE_ADULTS
 
     found = []
-    for grouping in ("race", RACE_ADULTS):
+    named = [grouping for grouping in dict.fromkeys(record["grouping"] for record in groups)
+             if grouping.startswith("race_")]
+    for grouping in ("race", RACE_ADULTS, *named):
         part = [record for record in groups if record["grouping"] == grouping]
         for figure in SPREAD_FIGURES:
             valid = [record for record in part if record[figure] == record[figure]]
@@ -304,14 +309,15 @@ def race_spreads(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def certainty_report(p_model: np.ndarray, p_female: np.ndarray, rows: pd.DataFrame,
-                     metadata: dict[str, Any], threshold: float) -> dict[str, Any]:
+                     metadata: dict[str, Any], threshold: float,
+                     groupings: tuple[str, ...] | None = None) -> dict[str, Any]:
     """What evaluate and compare show per model on labelled faces: ECE before and after calibration, the
     reliability bins, accuracy against coverage, coverage and accuracy at the threshold overall, per group,
     and the per-race spreads."""
     known = rows["gender"].notna().to_numpy()
     truth = rows["gender"].to_numpy()[known]
     p_model, p_female = np.asarray(p_model, dtype=float)[known], np.asarray(p_female, dtype=float)[known]
-    groups = certainty_by_group(p_female, rows[known].reset_index(drop=True), threshold)
+    groups = certainty_by_group(p_female, rows[known].reset_index(drop=True), threshold, groupings)
     record = metadata.get(CALIBRATION_KEY) or {}
     return {"calibration": calibration_label(record) if record else "none (not calibrated: tasks/calibrate.py)",
             "threshold": threshold, "ece_before": expected_calibration_error(p_model, truth),
@@ -393,14 +399,15 @@ def plot_gender_calibration(name: str, report: dict[str, Any], path: Path) -> No
 
 
 def certainty_reports(models: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any], float]], rows: pd.DataFrame,
-                      folder: Path, prefix: str = "") -> dict[str, dict[str, Any]]:
+                      folder: Path, prefix: str = "",
+                      groupings: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
     """Per model name: (model's p_female, calibrated p_female, metadata, threshold) -> its certainty_report,
     with its figure written to folder/<prefix><model>-gender_calibration.png (the report's "plot")."""
     reports = {}
     if "gender" not in rows or not rows["gender"].notna().any():
         return reports
     for name, (p_model, p_female, metadata, threshold) in models.items():
-        report = certainty_report(p_model, p_female, rows, metadata, threshold)
+        report = certainty_report(p_model, p_female, rows, metadata, threshold, groupings)
         plot = Path(folder) / f"{prefix}{name.replace('/', '-')}-gender_calibration.png"
         plot_gender_calibration(name, report, plot)
         reports[name] = {**report, "plot": plot.name}

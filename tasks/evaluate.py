@@ -172,11 +172,12 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
 
     folder = Path(out_dir) / name
     models, groups, predicted_rows = {}, [], []
+    groupings = (*GROUPINGS, *named_groupings(labelled.groups))
     known_as = {name, source_name}  # --name renames it in the results
     for model, predictor, model_dir in zip(names, predictors, model_dirs, strict=True):
         predicted = predictions[model]
         overall = labelled_metrics(predicted, rows)
-        model_groups = group_metrics(predicted, rows, (*GROUPINGS, *named_groupings(labelled.groups)))
+        model_groups = group_metrics(predicted, rows, groupings)
         groups += [{"model": model, **record} for record in model_groups]
         plots = {}
         if "age" in predicted and rows["age"].notna().any():
@@ -207,7 +208,7 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
         {model: (predictions[model]["p_female_model"], predictions[model]["p_female"], predictor.metadata,
                  predictor.gender_threshold)
          for model, predictor in zip(names, predictors, strict=True) if "p_female" in predictions[model]},
-        rows, folder)
+        rows, folder, groupings=groupings)
     write_json(folder / "evaluation.json", without_nan(summary))
     write_text(folder / "evaluation.md", markdown_report(summary, group_frame, gaps))
     write_text(folder / "predictions.csv", pd.concat(predicted_rows).to_csv(index=False, float_format="%.4f"))
