@@ -88,11 +88,9 @@ def everyday(summary: dict[str, Any]) -> str:
                  f"{metrics['years_outside']:.2f}" if "years_outside" in metrics else "–",
                  f"{100 * spread['gap']:.1f} ({spread['worst_group']} .. {spread['best_group']})" if spread else "–"]
         rows.append("| " + " | ".join(cells) + " |")
-    intro = (f"Everyday photos: FairFace's held-out test part, {summary['images']:,} photos of every race and age "
-             f"with age groups, through `predict`'s photo path ({summary['faces_found']:,} faces found, "
-             f"{summary['not_found_rate']:.1%} not); written from `{EVERYDAY.relative_to(REPO_ROOT)}` "
-             "(`python tasks/evaluate.py MODELS --dataset ../shared/data/fairface/fairface-18k.tar.gz --split test "
-             "--data-dir DATA`).")
+    intro = (f"Everyday photos: FairFace's held-out test part ({summary['images']:,} photos of every race and age, "
+             f"age groups; {summary['faces_found']:,} faces found) through `predict`'s photo path, from "
+             f"`{EVERYDAY.relative_to(REPO_ROOT)}` (`tasks/evaluate.py --split test`).")
     return "\n".join([intro, "", "| model | gender accuracy | age group right | years outside the group | "
                                   "gender spread across 7 groups, 13+ (points) |", "|---|---|---|---|---|", *rows])
 
