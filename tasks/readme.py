@@ -95,16 +95,24 @@ def everyday(summary: dict[str, Any]) -> str:
                                   "gender spread across 7 groups, 13+ (points) |", "|---|---|---|---|---|", *rows])
 
 
-def read_everyday(path: Path) -> dict[str, Any]:
+def read_json_summary(path: Path, command: str, written_by: str, complete) -> dict[str, Any]:
+    """A task's JSON summary, or one sentence saying which command writes it (missing) or that it is not one
+    (unreadable, or `complete(summary)` is false)."""
     if not path.exists():
-        raise UserError(f"{path} does not exist: run `python tasks/evaluate.py` on FairFace's test part first.")
+        raise UserError(f"{path} does not exist: run `{command}` first.")
     try:
         summary = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is not JSON ({error}).") from error
-    if not isinstance(summary, dict) or "models" not in summary or "faces_found" not in summary:
-        raise UserError(f"{path} is not an evaluation written by tasks/evaluate.py.")
+    if not isinstance(summary, dict) or not complete(summary):
+        raise UserError(f"{path} is not {written_by}.")
     return summary
+
+
+def read_everyday(path: Path) -> dict[str, Any]:
+    return read_json_summary(path, "python tasks/evaluate.py MODELS --dataset fairface-18k.tar.gz --split test",
+                             "an evaluation written by tasks/evaluate.py",
+                             lambda summary: "models" in summary and "faces_found" in summary)
 
 
 def read_transfer(path: Path) -> pd.DataFrame:
@@ -117,15 +125,9 @@ def read_transfer(path: Path) -> pd.DataFrame:
 
 
 def read_comparison(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise UserError(f"{path} does not exist: run `python tasks/compare.py` first.")
-    try:
-        summary = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path} is not JSON ({error}).") from error
-    if not isinstance(summary, dict) or "models" not in summary or "test_faces" not in summary.get("settings", {}):
-        raise UserError(f"{path} is not a comparison written by tasks/compare.py (no models or settings).")
-    return summary
+    return read_json_summary(path, "python tasks/compare.py",
+                             "a comparison written by tasks/compare.py (no models or settings)",
+                             lambda summary: "models" in summary and "test_faces" in summary.get("settings", {}))
 
 
 def split(text: str, path: Path, start: str = START, end: str = END) -> tuple[str, str, str]:
