@@ -15,10 +15,12 @@ from typing import Annotated
 import typer
 
 from agegender.cli import UserError, console, user_errors
-from agegender.data import DATA_DIR, MODELS_DIR, load_manifest
-from agegender.intervals import band_names, calibrate_folder, interval_label
-from agegender.modelio import model_folders, read_metadata
-from agegender.tables import rich_table
+from agegender.data.manifest import load_manifest
+from agegender.data.paths import DATA_DIR, MODELS_DIR
+from agegender.inference.intervals import band_names, interval_label
+from agegender.inference.recalibrate import calibrate_folder
+from agegender.models.folders import model_folders, read_metadata
+from agegender.reporting.tables import rich_table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

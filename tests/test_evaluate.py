@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from agegender.data import file_sha256
-from agegender.faces import DEFAULT_DETECTOR
-from agegender.metrics import age_metrics, gender_metrics
+from agegender.data.manifest import file_sha256
+from agegender.inference.detectors import DEFAULT_DETECTOR
+from agegender.reporting.metrics import age_metrics, gender_metrics
 from tasks import evaluate, predict
 from tests.conftest import model_trained_on, said
 

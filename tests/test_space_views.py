@@ -21,7 +21,7 @@ import app_common  # noqa: E402
 
 @pytest.fixture(scope="module")
 def predictor(trained_models):
-    from agegender.faces import Predictor
+    from agegender.inference.predictor import Predictor
 
     return Predictor.load(trained_models["multitask"])
 
@@ -37,7 +37,7 @@ def test_each_face_says_its_age_with_the_interval(predictor):
 
 
 def test_what_the_model_looked_at_in_a_chosen_face(predictor, trained_models):
-    from agegender.gradcam import load_gradcam
+    from agegender.inference.gradcam import load_gradcam
 
     cam = load_gradcam(trained_models["multitask"])
     pictures = app_common.looked_at(predictor, cam, EXAMPLES / "two_faces.jpg", 2)
@@ -71,7 +71,7 @@ def test_the_app_has_the_heatmap_and_live_endpoints(trained_models):
 
 
 def test_the_about_page_states_the_interval_coverage(trained_models):
-    from agegender.cards import about_markdown
+    from agegender.reporting.cards import about_markdown
 
     comparison = {"age_interval": {"multitask": {
         "coverage": 0.812, "faces": 86, "mean_width": 14.2,
