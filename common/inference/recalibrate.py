@@ -24,7 +24,6 @@ def calibrate_predictor(predictor, images: np.ndarray, rows: pd.DataFrame) -> di
 
 def calibrate_folder(folder: Path, data_dir: Path, limit: int | None = None) -> dict[str, Any]:
     """Fit the interval of a saved model on the validation split and store it in its metadata.json."""
-
     predictor = Predictor.load(folder, backend="keras")
     if "age" not in predictor.outputs:
         raise UserError(f"{folder} predicts no age, so it has no age interval to calibrate.")
