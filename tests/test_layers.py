@@ -4,13 +4,16 @@ included, read from the source with ast (nothing is imported, so no TensorFlow):
 - no module is in an import cycle;
 - imports go one way, down the layers: data, then models, then inference, then reporting, then training (the
   package's own __init__ and cli sit below them all);
-- what tasks/predict.py reaches never trains: no module of training/, and none that defines or calls fit."""
+- what tasks/predict.py and the Spaces reach never trains: no module of training/, and none that defines or calls
+  fit."""
 
 from __future__ import annotations
 
 import ast
 from functools import cache
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = REPO / "common"
@@ -147,8 +150,10 @@ def test_subpackage_inits_import_nothing():
     assert [name for name in LAYERS if imports_of_file(PACKAGE_DIR / name / "__init__.py")] == []
 
 
-def test_prediction_reaches_no_training_code():
-    modules = reached(set(imports_of_file(REPO / "tasks" / "predict.py")))
+@pytest.mark.parametrize("entry", ["tasks/predict.py", "spaces/app_common.py"])
+def test_prediction_reaches_no_training_code(entry):
+    """What predict and every Space import, directly or not, never trains."""
+    modules = reached(set(imports_of_file(REPO / entry)))
     training = sorted(name for name in modules if layer_of(name) == LAYERS.index("training")
                       or trains(module_path(name)))
     assert training == []
