@@ -4,7 +4,7 @@
     python tasks/calibrate.py                        # every model folder under results/models/ with an age
 
 Trainers calibrate the models they save; this command does it for model folders saved before, or again after
-a change. Only the validation split is read. How the interval is built: agegender.intervals.
+a change. Only the validation split is read. How the interval is built: agegender.inference.intervals.
 """
 
 from __future__ import annotations
