@@ -29,7 +29,7 @@ from typing import Any
 from agegender.cli import UserError
 from agegender.data.paths import MODELS_DIR
 from agegender.inference.detectors import DEFAULT_DETECTOR, available_detectors
-from agegender.inference.drawing import age_text, draw_faces, gender_probability
+from agegender.inference.drawing import age_text, draw_faces, gender_probability, gender_text, is_uncertain
 from agegender.inference.gradcam import load_gradcam
 from agegender.inference.hub import PINS_FILE, hub_entry, read_pins
 from agegender.inference.tracking import WINDOW, LiveSession
@@ -65,7 +65,8 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
     for index, row in enumerate(rows, start=1):
         line: list[Any] = [index]
         if "gender" in row:
-            line += [row["gender"], round(gender_probability(row), 3), round(row["p_female"], 3)]
+            gender = gender_text(row) if is_uncertain(row) else row["gender"]
+            line += [gender, round(gender_probability(row), 3), round(row["p_female"], 3)]
         if "age" in row:
             interval = f"{row['age_low']}–{row['age_high']}" if "age_low" in row else "none (not calibrated)"
             line += [round(row["age"], 1), interval, row["age_band"]]
@@ -81,7 +82,8 @@ def summary_message(rows: list[dict[str, Any]], size: tuple[int, int]) -> str:
     for index, row in enumerate(rows, start=1):
         said = []
         if "gender" in row:
-            said.append(f"{row['gender']} ({gender_probability(row):.0%} probability)")
+            said.append(gender_text(row) if is_uncertain(row)
+                        else f"{row['gender']} ({gender_probability(row):.0%} probability)")
         if "age" in row:
             said.append(f"about {age_text(row)} years old")
         lines.append(f"- Face {index}: {', '.join(said)}")

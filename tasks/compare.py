@@ -6,6 +6,10 @@ often the calibrated 80% age interval holds the true age, and where each model l
 
 Predictions go through agegender.inference.predictor.Predictor (the one inference path) and are cached per model file,
 metadata and manifest hash in results/compare/cache/, so a rerun with nothing changed takes seconds.
+
+Per gender model, "Certain or uncertain gender": calibration error before and after its calibration, a
+reliability diagram beside accuracy against coverage (compare/<model>-gender_calibration.png), the certain
+answers' coverage and accuracy by group and the race spreads (agegender.reporting.certainty).
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from agegender.cli import UserError, atomic_path, console, user_errors, without_
 from agegender.data.images import grey_copy
 from agegender.data.manifest import file_sha256, load_manifest, load_split, manifest_path, utkface_split_sha256
 from agegender.data.paths import DATA_DIR, MODELS_DIR, RESULTS_DIR, SEED
+from agegender.inference.gender_calibration import GenderCalibration
 from agegender.inference.intervals import INTERVAL_KEY, band_names, interval_label, summarise
 from agegender.models.folders import METADATA_FILE, MODEL_FILE, find_models, read_metadata
+from agegender.reporting.certainty import certainty_markdown, certainty_reports, print_certainty
 from agegender.reporting.metrics import (
     AGE_COLUMNS,
     COST_COLUMNS,
@@ -316,6 +322,18 @@ def interval_markdown(report: dict[str, dict[str, Any]]) -> str:
     return "\n\n".join(lines)
 
 
+def gender_certainty(results: list[ModelResult], rows: pd.DataFrame, folder: Path) -> dict[str, dict[str, Any]]:
+    """Per model with a gender output: calibration error before and after, the certain answers' coverage and
+    accuracy overall and per group, the race spreads (agegender.reporting.certainty), and its figure in folder."""
+    models = {}
+    for result in results:
+        predicted = condition_predictions(result.predictions)
+        if "p_female" in predicted:
+            models[result.name] = (predicted.get("p_female_model", predicted["p_female"]), predicted["p_female"],
+                                   result.metadata, GenderCalibration.from_metadata(result.metadata).threshold)
+    return certainty_reports(models, rows, folder)
+
+
 def cell_of(found: dict[str, Any] | None) -> str:
     return "–" if not found else f"{found['coverage']:.0%}, {found['mean_width']:.1f}"
 
@@ -500,6 +518,8 @@ def compare(models_dir: Path = MODELS_DIR, data_dir: Path = DATA_DIR, out: Path 
     if heatmap_faces:
         plots.update(heatmap_figures(results, data_dir, folder, limit, heatmap_faces, skipped))
     intervals = interval_report(results, rows)
+    certainty = gender_certainty(results, rows, folder)
+    plots.update({f"{name} gender calibration": f"compare/{report['plot']}" for name, report in certainty.items()})
 
     summary = {
         "settings": {"models_dir": str(models_dir), "data_dir": str(data_dir), "test_faces": len(rows),
@@ -516,12 +536,56 @@ def compare(models_dir: Path = MODELS_DIR, data_dir: Path = DATA_DIR, out: Path 
         "robustness": robustness.to_dict("records"),
         "robustness_note": robust_note,
         "age_interval": intervals,
+        "gender_certainty": certainty,
         "plots": plots,
         "cache": {r.name: {"file": str(r.cache_file), "hit": r.cached} for r in results},
+        "everyday": everyday_photos(Path(out) / EVERYDAY_EVALUATION, [r.name for r in results]),
     }
     write_outputs(summary, table, groups, gaps, robustness, Path(out))
     print_report(summary, table, groups, gaps, robustness)
     return summary
+
+
+# evaluate's figures on FairFace's held-out test photos (every race and age, age groups), shown beside UTKFace's
+EVERYDAY_EVALUATION = Path("evaluations") / "fairface-18k-test" / "evaluation.json"
+EVERYDAY_COLUMNS = {"faces_found": "faces found", "accuracy": "gender accuracy",
+                    "age_group_accuracy": "age group right", "years_outside": "years outside the group"}
+
+
+def everyday_photos(path: Path, names: list[str]) -> dict[str, Any] | None:
+    """The compared models' figures on the everyday photos, from `evaluate --split test` on FairFace (run by
+    hand: it reads every photo through the detector), with the gender spread across its seven groups among
+    faces 13 and older; None when that evaluation has not been run."""
+    if not path.exists():
+        return None
+    evaluation = json.loads(path.read_text())
+    spreads = {gap["model"]: gap for gap in evaluation.get("gaps", [])
+               if gap["grouping"] == "race_fairface, age 13+" and gap["metric"] == "accuracy"}
+    models = {}
+    for name in names:
+        if name not in evaluation["models"]:
+            continue
+        metrics = evaluation["models"][name]["metrics"]
+        found = {key: metrics[key] for key in EVERYDAY_COLUMNS if key in metrics}
+        found["faces_found"] = evaluation["faces_found"]
+        if name in spreads:
+            found["gender_spread_13_plus"] = spreads[name]["gap"]
+            found["spread_groups"] = f"{spreads[name]['worst_group']} .. {spreads[name]['best_group']}"
+        models[name] = found
+    return {"source": str(path), "images": evaluation["images"], "created_by": "tasks/evaluate.py",
+            "models": models}
+
+
+def everyday_markdown(everyday: dict[str, Any]) -> str:
+    header = ["model", *EVERYDAY_COLUMNS.values(), "gender spread, 7 groups, 13+ (points)"]
+    rows = [[name, f"{found['faces_found']:,}", *(f"{found[key]:.4f}" if key in found else "–"
+                                                   for key in list(EVERYDAY_COLUMNS)[1:3]),
+             f"{found['years_outside']:.2f}" if "years_outside" in found else "–",
+             f"{100 * found['gender_spread_13_plus']:.1f} ({found['spread_groups']})"
+             if "gender_spread_13_plus" in found else "–"]
+            for name, found in everyday["models"].items()]
+    return (f"FairFace's held-out test part, {everyday['images']:,} everyday photos, through the photo path "
+            f"(`{everyday['source']}`; every group in its evaluation.md).\n\n" + markdown_table(header, rows))
 
 
 def write_outputs(summary: dict, table: list[dict], groups: pd.DataFrame, gaps: pd.DataFrame,
@@ -549,12 +613,16 @@ def markdown_report(summary: dict, table: list[dict], groups: pd.DataFrame, gaps
         "## Cost", render(table, COST_COLUMNS, "", markdown=True),
         f"Timing: {settings['timing']}.",
     ]
+    if summary.get("everyday"):
+        parts += ["## Everyday photos", everyday_markdown(summary["everyday"])]
     if summary["skipped"]:
         parts += ["Skipped:", "\n".join(f"- {line}" for line in summary["skipped"])]
     for name, notes in summary["notes"].items():
         parts += [f"Note on {name}: {'; '.join(notes)}."]
     if summary["age_interval"]:
         parts += ["## Age interval", interval_markdown(summary["age_interval"])]
+    if summary["gender_certainty"]:
+        parts += ["## Certain or uncertain gender", certainty_markdown(summary["gender_certainty"], "compare/")]
     parts += ["## Bias: best and worst group per metric",
               frame_markdown(gaps, FORMATS) if len(gaps) else "(no group has a defined metric)"]
     for grouping in GROUPINGS:
@@ -594,6 +662,7 @@ def print_report(summary: dict, table: list[dict], groups: pd.DataFrame, gaps: p
         title = f"{name}: degraded test images ({summary['robustness_note']})"
         console.print(frame_rich(part, title, FORMATS, SHORT))
     print_intervals(summary["age_interval"])
+    print_certainty(summary["gender_certainty"], "test")
     hits = sum(item["hit"] for item in summary["cache"].values())
     console.print(f"{len(table)} model(s) compared ({hits} from cache), {len(summary['skipped'])} skipped. "
                   "Wrote comparison.md, comparison.csv, comparison.json and compare/ "

@@ -17,7 +17,10 @@ faces it saw.
 --split val or test scores only the faces prepare_data put in that split of the dataset (the manifest in
 --data-dir): faces such a model never trained on, when it trained on that manifest (no warning then).
 Writes results/evaluations/<dataset>/: evaluation.md, evaluation.json, predictions.csv and, for a model with an
-age output on a dataset with ages, <model>-age_error.png.
+age output on a dataset with ages, <model>-age_error.png. On a dataset with genders, each gender model's
+calibration error before and after its calibration, its certain answers' coverage and accuracy overall and per
+group, and the race spreads (agegender.reporting.certainty), with <model>-gender_calibration.png (reliability diagram,
+accuracy against coverage).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from agegender.inference.detectors import DEFAULT_DETECTOR, DETECTORS, detect_fa
 from agegender.inference.predictor import Predictor
 from agegender.inference.runtime import BACKENDS
 from agegender.models.folders import learned_manifests, training_datasets
+from agegender.reporting.certainty import certainty_markdown, certainty_reports, print_certainty
 from agegender.reporting.metrics import (
     AGE_COLUMNS,
     GENDER_COLUMNS,
@@ -105,7 +109,8 @@ def predict_dataset(predictor: Predictor, root: Path, faces: dict[str, Any], det
             progress.advance(task)
         for key, value in predictor.predict_arrays(np.stack(crops), batch_size).items():
             parts.setdefault(key, []).append(value)
-    return {key: np.concatenate(values) for key, values in parts.items() if key in ("age", "p_female")}
+    return {key: np.concatenate(values) for key, values in parts.items()
+            if key in ("age", "p_female", "p_female_model", "gender_certain")}
 
 
 def model_names(model_dirs: list[Path]) -> list[str]:
@@ -171,11 +176,12 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
 
     folder = Path(out_dir) / name
     models, groups, predicted_rows = {}, [], []
+    groupings = (*GROUPINGS, *named_groupings(labelled.groups))
     known_as = {name, source_name}  # --name renames it in the results
     for model, predictor, model_dir in zip(names, predictors, model_dirs, strict=True):
         predicted = predictions[model]
         overall = labelled_metrics(predicted, rows)
-        model_groups = group_metrics(predicted, rows, (*GROUPINGS, *named_groupings(labelled.groups)))
+        model_groups = group_metrics(predicted, rows, groupings)
         groups += [{"model": model, **record} for record in model_groups]
         plots = {}
         if "age" in predicted and rows["age"].notna().any():
@@ -202,6 +208,11 @@ def evaluate(model_dirs: list[Path], dataset: str | Path, detect: bool = True, l
         "skipped": labelled.problems, "models": models,
         "groups": group_frame.to_dict("records"), "gaps": gaps.to_dict("records"),
     }
+    summary["gender_certainty"] = certainty_reports(
+        {model: (predictions[model]["p_female_model"], predictions[model]["p_female"], predictor.metadata,
+                 predictor.gender_threshold)
+         for model, predictor in zip(names, predictors, strict=True) if "p_female" in predictions[model]},
+        rows, folder, groupings=groupings)
     write_json(folder / "evaluation.json", without_nan(summary))
     write_text(folder / "evaluation.md", markdown_report(summary, group_frame, gaps))
     write_text(folder / "predictions.csv", pd.concat(predicted_rows).to_csv(index=False, float_format="%.4f"))
@@ -250,6 +261,8 @@ def markdown_report(summary: dict[str, Any], groups: pd.DataFrame, gaps: pd.Data
     for grouping in dict.fromkeys(groups["grouping"]) if len(groups) else []:
         part = groups[groups["grouping"] == grouping].drop(columns="grouping")
         parts += [f"### By {grouping}", frame_markdown(part.dropna(axis=1, how="all"), FORMATS)]
+    if summary.get("gender_certainty"):
+        parts += ["## Certain or uncertain gender", certainty_markdown(summary["gender_certainty"])]
     plots = [(model, found["plots"]["age_error"]) for model, found in summary["models"].items()
              if "age_error" in found["plots"]]
     if plots:
@@ -280,6 +293,7 @@ def print_report(summary: dict[str, Any], groups: pd.DataFrame, gaps: pd.DataFra
                                  [[r.model, r.grouping, r.metric, f"{r.best_group} {r.best:.3f}",
                                    f"{r.worst_group} {r.worst:.3f}", f"{r.gap:.3f}"] for r in named.itertuples()],
                                  left=("model", "grouping", "metric", "best group", "worst group")))
+    print_certainty(summary.get("gender_certainty") or {}, summary["dataset"])
     if seen := trained_on_dataset(summary):
         err_console.print(f"[yellow]{seen}[/]")
     for item in summary["skipped"][:20]:

@@ -100,6 +100,8 @@ def differences(keras_out: dict[str, np.ndarray], lite_out: dict[str, np.ndarray
             truth = rows["gender"].to_numpy() == 1
             found.update(gender_accuracy_keras=float(np.mean(called_keras == truth)),
                          gender_accuracy_export=float(np.mean(called_lite == truth)))
+    if "gender_certain" in keras_out:  # the calibrated certainty: the share of faces both call certain or not
+        found["certainty_agreement"] = float(np.mean(keras_out["gender_certain"] == lite_out["gender_certain"]))
     return found
 
 

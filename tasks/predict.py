@@ -49,6 +49,8 @@ from rich.text import Text
 from agegender.cli import UserError, check_choice, console, err_console, user_errors
 from agegender.data.images import read_image
 from agegender.inference.detectors import DEFAULT_DETECTOR, DETECTORS
+from agegender.inference.drawing import gender_text
+from agegender.inference.gender_calibration import check_min_confidence
 from agegender.inference.gradcam import load_gradcam
 from agegender.inference.photos import AnnotatedCopies, HeatmapFiles, collect_images, each, predict_files
 from agegender.inference.predictor import Predictor
@@ -74,6 +76,10 @@ def cell(column: str, value) -> str:
 def print_table(frame: pd.DataFrame) -> None:
     """The rows on the console, narrower than the CSV: the interval beside the age, the box in one cell."""
     shown = frame.copy()
+    if "gender_certain" in shown:
+        shown["gender"] = ["" if is_missing(p_female) else gender_text(row) for row, p_female in
+                           zip(shown.to_dict("records"), shown["p_female"], strict=True)]
+        shown = shown.drop(columns="gender_certain")
     if "age_low" in shown:
         interval = ["" if is_missing(low) else f" ({low:.0f}–{high:.0f})" for low, high in
                     zip(shown["age_low"], shown["age_high"], strict=True)]
@@ -212,6 +218,8 @@ def done_files(partial: Path, columns: list[str], finished: bool = False) -> set
 
 def append_rows(handle: IO[str], frame: pd.DataFrame) -> None:
     """A chunk's rows, flushed to disk, so a kill loses at most the chunk being predicted."""
+    if "gender_certain" in frame:
+        frame = frame.assign(gender_certain=frame["gender_certain"].map({True: "true", False: "false"}))
     frame.to_csv(handle, header=False, index=False, float_format=FLOAT_FORMAT)
     handle.flush()
     os.fsync(handle.fileno())
@@ -261,11 +269,16 @@ def main(
     = min(4, os.cpu_count() or 1),
     chunk: Annotated[int, typer.Option(
         min=1, help="Photos predicted between two writes of --out (a kill loses at most this many).")] = 64,
+    min_gender_confidence: Annotated[float | None, typer.Option(
+        help="Confidence max(p_female, 1 - p_female), from 0.5 to 1, at and above which a gender is certain "
+             "(gender_certain); default the model's threshold, chosen on validation by tasks/calibrate.py.")]
+    = None,
 ) -> None:
     """Predict age and/or gender for every face in the given images."""
     check_choice(backend, BACKENDS, "--backend")
     check_choice(detector, tuple(DETECTORS), "--detector")
     with user_errors():
+        check_min_confidence(min_gender_confidence)
         if heatmap_layer is not None and heatmaps is None:
             raise UserError("--heatmap-layer chooses the layer of --heatmaps; give --heatmaps DIR too.")
         if resume and out is None:
@@ -274,6 +287,7 @@ def main(
         files = list_files(list(paths or []), files_from)
         mine = [path for path in files if in_shard(path, *parts)] if parts else files
         predictor = Predictor.load(model_dir, backend)
+        predictor.min_gender_confidence = min_gender_confidence
         # output names over every input, so that shards and resumed runs name the same photo alike
         copies = AnnotatedCopies(annotate, files) if annotate is not None else None
         maps = HeatmapFiles(heatmaps, files, load_gradcam(model_dir, heatmap_layer), detect) if heatmaps else None

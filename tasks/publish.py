@@ -214,7 +214,9 @@ def comparison_subset(comparison: dict[str, Any] | None, names: list[str]) -> di
     subset.update({"models": keep(comparison.get("models")), "robustness": keep(comparison.get("robustness")),
                    "bias": {"groups": keep(bias.get("groups")), "gaps": keep(bias.get("gaps"))},
                    "notes": {k: v for k, v in (comparison.get("notes") or {}).items() if k in names},
-                   "age_interval": {k: v for k, v in (comparison.get("age_interval") or {}).items() if k in names}})
+                   "age_interval": {k: v for k, v in (comparison.get("age_interval") or {}).items() if k in names},
+                   "gender_certainty": {k: v for k, v in (comparison.get("gender_certainty") or {}).items()
+                                        if k in names}})
     return subset
 
 

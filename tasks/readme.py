@@ -1,11 +1,14 @@
 """The README's headline results table, generated from results/comparison.json (written by tasks/compare.py),
-and its face-pretraining table, from results/transfer/comparison.csv (`finetune_transfer.py --table-only`).
+its everyday-photos table, from results/evaluations/fairface-18k-test/evaluation.json (`evaluate.py --dataset
+fairface-18k.tar.gz --split test`), and its face-pretraining table, from results/transfer/comparison.csv
+(`finetune_transfer.py --table-only`).
 
     python tasks/readme.py            # rewrite the tables between the README's markers
     python tasks/readme.py --check    # exit 1 if the README's tables are not what the results give
 
 Only the lines between `<!-- results:start -->` and `<!-- results:end -->` change (and, where the README has
-them, between `<!-- transfer:start -->` and `<!-- transfer:end -->`). `nox -s shipped` runs the check, so new
+them, between `<!-- everyday:start -->` and `<!-- everyday:end -->` and between `<!-- transfer:start -->` and
+`<!-- transfer:end -->`). `nox -s shipped` runs the check, so new
 results committed without rerunning this fail it.
 """
 
@@ -26,6 +29,9 @@ from agegender.reporting.tables import render
 README = REPO_ROOT / "README.md"
 COMPARISON = RESULTS_DIR / "comparison.json"
 TRANSFER = RESULTS_DIR / "transfer" / "comparison.csv"
+EVERYDAY = RESULTS_DIR / "evaluations" / "fairface-18k-test" / "evaluation.json"
+EVERYDAY_START, EVERYDAY_END = "<!-- everyday:start -->", "<!-- everyday:end -->"
+SPREAD_GROUPING = "race_fairface, age 13+"  # the gender spread across FairFace's seven groups among adults
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 TRANSFER_START, TRANSFER_END = "<!-- transfer:start -->", "<!-- transfer:end -->"
 REFERENCE_MARK = "reference"  # the weights label of a model trained from random initialisation
@@ -70,6 +76,37 @@ def pretraining(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def everyday(summary: dict[str, Any]) -> str:
+    """The block between the everyday markers: each model on the held-out FairFace photos through the photo path,
+    beside the UTKFace table."""
+    spreads = {(gap["model"], gap["grouping"], gap["metric"]): gap for gap in summary.get("gaps", [])}
+    rows = []
+    for model, found in summary["models"].items():
+        metrics, spread = found["metrics"], spreads.get((model, SPREAD_GROUPING, "accuracy"))
+        cells = [model, f"{metrics['accuracy']:.1%}" if "accuracy" in metrics else "–",
+                 f"{metrics['age_group_accuracy']:.1%}" if "age_group_accuracy" in metrics else "–",
+                 f"{metrics['years_outside']:.2f}" if "years_outside" in metrics else "–",
+                 f"{100 * spread['gap']:.1f} ({spread['worst_group']} .. {spread['best_group']})" if spread else "–"]
+        rows.append("| " + " | ".join(cells) + " |")
+    intro = (f"Everyday photos: FairFace's held-out test part ({summary['images']:,} photos of every race and age, "
+             f"age groups; {summary['faces_found']:,} faces found) through `predict`'s photo path, from "
+             f"`{EVERYDAY.relative_to(REPO_ROOT)}` (`tasks/evaluate.py --split test`).")
+    return "\n".join([intro, "", "| model | gender accuracy | age group right | years outside the group | "
+                                  "gender spread across 7 groups, 13+ (points) |", "|---|---|---|---|---|", *rows])
+
+
+def read_everyday(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise UserError(f"{path} does not exist: run `python tasks/evaluate.py` on FairFace's test part first.")
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not JSON ({error}).") from error
+    if not isinstance(summary, dict) or "models" not in summary or "faces_found" not in summary:
+        raise UserError(f"{path} is not an evaluation written by tasks/evaluate.py.")
+    return summary
+
+
 def read_transfer(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise UserError(f"{path} does not exist: run `python tasks/finetune_transfer.py --table-only` first.")
@@ -111,15 +148,20 @@ def main(
         help="Change nothing; exit 1 if the README's table differs from what the comparison gives.")] = False,
     comparison: Annotated[Path, typer.Option(help="compare's JSON summary.")] = COMPARISON,
     transfer: Annotated[Path, typer.Option(help="finetune_transfer's comparison CSV.")] = TRANSFER,
+    everyday_photos: Annotated[Path, typer.Option(help="evaluate's JSON summary of FairFace's test part.")]
+    = EVERYDAY,
     readme: Annotated[Path, typer.Option(help="The file holding the results markers.")] = README,
 ) -> None:
-    """Fill the README's headline results table from compare's results/comparison.json (and its face-pretraining
-    table from results/transfer/comparison.csv)."""
+    """Fill the README's headline results table from compare's results/comparison.json (and its everyday-photos
+    table from evaluate's FairFace test evaluation, its face-pretraining table from
+    results/transfer/comparison.csv)."""
     with user_errors():
         if not readme.exists():
             raise UserError(f"{readme} does not exist.")
         text = readme.read_text()
         wanted = filled(text, headline(read_comparison(comparison)), readme)
+        if EVERYDAY_START in text or EVERYDAY_END in text:
+            wanted = filled(wanted, everyday(read_everyday(everyday_photos)), readme, EVERYDAY_START, EVERYDAY_END)
         if TRANSFER_START in text or TRANSFER_END in text:
             wanted = filled(wanted, pretraining(read_transfer(transfer)), readme, TRANSFER_START, TRANSFER_END)
         if check:

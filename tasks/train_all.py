@@ -37,6 +37,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agegender.cli import UserError, console, fail, user_errors, write_json
+from agegender.data.datasets import UTKFACE
 from agegender.data.manifest import file_sha256
 from agegender.data.paths import DATA_DIR, REPO_ROOT, RESULTS_DIR
 from agegender.models.folders import METADATA_FILE, METRICS_FILE, is_complete, read_metadata, run_path, staging_dir
@@ -255,9 +256,73 @@ def compare_table(job: Job, current: dict[str, Any] | None, candidate: dict[str,
             rows.append([label, number(now, fmt), number(candidate[output][key], fmt)])
     rows.append([f"score: {goal.metric} ({goal.direction})", number(job.scores.get("current")),
                  number(job.scores.get("run"))])
+    for name, found in candidate.get("datasets", {}).items():
+        if name != UTKFACE:
+            before = headline((current or {}).get("datasets", {}).get(name, {}))
+            rows += [[f"{name} {key.replace('_', ' ')}", number(before.get(key, (None,))[0]), number(value)]
+                     for key, (value, _) in headline(found).items()]
     count = next((part["n"] for part in candidate.values() if isinstance(part, dict) and "n" in part), "?")
     console.print(rich_table(f"{job.name}: validation split ({count} faces)",
                              ["", "current model", f"this run ({job.run.name})"], rows))
+
+
+# what a run may lose on UTKFace's validation faces and still be promoted for what it wins on every other dataset
+UTKFACE_TOLERANCE = {"age_mae": 0.10, "gender_accuracy": 0.003}
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, tuple[float, str]]:
+    """A dataset's validation figures that a run is judged on: {name: (value, "max" or "min")}."""
+    found = {}
+    if "gender" in metrics:
+        found["gender_accuracy"] = (float(metrics["gender"]["accuracy"]), "max")
+    if "age" in metrics:
+        found["age_mae"] = (float(metrics["age"]["mae"]), "min")
+    if "age_range" in metrics:
+        found["age_group_accuracy"] = (float(metrics["age_range"]["age_group_accuracy"]), "max")
+    return found
+
+
+def sign(value: float) -> int:
+    return (value > 0) - (value < 0)
+
+
+def other_datasets(candidate: dict[str, Any], current: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per dataset besides UTKFace that both were validated on, per headline figure: +1 where the run is
+    better, -1 where it is worse, 0 on a tie."""
+    verdicts = {}
+    for name, found in candidate.get("datasets", {}).items():
+        if name == UTKFACE or name not in current.get("datasets", {}):
+            continue
+        before = headline(current["datasets"][name])
+        verdicts[name] = {key: sign(value - before[key][0]) * (1 if better == "max" else -1)
+                          for key, (value, better) in headline(found).items() if key in before}
+    return verdicts
+
+
+def within_tolerance(candidate: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether the run loses no more than UTKFACE_TOLERANCE on UTKFace's validation faces."""
+    now, before = headline(candidate), headline(current)
+    return all((before[key][0] - now[key][0] if better == "max" else now[key][0] - before[key][0])
+               <= UTKFACE_TOLERANCE[key] + 1e-12 for key, (_, better) in now.items()
+               if key in UTKFACE_TOLERANCE and key in before)
+
+
+def promotion(goal, candidate: dict[str, Any], current: dict[str, Any]) -> tuple[bool, str]:
+    """Whether a run replaces the current model, and why: it is better on UTKFace's validation faces by the
+    family's score and worse on no other dataset's (FairFace's everyday photos, CelebA's), or it is better on
+    every other dataset's figures while losing at most UTKFACE_TOLERANCE on UTKFace's."""
+    scores = goal.score(candidate), goal.score(current)
+    others = other_datasets(candidate, current)
+    worse = [f"{name} {key}" for name, found in others.items() for key, sign in found.items() if sign < 0]
+    if goal.better(*scores):
+        if not worse:
+            return True, f"{scores[0]:.4f} beats {scores[1]:.4f}"
+        return False, f"it beats {scores[1]:.4f} on UTKFace but is worse on {', '.join(worse)}"
+    better = others and all(sign > 0 for found in others.values() for sign in found.values())
+    if better and within_tolerance(candidate, current):
+        return True, (f"better on every figure of {', '.join(others)}, at a UTKFace cost within the tolerance "
+                      f"({goal.metric} {scores[0]:.4f} against {scores[1]:.4f})")
+    return False, f"its {goal.metric} {scores[0]:.4f} does not beat {scores[1]:.4f} ({goal.direction})"
 
 
 def promote(run_model: Path, target: Path) -> None:
@@ -274,16 +339,14 @@ def judge(job: Job, models_dir: Path, data_dir: Path) -> None:
     goal = job.family.goal
     job.scores = {"run": goal.score(candidate), "current": None if current is None else goal.score(current)}
     compare_table(job, current, candidate)
-    if current is None or goal.better(job.scores["run"], job.scores["current"]):
+    promoted, reason = (True, "there was none") if current is None else promotion(goal, candidate, current)
+    if promoted:
         promote(job.run / "model", target)
         job.outcome = "promoted"
-        reason = "there was none" if current is None else f"{job.scores['run']:.4f} beats {job.scores['current']:.4f}"
         console.print(f"[green]Promoted[/] {job.run / 'model'} to {target} ({reason}).")
     else:
         job.outcome = "kept"
-        console.print(f"[yellow]Kept the current model[/] {target}: this run's {goal.metric} "
-                      f"{job.scores['run']:.4f} does not beat its {job.scores['current']:.4f} "
-                      f"({goal.direction}); the run stays in {job.run}.")
+        console.print(f"[yellow]Kept the current model[/] {target}: {reason}; the run stays in {job.run}.")
 
 
 # ---------------------------------------------------------------- after the runs

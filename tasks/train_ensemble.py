@@ -4,8 +4,9 @@ fine-tuned face-pretrained WideResNet) that averages their ages and gender proba
     python tasks/train_ensemble.py --recipe recipes/ensemble.toml     # the shipped model's members
     python tasks/train_ensemble.py --member results/models/multitask --member results/models/gender --tta off
 
-Nothing is trained: the members are frozen, and what is chosen on the validation split is the weight of each
-member per output (a grid over the simplex, lowest age MAE and lowest gender log loss) and whether to also
+Nothing is trained: the members are frozen, and what is chosen on the validation split (every dataset of --data-dir:
+exact ages and age ranges alike) is the weight of each member per output (a grid over the simplex, fewest years
+outside the true age or age range, lowest gender log loss) and whether to also
 average each member with its view of the mirror image (`--tta auto` keeps it only if it improves both outputs
 on validation; `--plain-member NAME` leaves a member to the plain image alone, halving its share of the time per
 face). With `--grey-weights` a second set of weights is chosen on the validation faces turned grey, and the
@@ -32,9 +33,9 @@ from agegender.data.paths import DATA_DIR, MODELS_DIR
 from agegender.inference.intervals import DISTRIBUTION_LAYER, age_distribution_layer, with_age_distribution
 from agegender.models.folders import load_model
 from agegender.models.registry import FAMILIES
-from agegender.reporting.metrics import age_metrics, gender_metrics
+from agegender.reporting.metrics import age_metrics, gender_metrics, range_metrics, range_rows
 from agegender.reporting.tables import rich_table
-from agegender.training.loop import finish_run, load_data, print_metrics
+from agegender.training.loop import age_range_targets, finish_run, load_data, print_metrics
 from agegender.training.recipes import plan_run
 
 FAMILY = FAMILIES["ensemble"]
@@ -124,9 +125,14 @@ def log_loss(labels: np.ndarray, p_female: np.ndarray) -> float:
 
 
 def choose_weights(predictions: list[dict[str, np.ndarray]], rows) -> dict[str, dict[str, Any]]:
-    """Per output, the member weights with the lowest validation error (age MAE in years, gender log loss)
-    among the members that have the output, and that error."""
+    """Per output, the member weights with the lowest validation error among the members that have the output,
+    and that error: for age, the mean years outside each face's age (its exact age, or its age range: the
+    absolute error for an exact age), for gender the log loss, each over the faces of every dataset that have
+    the label."""
     chosen = {}
+    age_range = age_range_targets(rows)
+    aged = ~np.isnan(age_range[:, 0])
+    gendered = rows["gender"].notna().to_numpy()
     for output in OUTPUTS:
         having = [i for i, p in enumerate(predictions) if output in p]
         if not having:
@@ -136,9 +142,10 @@ def choose_weights(predictions: list[dict[str, np.ndarray]], rows) -> dict[str, 
         for weights in simplex(len(having)):
             mixed = np.tensordot(np.array(weights), stacked, axes=1)
             if output == "age":
-                error = float(np.mean(np.abs(mixed * 120.0 - rows["age"].to_numpy())))
+                low, high, age = age_range[aged, 0], age_range[aged, 1], mixed[aged]
+                error = float(np.mean(np.maximum(low - age, 0) + np.maximum(age - high, 0))) * AGE_SCALE
             else:
-                error = log_loss(rows["gender"].to_numpy(), mixed)
+                error = log_loss(rows["gender"].to_numpy(dtype=float)[gendered], mixed[gendered])
             if best is None or error < best[1] - 1e-12:
                 best = (weights, error)
         chosen[output] = {"members": having, "weights": list(best[0]), "error": best[1]}
@@ -240,7 +247,8 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
     plain_indices = frozenset(names.index(name) for name in plain_members)
     members = load_members(member_folders)
     input_size = max(int(metadata["image_size"]) for _, _, metadata in members)
-    data = load_data(input_size, data_dir, limit, splits=("val", "test"))  # nothing trains: no training split
+    # nothing trains (no training split); every dataset of the data folder weighs in on the choice
+    data = load_data(input_size, data_dir, limit, splits=("val", "test"), datasets=None)
     val, test = data["val"], data["test"]
     plain = member_predictions(members, val.images, input_size, flip=False)
     candidates = {"off": plain}
@@ -320,12 +328,19 @@ def user_units(predictions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def summary(predictions: dict[str, np.ndarray], rows) -> dict[str, float]:
-    """Age MAE and gender accuracy of mixed outputs, read in the units a user gets (user_units)."""
+    """Age MAE (faces with an exact age), age-group accuracy (faces with an age range) and gender accuracy of
+    mixed outputs, read in the units a user gets (user_units)."""
     units, found = user_units(predictions), {}
-    if "age" in units:
-        found["age_mae"] = age_metrics(rows["age"].to_numpy(), units["age"])["mae"]
-    if "p_female" in units:
-        found["gender_accuracy"] = gender_metrics(rows["gender"].to_numpy(), units["p_female"])["accuracy"]
+    exact, ranged, gendered = rows["age"].notna().to_numpy(), range_rows(rows), rows["gender"].notna().to_numpy()
+    if "age" in units and exact.any():
+        found["age_mae"] = age_metrics(rows["age"].to_numpy(dtype=float)[exact], units["age"][exact])["mae"]
+    if "age" in units and ranged.any():
+        found["age_group_accuracy"] = range_metrics(rows["age_min"].to_numpy(float)[ranged],
+                                                    rows["age_max"].to_numpy(float)[ranged],
+                                                    units["age"][ranged])["age_group_accuracy"]
+    if "p_female" in units and gendered.any():
+        found["gender_accuracy"] = gender_metrics(rows["gender"].to_numpy(dtype=float)[gendered],
+                                                  units["p_female"][gendered])["accuracy"]
     return found
 
 
@@ -333,10 +348,12 @@ def print_report(report: dict[str, Any]) -> None:
     mirror = "on" if report["tta"] else "off"
     if report["tta"] and report["plain_members"]:
         mirror += f", not for {', '.join(report['plain_members'])}"
+    keys = ("age_mae", "age_group_accuracy", "gender_accuracy")
     rows = [[name, *(f"{d[k]:.3f}" if k in d else "-" for d in (report["validation"][name], report["test"][name])
-                     for k in ("age_mae", "gender_accuracy"))] for name in report["validation"]]
+                     for k in keys)] for name in report["validation"]]
     console.print(rich_table(f"Ensemble members and the ensemble (mirror-image averaging {mirror})",
-                             ["model", "val age MAE", "val gender acc", "test age MAE", "test gender acc"], rows))
+                             ["model", *(f"{split} {what}" for split in ("val", "test")
+                                         for what in ("age MAE", "age group acc", "gender acc"))], rows))
     choices = [("", report["choice"]["on" if report["tta"] else "off"]),
                ("grey photos, ", report["grey_choice"] or {})]
     for label, choice in choices:

@@ -140,3 +140,5 @@ def test_a_range_labelled_dataset_is_prepared_trained_on_and_evaluated(utkface_s
     assert found["years_outside"] == pytest.approx(expected["years_outside"], abs=1e-3)
     groupings = {record["grouping"] for record in summary["groups"]}
     assert {"race_name", "race_name, age 13+", "age band", "gender"} <= groupings
+    certainty = summary["gender_certainty"]["model"]  # certain answers by named group too
+    assert "race_name" in {record["grouping"] for record in certainty["groups"]}

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from agegender.reporting.plots import panel_reference
 from tasks import compare
+from tests.conftest import said
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -203,6 +204,35 @@ def test_the_age_interval_coverage_and_the_mean_heatmaps(first_run, models_dir, 
         assert all(heat.min() >= 0 and heat.max() <= 1 for heat in means["maps"].values())
 
 
+def test_each_gender_model_s_calibration_and_certain_answers_by_group(first_run, models_dir, prepared):
+    from agegender.data.manifest import load_split
+    from agegender.inference.gender_calibration import coverage_and_accuracy
+    from agegender.inference.predictor import Predictor
+
+    result, out = first_run
+    summary = json.loads((out / "comparison.json").read_text())
+    assert set(summary["gender_certainty"]) == {"gender", "multitask"}
+    predictor = Predictor.load(models_dir / "multitask")
+    images, rows = load_split("test", predictor.image_size, prepared["data_dir"])
+    predicted = predictor.predict_arrays(images)
+    found = summary["gender_certainty"]["multitask"]
+    expected = coverage_and_accuracy(predicted["p_female"], rows["gender"].to_numpy(), predictor.gender_threshold)
+    for key in ("coverage", "certain_accuracy", "accuracy"):  # NaN (no certain answer) is null in the JSON
+        assert found.get(key) == (None if np.isnan(expected[key]) else pytest.approx(expected[key])), key
+    assert found["ece_before"] >= 0 and found["ece_after"] >= 0
+    groups = pd.DataFrame(found["groups"])
+    assert set(groups["grouping"]) == {"race", "race, age 13+", "age band", "gender"}
+    assert groups.loc[groups["grouping"] == "gender", "faces"].sum() == len(rows)
+    spreads = pd.DataFrame(found["race_spreads"])
+    assert set(spreads["grouping"]) == {"race", "race, age 13+"}
+    assert (spreads["spread"] >= 0).all()
+    assert summary["plots"]["multitask gender calibration"] == "compare/multitask-gender_calibration.png"
+    assert (out / "compare" / "multitask-gender_calibration.png").stat().st_size > 1000
+    markdown = (out / "comparison.md").read_text()
+    assert "## Certain or uncertain gender" in markdown and "Spread between races" in markdown
+    assert "Certain or uncertain gender (test)" in said(result)
+
+
 def test_a_model_without_a_calibrated_interval_says_so():
     rows = pd.DataFrame({"age": [5, 30, 70]})
     result = compare.ModelResult("old", Path("old"), {"outputs": ["age"]},
@@ -210,3 +240,24 @@ def test_a_model_without_a_calibrated_interval_says_so():
     report = compare.interval_report([result], rows)
     assert report == {"old": {"interval": None, "note": "no age interval: not calibrated (tasks/calibrate.py)"}}
     assert "- `old`: no age interval: not calibrated" in compare.interval_markdown(report)
+
+
+def test_everyday_photos_come_from_evaluate_s_fairface_test_figures(tmp_path):
+    import json
+
+    from tasks.compare import everyday_markdown, everyday_photos
+
+    assert everyday_photos(tmp_path / "missing.json", ["a"]) is None
+    evaluation = {"images": 100, "faces_found": 98,
+                  "models": {"a": {"metrics": {"accuracy": 0.9, "age_group_accuracy": 0.55, "years_outside": 1.5}},
+                             "other": {"metrics": {"accuracy": 0.5}}},
+                  "gaps": [{"model": "a", "grouping": "race_fairface, age 13+", "metric": "accuracy", "gap": 0.04,
+                            "best_group": "White", "worst_group": "Black"},
+                           {"model": "a", "grouping": "race", "metric": "accuracy", "gap": 0.2,
+                            "best_group": "White", "worst_group": "Asian"}]}
+    (tmp_path / "evaluation.json").write_text(json.dumps(evaluation))
+    found = everyday_photos(tmp_path / "evaluation.json", ["a", "not-evaluated"])
+    assert list(found["models"]) == ["a"]
+    assert found["models"]["a"]["gender_spread_13_plus"] == 0.04 and found["models"]["a"]["faces_found"] == 98
+    table = everyday_markdown(found)
+    assert "| a | 98 | 0.9000 | 0.5500 | 1.50 | 4.0 (Black .. White) |" in table

@@ -85,9 +85,10 @@ def test_the_saved_ensemble_predicts_its_members_mixed_with_the_recorded_weights
     members = {name: with_mirror(name) for name in ("multitask", "gender", "age")}
     weights = meta["params"]["weights"]
     expected_age = sum(w * members[name]["age"] for name, w in weights["age"].items())
-    expected_p = sum(w * members[name]["p_female"] for name, w in weights["gender"].items())
+    # the members' own p_female are mixed; each model's calibration applies to its own output only
+    expected_p = sum(w * members[name]["p_female_model"] for name, w in weights["gender"].items())
     np.testing.assert_allclose(predicted["age"], expected_age, atol=0.05)
-    np.testing.assert_allclose(predicted["p_female"], expected_p, atol=2e-3)
+    np.testing.assert_allclose(predicted["p_female_model"], expected_p, atol=2e-3)
 
 
 def test_predict_runs_the_ensemble_like_any_model(ensemble, prepared, tmp_path):
@@ -170,7 +171,7 @@ def test_grey_weights_are_chosen_on_the_validation_faces_turned_grey(trained_mod
     # than the colour weights'
     images, rows = load_split("val", 64, prepared["data_dir"])
     grey = grey_copy(images)
-    p_female = {name: Predictor.load(trained_models[name], "keras").predict_arrays(grey)["p_female"]
+    p_female = {name: Predictor.load(trained_models[name], "keras").predict_arrays(grey)["p_female_model"]
                 for name in ("multitask", "gender")}
 
     def loss(weights):
@@ -179,7 +180,7 @@ def test_grey_weights_are_chosen_on_the_validation_faces_turned_grey(trained_mod
     assert loss(params["grey_weights"]["gender"]) <= loss(params["weights"]["gender"]) + 1e-4
     # the saved model reads grey photos with the grey weights
     predicted = Predictor.load(out, "keras").predict_arrays(grey[:16])
-    np.testing.assert_allclose(predicted["p_female"], sum(w * p_female[n][:16] for n, w in
+    np.testing.assert_allclose(predicted["p_female_model"], sum(w * p_female[n][:16] for n, w in
                                                           params["grey_weights"]["gender"].items()), atol=2e-3)
     # and its heatmaps of a grey face mix the members' maps with the grey weights, of a colour face with the others
     from agegender.inference.gradcam import load_gradcam, scaled

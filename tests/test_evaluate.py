@@ -164,3 +164,33 @@ def test_bad_inputs_end_in_one_sentence(trained_models, labelled_dataset, tmp_pa
         result = runner.invoke(evaluate.app, [*args, "--out", str(tmp_path / "out")])
         assert result.exit_code != 0 and message in " ".join(result.output.split())
         assert "Traceback" not in result.output
+
+
+def test_each_gender_model_s_certain_answers_by_group(trained_models, labelled_dataset, tmp_path):
+    from agegender.inference.gender_calibration import coverage_and_accuracy, expected_calibration_error
+
+    result = run_evaluate(str(trained_models["multitask"]), "--dataset", str(labelled_dataset), "--no-detect",
+                          "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"))
+    folder = tmp_path / "out" / "faces-ds"
+    summary = json.loads((folder / "evaluation.json").read_text())
+    found = summary["gender_certainty"]["multitask"]
+    predictions = pd.read_csv(folder / "predictions.csv")
+    labels = pd.read_csv(labelled_dataset / "labels.csv").query("note == 'kept'").set_index("file")
+    truth = labels.loc[predictions["file"], "gender"].to_numpy()
+    threshold = json.loads((trained_models["multitask"] / "metadata.json").read_text())["gender_calibration"][
+        "threshold"]
+    assert found["threshold"] == threshold
+    expected = coverage_and_accuracy(predictions["p_female"], truth, threshold)
+    assert found["coverage"] == pytest.approx(expected["coverage"]) and found["faces"] == 30
+    assert found["ece_before"] == pytest.approx(expected_calibration_error(predictions["p_female_model"], truth),
+                                                abs=1e-3)
+    assert (predictions["gender_certain"] == (np.maximum(predictions["p_female"], 1 - predictions["p_female"])
+                                              >= threshold - 1e-4)).all()
+    groups = pd.DataFrame(found["groups"])
+    assert groups.loc[groups["grouping"] == "gender", "faces"].sum() == 30
+    assert groups.loc[groups["grouping"] == "race", "faces"].sum() == 15
+    assert {spread["grouping"] for spread in found["race_spreads"]} <= {"race", "race, age 13+"}
+    assert (folder / found["plot"]).stat().st_size > 1000
+    report = (folder / "evaluation.md").read_text()
+    assert "## Certain or uncertain gender" in report and "13 and older" in report
+    assert "Certain or uncertain gender" in said(result)

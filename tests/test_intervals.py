@@ -112,9 +112,14 @@ def test_a_model_without_calibration_has_empty_interval_columns(trained_runs, pr
     assert np.isnan(row["age_low"]) and np.isnan(row["age_high"]) and row["age_band"] == age_band(row["age"])
 
 
-def test_calibrating_a_gender_model_or_a_missing_folder_is_one_sentence(trained_models, prepared, tmp_path):
-    result = runner.invoke(calibrate_task.app, [str(trained_models["gender"]), "--data-dir", str(prepared["data_dir"])])
-    assert result.exit_code == 1 and "predicts no age" in said(result)
+def test_a_gender_model_gets_no_age_interval_and_a_missing_folder_is_one_sentence(trained_models, prepared,
+                                                                                   tmp_path):
+    import shutil
+
+    folder = shutil.copytree(trained_models["gender"], tmp_path / "gender")
+    result = runner.invoke(calibrate_task.app, [str(folder), "--data-dir", str(prepared["data_dir"])])
+    assert result.exit_code == 0, result.output
+    assert "age_interval" not in json.loads((folder / "metadata.json").read_text())
     result = runner.invoke(calibrate_task.app, [str(tmp_path / "nowhere"), "--data-dir", str(prepared["data_dir"])])
     assert result.exit_code == 1 and "does not exist" in said(result)
     assert "Traceback" not in result.output

@@ -49,7 +49,7 @@ def test_no_detect_treats_each_image_as_a_crop_and_matches_the_cache(trained_mod
                                          "--batch-size", "4"])
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(out)
-    assert list(frame.columns) == ["file", "gender", "p_female"]  # only what the model predicts
+    assert list(frame.columns) == ["file", "gender", "p_female", "gender_certain"]  # only what the model predicts
     assert len(frame) == 6
     # the same numbers as the model gives on prepare_data's cache of the test split (the arrays training and
     # evaluation read): one preprocessing path from file to model input
@@ -74,6 +74,19 @@ def test_any_image_mode_and_size_works(trained_models, faces, tmp_path):
     assert set(frame["file"].map(lambda f: f.split("/")[-1])) == set(variants)
     assert frame.dropna(subset=["age"])["age"].between(0, 150).all()
     assert frame.loc[frame["file"].str.endswith("large.jpg"), "age"].notna().all()
+
+
+def test_a_16_bit_greyscale_png_is_read_scaled_to_8_bits(trained_models, faces, tmp_path):
+    # PIL turns a 16-bit greyscale image (mode I;16) white when it converts it to RGB: no face was found in it
+    source = Image.open(next(faces.iterdir())).convert("L")
+    Image.fromarray(np.asarray(source).astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    read = np.asarray(read_image(tmp_path / "grey16.png"))
+    np.testing.assert_array_equal(read[..., 0], np.asarray(source))
+    out = tmp_path / "grey16.csv"
+    result = runner.invoke(predict.app, [str(trained_models["age"]), str(tmp_path / "grey16.png"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(out)["age"].notna().all()  # a face was found and read
 
 
 def test_an_image_without_a_face_gets_a_row_with_the_reason(trained_models, tmp_path):

@@ -4,6 +4,7 @@ page / model card stating the interval's coverage. (The served apps are driven i
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -81,3 +82,28 @@ def test_the_about_page_states_the_interval_coverage(trained_models):
     assert "| 20-29 | 40 | 85.0% | 12.0 |" in about
     assert "not measured yet" in about_markdown("multitask", trained_models["multitask"], None)
     assert "## Age interval" not in about_markdown("gender", trained_models["gender"], comparison)
+
+
+def test_the_about_page_states_the_certainty_rule_by_group_and_the_race_spreads(trained_models):
+    from agegender.reporting.cards import about_markdown
+
+    record = json.loads((trained_models["multitask"] / "metadata.json").read_text())["gender_calibration"]
+    comparison = {"gender_certainty": {"multitask": {
+        "faces": 86, "ece_after": 0.031, "coverage": 0.804, "certain_accuracy": 0.972,
+        "groups": [{"grouping": "race", "group": "Asian", "faces": 12, "coverage": 0.75, "certain_accuracy": 0.889,
+                    "accuracy": 0.833}],
+        "race_spreads": [{"grouping": "race, age 13+", "figure": "certain_accuracy", "best_group": "White",
+                          "best": 0.99, "worst_group": "Asian", "worst": 0.889, "spread": 0.101}]}}}
+    about = about_markdown("multitask", trained_models["multitask"], comparison)
+    assert "## Certain or uncertain gender" in about
+    assert f"at least **{record['threshold']:.1%}**" in about and "uncertain (52% female)" in about
+    assert "80.4% answered with certainty, 97.2% of those right" in about
+    assert "| race | Asian | 12 | 75.0% | 88.9% | 83.3% |" in about
+    assert "| 13 and older | certain accuracy | White 99.0% | Asian 88.9% | 10.1 points |" in about
+    assert "babies" not in about and "young children" in about
+    # before compare has run: the validation figures by group, stored by the calibration
+    before_compare = about_markdown("multitask", trained_models["multitask"], None)
+    assert "test figures are not measured yet" in before_compare
+    assert "on the validation split, by group" in before_compare
+    assert "| gender | female |" in before_compare
+    assert "## Certain or uncertain gender" not in about_markdown("age", trained_models["age"], comparison)

@@ -57,8 +57,9 @@ def test_reloaded_model_predicts_what_the_trained_model_predicted(trained_runs, 
     before = Predictor(run.model, metadata).predict_arrays(images)
     reloaded = Predictor.load(run.out_dir, backend="keras").predict_arrays(images)
     interval = {"age_low", "age_high"}  # a trained age model is calibrated, so every age carries its interval
-    assert set(reloaded) == set(before) == {"age": {"age", *interval}, "gender": {"p_female"},
-                                            "multitask": {"age", *interval, "p_female"}}[task]
+    gender = {"p_female", "p_female_model", "gender_certain"}  # calibrated too, with its certainty
+    assert set(reloaded) == set(before) == {"age": {"age", *interval}, "gender": gender,
+                                            "multitask": {"age", *interval, *gender}}[task]
     for key in set(before) - interval:
         np.testing.assert_allclose(reloaded[key], before[key], rtol=1e-5, atol=1e-5)
         assert np.isfinite(reloaded[key]).all()

@@ -200,3 +200,26 @@ def test_a_recipe_with_an_extra_dataset_trains_on_a_folder_prepared_with_it(reci
     missing = invoke(recipes, tmp_path / "results", {"data_dir": data}, "--no-refresh")
     assert missing.exit_code == 1 and "which is not here" in said(missing) and "[data] extra_sources" in said(missing)
     assert folders == [folder, folder]
+
+
+def test_promotion_weighs_every_dataset_beside_utkface():
+    from agegender.models.registry import GOALS
+    from tasks.train_all import promotion
+
+    def metrics(utk_accuracy, utk_mae, everyday_accuracy, everyday_group):
+        return {"gender": {"accuracy": utk_accuracy}, "age": {"mae": utk_mae},
+                "datasets": {"utkface": {}, "fairface-18k": {"gender": {"accuracy": everyday_accuracy},
+                                                             "age_range": {"age_group_accuracy": everyday_group}}}}
+
+    goal, current = GOALS["multitask"], metrics(0.92, 5.20, 0.85, 0.50)
+    # better on UTKFace and on the everyday photos: promoted
+    assert promotion(goal, metrics(0.93, 5.10, 0.86, 0.51), current)[0]
+    # better on UTKFace, worse on the everyday photos: kept, and the reason names what got worse
+    promoted, reason = promotion(goal, metrics(0.93, 5.10, 0.84, 0.51), current)
+    assert not promoted and "fairface-18k gender_accuracy" in reason
+    # better on every everyday figure at a UTKFace cost within the tolerance (0.10 y, 0.3 points): promoted
+    promoted, reason = promotion(goal, metrics(0.918, 5.29, 0.90, 0.55), current)
+    assert promoted and "within the tolerance" in reason
+    # ... but not beyond it
+    assert not promotion(goal, metrics(0.92, 5.35, 0.90, 0.55), current)[0]
+    assert not promotion(goal, metrics(0.915, 5.20, 0.90, 0.55), current)[0]

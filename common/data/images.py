@@ -26,13 +26,29 @@ class UnreadableImage(UserError):
     """The file is not an image PIL can decode."""
 
 
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16-bit, 32-bit and float greyscale
+
+
+def eight_bit(array: np.ndarray) -> np.ndarray:
+    """Pixel values as uint8: 8-bit values as they are; wider ones (16-bit PNGs and TIFFs, float arrays) scaled
+    from their type's full range (65,535 for 16 bits) when they exceed 255, so a 16-bit photo keeps its
+    contrast instead of turning white where PIL would clip it."""
+    if array.dtype == np.uint8:
+        return array
+    values = np.asarray(array, dtype=np.float64)
+    top = float(np.nanmax(values)) if values.size else 0.0
+    if top > 255:
+        values = values * (255.0 / (65535.0 if top <= 65535 else top))
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
 def read_image(source: str | Path | np.ndarray | Image.Image) -> Image.Image:
-    """Any file, array or PIL image as an upright RGB PIL image (grayscale, RGBA, palette and EXIF handled)."""
+    """Any file, array or PIL image as an upright RGB PIL image (grayscale, 16-bit, RGBA, palette and EXIF
+    handled)."""
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, np.ndarray):
-        array = source if source.dtype == np.uint8 else np.clip(source, 0, 255).astype(np.uint8)
-        image = Image.fromarray(array)
+        image = Image.fromarray(eight_bit(source))
     else:
         try:
             with Image.open(source) as opened:
@@ -42,6 +58,8 @@ def read_image(source: str | Path | np.ndarray | Image.Image) -> Image.Image:
             raise UserError(f"{source} does not exist.") from error
         except Exception as error:
             raise UnreadableImage(f"{source} is not a readable image ({type(error).__name__}).") from error
+    if image.mode in WIDE_MODES:
+        image = Image.fromarray(eight_bit(np.asarray(image)))
     if image.mode in ("RGBA", "LA", "P"):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))

@@ -1,5 +1,6 @@
 """Boxes and labels on a photo: what `predict --annotate`, the Spaces and the live webcam draw, with one code
-path so a face reads the same everywhere ("1: female 97%, 31 (26-37)")."""
+path so a face reads the same everywhere ("1: female 97%, 31 (26-37)"; "1: uncertain (52% female), 31 (26-37)" for a
+gender below the model's certainty threshold)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,21 @@ def gender_probability(row: dict[str, Any]) -> float:
     return row["p_female"] if row["gender"] == "female" else 1.0 - row["p_female"]
 
 
+def is_uncertain(row: dict[str, Any]) -> bool:
+    """Whether the row's gender is below the model's certainty threshold (gender_certain false; a row without
+    the column, or with it empty, counts as certain)."""
+    certain = row.get("gender_certain")
+    return certain is not None and certain == certain and not bool(certain)
+
+
+def gender_text(row: dict[str, Any]) -> str:
+    """The gender with its probability, "female 97%", or when the answer is not certain (below the model's
+    threshold) "uncertain (52% female)"."""
+    if is_uncertain(row):
+        return f"uncertain ({row['p_female']:.0%} female)"
+    return f"{row['gender']} {gender_probability(row):.0%}"
+
+
 def age_text(row: dict[str, Any]) -> str:
     """The age with its interval when the model has one: "31 (26–37)", else "31"."""
     text = f"{row['age']:.0f}"
@@ -26,7 +42,7 @@ def age_text(row: dict[str, Any]) -> str:
 def face_label(number: int, row: dict[str, Any]) -> str:
     parts = []
     if "gender" in row:
-        parts.append(f"{row['gender']} {gender_probability(row):.0%}")
+        parts.append(gender_text(row))
     if "age" in row:
         parts.append(age_text(row))
     return f"{number}: " + ", ".join(parts)
@@ -49,7 +65,7 @@ def draw_faces(image: Image.Image, rows: list[dict[str, Any]], numbers: list[int
     font = label_font(side)
     for number, row in zip(numbers or range(1, len(rows) + 1), rows, strict=True):
         x, y, w, h = row["box"]
-        colour = COLOURS.get(row.get("gender"), COLOURS[None])
+        colour = COLOURS[None] if is_uncertain(row) else COLOURS.get(row.get("gender"), COLOURS[None])
         draw.rectangle((x, y, x + w, y + h), outline=colour, width=width)
         text = face_label(number, row)
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)

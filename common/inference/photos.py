@@ -22,7 +22,8 @@ from agegender.inference.drawing import draw_faces
 from agegender.inference.gradcam import face_heatmaps
 from agegender.inference.predictor import Predictor
 
-PREDICTED = ("age", "gender", "p_female", "age_low", "age_high", "age_band")  # a face's predicted columns
+# a face's predicted columns
+PREDICTED = ("age", "gender", "p_female", "gender_certain", "age_low", "age_high", "age_band")
 # called with each photo, as read, and its rows (one per face, or the photo's one row with --no-detect)
 PhotoHandler = Callable[[Path, Image.Image, list[dict[str, Any]]], None]
 
@@ -102,6 +103,7 @@ def _prediction(predictor: Predictor, predicted: dict[str, np.ndarray], index: i
         p_female = float(predicted["p_female"][index])
         row["gender"] = predictor.metadata["labels"]["1" if p_female >= 0.5 else "0"]
         row["p_female"] = p_female
+        row["gender_certain"] = bool(predicted["gender_certain"][index])
     return row
 
 
@@ -116,7 +118,7 @@ def _ordered(frame: pd.DataFrame, predictor: Predictor, detect: bool) -> pd.Data
     if "age" in predictor.outputs:
         columns.append("age")
     if "gender" in predictor.outputs:
-        columns += ["gender", "p_female"]
+        columns += ["gender", "p_female", "gender_certain"]
     if "age" in predictor.outputs:  # the interval's columns stay empty for a model without a calibrated one
         columns += ["age_low", "age_high", "age_band"]
     if detect:

@@ -17,6 +17,7 @@ from agegender.cli import UserError
 from agegender.data.images import Face, input_crop, resize_face
 from agegender.data.labels import age_band
 from agegender.inference.detectors import DEFAULT_DETECTOR, detect_faces
+from agegender.inference.gender_calibration import GenderCalibration, confidence_of
 from agegender.inference.intervals import DISTRIBUTION_LAYER, AgeInterval, with_age_distribution
 from agegender.inference.runtime import BACKENDS, export_is_current, tflite_runner
 from agegender.models.folders import EXPORT_FILES, load_model, read_metadata
@@ -43,6 +44,7 @@ class Predictor:
     metadata: dict[str, Any]
     folder: Path | None = None
     backend: str = "keras"
+    min_gender_confidence: float | None = None  # overrides the calibrated certainty threshold
     _compiled: Any = field(default=None, repr=False)
     _runner: Any = field(default=None, repr=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False)
@@ -108,11 +110,25 @@ class Predictor:
         """The calibrated age interval from metadata.json (None: not calibrated, or no age output)."""
         return AgeInterval.from_metadata(self.metadata) if "age" in self.outputs else None
 
+    @property
+    def gender_calibration(self) -> GenderCalibration:
+        """The calibration of p_female from metadata.json (identity, threshold 0.5, when there is none)."""
+        return GenderCalibration.from_metadata(self.metadata)
+
+    @property
+    def gender_threshold(self) -> float:
+        """The confidence max(p_female, 1 - p_female) at and above which a gender is certain."""
+        if self.min_gender_confidence is not None:
+            return float(self.min_gender_confidence)
+        return self.gender_calibration.threshold
+
     def predict_arrays(self, faces: np.ndarray, batch_size: int = 64,
                        age_bins: bool = False) -> dict[str, np.ndarray]:
         """uint8 crops at the model's size -> {"age": years, "p_female": probability} (keys the model has), with
         "age_low" and "age_high" (whole years) when the model's interval is calibrated, and with age_bins the
-        age distribution (faces x years 0..116) of a model that has one."""
+        age distribution (faces x years 0..116) of a model that has one. p_female is calibrated
+        (agegender.inference.gender_calibration), "p_female_model" is the model's own, and "gender_certain" says
+        whether the called gender's probability reaches the certainty threshold."""
         results: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(faces), batch_size):
             batch = to_model_input(faces[start:start + batch_size], self.metadata)
@@ -132,7 +148,10 @@ class Predictor:
             if age_bins and DISTRIBUTION_LAYER in merged:
                 out[DISTRIBUTION_LAYER] = merged[DISTRIBUTION_LAYER]
         if "gender" in merged:
-            out["p_female"] = np.clip(merged["gender"].reshape(-1), 0.0, 1.0)
+            out["p_female_model"] = np.clip(merged["gender"].reshape(-1), 0.0, 1.0)
+            calibrated = self.gender_calibration.apply(out["p_female_model"])
+            out["gender_certain"] = confidence_of(calibrated) >= self.gender_threshold
+            out["p_female"] = calibrated.astype(out["p_female_model"].dtype)
         return out
 
     def prepare_crop(self, crop: Image.Image) -> np.ndarray:
@@ -141,7 +160,8 @@ class Predictor:
     def predict_image(self, image: Image.Image, detect: bool = True,
                       detector: str = DEFAULT_DETECTOR) -> list[dict[str, Any]]:
         """One dict per face: box, confidence, eyes (the points the crop was aligned on), age, age_band,
-        age_low and age_high (when calibrated), gender, p_female; a single row with a reason if none."""
+        age_low and age_high (when calibrated), gender, p_female, gender_certain; a single row with a reason if
+        none."""
         if detect:
             faces = detect_faces(image, detector)
             if not faces:
@@ -165,5 +185,6 @@ class Predictor:
                 p_female = float(predicted["p_female"][index])
                 row["p_female"] = p_female
                 row["gender"] = self.metadata["labels"]["1" if p_female >= 0.5 else "0"]
+                row["gender_certain"] = bool(predicted["gender_certain"][index])
             rows.append(row)
         return rows

@@ -41,10 +41,13 @@ class Track:
 
 class FaceTracker:
     """Give it each frame's predicted faces (rows with box, age, p_female, ...); it returns the same rows with
-    a stable "number" per face and its numbers averaged over the face's last `window` frames."""
+    a stable "number" per face and its numbers averaged over the face's last `window` frames; the gender and
+    whether it is certain (its averaged probability at or above `gender_threshold`) follow the average."""
 
-    def __init__(self, window: int = WINDOW, min_overlap: float = MIN_OVERLAP, max_missed: int = MAX_MISSED):
+    def __init__(self, window: int = WINDOW, min_overlap: float = MIN_OVERLAP, max_missed: int = MAX_MISSED,
+                 gender_threshold: float = 0.5):
         self.window, self.min_overlap, self.max_missed = window, min_overlap, max_missed
+        self.gender_threshold = gender_threshold
         self.tracks: list[Track] = []
         self.next_number = 1
 
@@ -74,12 +77,12 @@ class FaceTracker:
                 self.tracks.append(track)
             track.box, track.missed = row["box"], 0
             track.history.append({key: row[key] for key in SMOOTHED if row.get(key) is not None})
-            smoothed.append(self.smooth(row, track))
+            smoothed.append(self.smooth(row, track, self.gender_threshold))
         self.tracks = [track for track in self.tracks if track.missed <= self.max_missed]
         return smoothed
 
     @staticmethod
-    def smooth(row: dict[str, Any], track: Track) -> dict[str, Any]:
+    def smooth(row: dict[str, Any], track: Track, gender_threshold: float = 0.5) -> dict[str, Any]:
         out = {**row, "number": track.number, "frames": len(track.history)}
         for key in SMOOTHED:
             values = [frame[key] for frame in track.history if key in frame]
@@ -87,6 +90,7 @@ class FaceTracker:
                 out[key] = float(np.mean(values))
         if "p_female" in out and "gender" in row:
             out["gender"] = "female" if out["p_female"] >= 0.5 else "male"
+            out["gender_certain"] = max(out["p_female"], 1.0 - out["p_female"]) >= gender_threshold
         return out
 
 
@@ -109,7 +113,7 @@ class LiveSession:
 
     def __init__(self, predictor, detector: str, clock=time.monotonic):
         self.predictor, self.detector = predictor, detector
-        self.tracker = FaceTracker()
+        self.tracker = FaceTracker(gender_threshold=predictor.gender_threshold)
         self.rate = FrameRate(clock=clock)
 
     def frame(self, image) -> tuple[Any, list[dict[str, Any]], float | None]:

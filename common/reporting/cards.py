@@ -11,8 +11,10 @@ from typing import Any
 from agegender.data.labels import AGE_BANDS, RACE_LABELS, age_band
 from agegender.data.paths import RESULTS_DIR
 from agegender.inference.detectors import DEFAULT_DETECTOR, DETECTORS
+from agegender.inference.gender_calibration import CALIBRATION_KEY, calibration_label
 from agegender.inference.intervals import INTERVAL_KEY, interval_label
 from agegender.models.folders import METADATA_FILE, METRICS_FILE, training_datasets
+from agegender.reporting.certainty import AGE_MIX_NOTE
 from agegender.reporting.metrics import GROUPINGS
 from agegender.reporting.tables import is_missing, markdown_table
 
@@ -114,6 +116,52 @@ def interval_markdown(name: str, metadata: dict[str, Any], comparison: dict[str,
     return "\n".join(parts)
 
 
+def _share(value: Any) -> str:
+    return "n/a" if is_missing(value) else f"{value:.1%}"
+
+
+def certainty_markdown(name: str, metadata: dict[str, Any], comparison: dict[str, Any] | None) -> str:
+    """The certainty rule with its validation figures (metadata.json), and its coverage and accuracy by group
+    and the race spreads compare measured on the test split."""
+    record = metadata.get(CALIBRATION_KEY)
+    if not record:
+        return ("This model's P(female) is not calibrated and every gender it gives counts as certain: run "
+                "`python tasks/calibrate.py MODEL_DIR`.")
+    val = record["validation"]
+    parts = [f"P(female) is calibrated on the validation split ({val['faces']:,} faces, {calibration_label(record)}; "
+             f"expected calibration error {val['ece_before']:.3f} before, {val['ece_after']:.3f} after). A gender is "
+             f"given as certain when the probability of the gender called is at least **{record['threshold']:.1%}**: "
+             f"the smallest confidence whose answers on the validation split were at least "
+             f"{record['target_accuracy']:.0%} right. There, {_share(val['coverage'])} of faces were answered with "
+             f"certainty and {_share(val['certain_accuracy'])} of those were right. Every other face reads "
+             "\"uncertain\" with its probability, e.g. \"uncertain (52% female)\"."]
+    shown = ((comparison or {}).get("gender_certainty") or {}).get(name)
+    if shown:
+        parts.append(f"\nOn the test split ({shown['faces']:,} faces): calibration error {shown['ece_after']:.3f}, "
+                     f"{_share(shown['coverage'])} answered with certainty, {_share(shown['certain_accuracy'])} of "
+                     "those right. By group (coverage: share answered with certainty; certain accuracy: share of "
+                     "those right):\n")
+    elif val.get("groups"):
+        parts.append("\nIts test figures are not measured yet (`python tasks/compare.py`); on the validation split, "
+                     "by group (coverage: share answered with certainty; certain accuracy: share of those right):\n")
+        shown = val
+    else:
+        parts.append("\nIts coverage and accuracy by group are not measured yet: run `python tasks/compare.py`.")
+        return "\n".join(parts)
+    parts.append(markdown_table(["grouping", "group", "faces", "coverage", "certain accuracy", "accuracy (all)"], [
+        [g["grouping"], g["group"], f"{g['faces']:,}", _share(g.get("coverage")), _share(g.get("certain_accuracy")),
+         _share(g.get("accuracy"))] for g in shown.get("groups", [])]))
+    spreads = shown.get("race_spreads") or []
+    if spreads:
+        parts.append("\nSpread between the best and worst race:\n")
+        parts.append(markdown_table(["over", "figure", "best race", "worst race", "spread"], [
+            ["all ages" if s["grouping"] == "race" else "13 and older", s["figure"].replace("_", " "),
+             f"{s['best_group']} {_share(s['best'])}", f"{s['worst_group']} {_share(s['worst'])}",
+             f"{s['spread'] * 100:.1f} points"] for s in spreads]))
+        parts.append("\n" + AGE_MIX_NOTE)
+    return "\n".join(parts)
+
+
 def detector_text(name: str = DEFAULT_DETECTOR) -> str:
     spec = DETECTORS[name]
     threshold = "" if spec.min_confidence is None else f", confidence {spec.min_confidence} or more"
@@ -156,6 +204,8 @@ def about_markdown(name: str, folder: Path, comparison: dict[str, Any] | None = 
         metrics_markdown(metrics, metadata.get("utkface_crops", "original")),
         "",
         *(["## Age interval", interval_markdown(name, metadata, comparison), ""] if "age" in outputs else []),
+        *(["## Certain or uncertain gender", certainty_markdown(name, metadata, comparison), ""]
+          if "gender" in outputs else []),
         "## Known biases",
         bias_markdown(name, comparison),
         "",

@@ -156,15 +156,21 @@ def group_labels(rows, grouping: str):
     raise ValueError(f"unknown grouping {grouping!r}; expected one of {GROUPINGS}")
 
 
+def has_grouping(rows, grouping: str) -> bool:
+    """Whether the rows have the labels a grouping reads (an age range counts as an age)."""
+    needed = GROUPING_LABELS.get(grouping, (grouping.removesuffix(ADULTS_SUFFIX),))
+    if any(label not in rows or rows[label].isna().all() for label in needed if label != "age"):
+        return False
+    return "age" not in needed or not known_age(rows).isna().all()
+
+
 def group_metrics(predictions: dict[str, np.ndarray], rows, groupings=GROUPINGS) -> list[dict]:
     """One record per group present ({"grouping", "group", "n", metrics...}): every metric inside each race (all
     ages and 13 and older), age band and gender whose labels the rows have; the class metrics are NaN inside a
     one-gender group."""
     records = []
     for grouping in groupings:
-        needed = GROUPING_LABELS.get(grouping, (grouping.removesuffix(ADULTS_SUFFIX),))
-        if any(label not in rows or rows[label].isna().all() for label in needed if label != "age") or (
-                "age" in needed and known_age(rows).isna().all()):
+        if not has_grouping(rows, grouping):
             continue
         labels, order = group_labels(rows, grouping)
         for group in order:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from agegender.cli import atomic_path
 from agegender.data.labels import AGE_BANDS, GENDER_LABELS, age_band
+from agegender.inference.gender_calibration import TARGET_ACCURACY
 from agegender.inference.gradcam import MIN_CELL_FACES, overlay
 
 
@@ -307,3 +308,28 @@ def plot_mean_heatmaps(name: str, means: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"{name}: mean Grad-CAM over {means['faces']:,} test faces by age band and gender\n"
                  f"(layer {', '.join(means['layers'])}; over the mean face)", fontsize=9)
     save(fig, path, dpi=90)
+
+
+def plot_gender_calibration(name: str, report: dict[str, Any], path: Path) -> None:
+    """Reliability diagram (accuracy against confidence per bin, before and after calibration) beside accuracy
+    against coverage, the model's threshold marked."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    left.plot([0.5, 1], [0.5, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for key, label, marker in (("reliability_before", f"model's own (ECE {report['ece_before']:.3f})", "o"),
+                               ("reliability_after", f"calibrated (ECE {report['ece_after']:.3f})", "s")):
+        bins = report[key]
+        left.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker=marker, label=label)
+    left.set(xlabel="confidence of the gender called", ylabel="share right", xlim=(0.5, 1.0), ylim=(0.0, 1.02),
+             title=f"{name}: reliability")
+    left.legend(loc="lower right", fontsize=8)
+    curve = report["accuracy_coverage"]
+    right.plot(curve["coverage"], curve["accuracy"])
+    right.scatter([report["coverage"]], [report["certain_accuracy"]], color="C3", zorder=3,
+                  label=f"threshold {report['threshold']:.3f}: {report['coverage']:.1%} covered, "
+                        f"{report['certain_accuracy']:.1%} right")
+    right.axhline(TARGET_ACCURACY, color="grey", linestyle=":")
+    right.set(xlabel="coverage (share of faces answered, most confident first)", ylabel="accuracy of those",
+              xlim=(0, 1.0), title=f"{name}: accuracy against coverage")
+    right.legend(loc="lower left", fontsize=8)
+    save(fig, path)

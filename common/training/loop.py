@@ -26,12 +26,14 @@ from agegender.data.manifest import (
 )
 from agegender.data.paths import DATA_DIR, SEED
 from agegender.data.pipeline import Augment, make_dataset
+from agegender.inference.gender_calibration import CALIBRATION_KEY, GenderCalibration
 from agegender.inference.intervals import DISTRIBUTION_LAYER, INTERVAL_KEY, calibrate
 from agegender.inference.predictor import Predictor
 from agegender.models.folders import METRICS_FILE, load_model, make_metadata, save_model, staging_dir
 from agegender.reporting.metrics import age_metrics, gender_metrics, range_metrics, range_rows
 from agegender.reporting.plots import plot_age_error, plot_confusion, plot_history
 from agegender.reporting.tables import rich_table
+from agegender.training.calibrate import can_fit_calibration, fit_calibration
 from agegender.training.sampling import check_dataset_weights, describe_sampling, sampling_probabilities
 
 
@@ -179,7 +181,6 @@ def callbacks(monitor: str, mode: str, patience: int, checkpoint: Path | None, s
 
 class EpochTimer:
     """Keras callback recording wall seconds per epoch."""
-
     def __new__(cls):
         import keras
 
@@ -199,7 +200,6 @@ class EpochTimer:
 class StopOnSignal:
     """Keras callback: the first Ctrl-C (or SIGTERM) ends training after the current epoch, so the best
     weights are restored, evaluated and saved as usual; a second one interrupts at once."""
-
     def __new__(cls):
         import signal
 
@@ -228,7 +228,6 @@ class StopOnSignal:
 class WeightAverager:
     """Keras callback: the running mean of the weights at the end of each of the last `swa_epochs` planned
     epochs (stochastic weight averaging); `average()` gives them as a list for set_weights."""
-
     def __new__(cls, epochs: int, swa_epochs: int):
         import keras
 
@@ -442,6 +441,16 @@ def save_run(out_dir: Path, model, metadata: dict[str, Any], history: pd.DataFra
             plot_age_error(rows["age"].to_numpy(), predicted["age"], folder / "age_error.png")
 
 
+def fit_gender_calibration(predicted: dict[str, np.ndarray], rows: pd.DataFrame) -> dict[str, Any] | None:
+    """The gender calibration record fitted on validation predictions (agegender.training.calibrate), or None
+    when there are too few faces with a gender to fit one."""
+    known = rows["gender"].notna().to_numpy()
+    truth = rows["gender"].to_numpy()[known]
+    if not can_fit_calibration(truth):
+        return None
+    return fit_calibration(predicted["p_female_model"][known], truth, rows=rows[known])
+
+
 def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, Any], image_size: int,
                data_dir: Path, out_dir: Path | None, history: pd.DataFrame | None = None,
                seconds_per_epoch: float = 0.0, evaluate_test: bool = True, limit: int | None = None,
@@ -450,7 +459,8 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
     """The tail every trainer shares: validation metrics, then (unless evaluate_test is False, as in a tuning
     trial, which must never see the test split) test metrics and the model folder saved to out_dir (skipped
     when it is None), with metadata.json recording metadata_extra and, for a model with an age output, its 80%
-    age interval calibrated on the validation predictions. test_predicted: the model's test predictions in
+    age interval calibrated on the validation predictions (for one with a gender output, its gender calibration
+    and certainty threshold, agegender.inference.gender_calibration). test_predicted: the model's test predictions in
     predict_split's units when the caller already has them (the ensemble mixes its members'), not made again."""
     outputs = list(TASK_OUTPUTS[task])
     val_predicted = predict_split(model, data["val"], outputs, age_bins=True)
@@ -459,6 +469,10 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
     if not evaluate_test:
         return result
     predicted = test_predicted if test_predicted is not None else predict_split(model, data["test"], outputs)
+    gender_calibration = fit_gender_calibration(val_predicted, data["val"].rows) if "gender" in outputs else None
+    if gender_calibration:  # the test figures are those of the p_female the saved model will give
+        predicted = {**predicted, "p_female": GenderCalibration.from_metadata(
+            {CALIBRATION_KEY: gender_calibration}).apply(predicted["p_female"])}
     result.test_metrics = evaluate(predicted, data["test"].rows)
     if out_dir is not None:
         extra = {"epochs_run": 0 if history is None else len(history), "seconds_per_epoch": seconds_per_epoch,
@@ -471,6 +485,8 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
             val_age, val_rows = primary(val_predicted, data["val"].rows)
             extra[INTERVAL_KEY] = calibrate(val_age["age"], val_rows["age"].to_numpy(),
                                             val_age.get(DISTRIBUTION_LAYER))
+        if gender_calibration:
+            extra[CALIBRATION_KEY] = gender_calibration
         metadata = make_metadata(task, image_size, params, manifest_hash(data_dir), **extra)
         save_run(out_dir, model, metadata, history, result.test_metrics, *primary(predicted, data["test"].rows),
                  validation={**val_metrics, "limit": limit})
@@ -526,10 +542,11 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
 
 def evaluate_folder(folder: Path, split: str = "val", data_dir: Path = DATA_DIR,
                     limit: int | None = None) -> dict[str, Any]:
-    """A saved model's metrics on a split, as its trainer measured them (the Keras model, the split capped as
-    load_data caps it for `limit`)."""
+    """A saved model's metrics on a split of every dataset in data_dir, as its trainer measured them (the Keras
+    model, the split capped as load_data caps it for `limit`; UTKFace's at the top level, each dataset's under
+    "datasets")."""
     predictor = Predictor.load(folder, backend="keras")
-    images, rows = load_split(split, predictor.image_size, data_dir, split_cap(split, limit))
+    images, rows = load_split(split, predictor.image_size, data_dir, split_cap(split, limit), datasets=None)
     return evaluate(predictor.predict_arrays(images, batch_size=128), rows)
 
 
