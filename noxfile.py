@@ -55,8 +55,8 @@ def prepare_data(session: nox.Session) -> None:
 
 
 def trainable_families(session: nox.Session) -> list[str]:
-    """The trained model families, read from the registry (agegender.families) in the session's environment."""
-    return session.run("python", "-c", "from agegender.families import TRAINABLE; print(*TRAINABLE)",
+    """The trained model families, read from the registry (agegender.models.registry) in the session's environment."""
+    return session.run("python", "-c", "from agegender.models.registry import TRAINABLE; print(*TRAINABLE)",
                        silent=True).split()
 
 

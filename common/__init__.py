@@ -1,4 +1,6 @@
-"""Code shared by the task scripts: data, model files, face preprocessing, metrics, training loop.
+"""Code shared by the task scripts, in layers whose imports go one way (docs/testing.md, "Layout"): data, then
+models, then inference, then reporting, then training; cli (console output and the one-sentence failure) sits
+below them all.
 
 Importing it keeps TensorFlow's start-up chatter (CUDA probes on a CPU machine, oneDNN and absl notices) out
 of the tasks' output; set AGEGENDER_TF_LOGS=1 to see it."""

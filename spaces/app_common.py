@@ -11,10 +11,11 @@ Each `spaces/<name>/app.py` is a few lines over `launch_app()`. This file runs i
 
 In the repository the model is `results/models/<name>/` (or the best of `results/models/<name>/*/`), read with no
 network. A staged Space carries no model: hub_models.json names its model repo and the revision publish pushed,
-and `agegender.hub` downloads that revision through the Hub cache. Either way the bias analysis is
-`results/comparison.json`, found through `agegender.data` (`AGEGENDER_RESULTS_DIR` moves it and the models).
-Faces are found and prepared by `agegender.faces.Predictor` and drawn by `agegender.drawing`: the same code as
-`tasks/predict.py`; heatmaps come from `agegender.gradcam`, the webcam's tracking from `agegender.tracking`.
+and `agegender.inference.hub` downloads that revision through the Hub cache. Either way the bias analysis is
+`results/comparison.json`, found through `agegender.data.paths` (`AGEGENDER_RESULTS_DIR` moves it and the models).
+Faces are found and prepared by `agegender.inference.predictor.Predictor` and drawn by
+`agegender.inference.drawing`: the same code as `tasks/predict.py`; heatmaps come from
+`agegender.inference.gradcam`, the webcam's tracking from `agegender.inference.tracking`.
 
 Importing this module loads neither Gradio nor TensorFlow; `build_demo()` does.
 """
@@ -25,16 +26,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agegender.cards import about_markdown, load_comparison
 from agegender.cli import UserError
-from agegender.data import MODELS_DIR
-from agegender.drawing import age_text, draw_faces, gender_probability, gender_text, is_uncertain
-from agegender.faces import DEFAULT_DETECTOR, available_detectors
-from agegender.families import FAMILIES
-from agegender.gradcam import load_gradcam
-from agegender.hub import PINS_FILE, hub_entry, read_pins
-from agegender.modelio import ModelEntry, find_model
-from agegender.tracking import WINDOW, LiveSession
+from agegender.data.paths import MODELS_DIR
+from agegender.inference.detectors import DEFAULT_DETECTOR, available_detectors
+from agegender.inference.drawing import age_text, draw_faces, gender_probability, gender_text, is_uncertain
+from agegender.inference.gradcam import load_gradcam
+from agegender.inference.hub import PINS_FILE, hub_entry, read_pins
+from agegender.inference.tracking import WINDOW, LiveSession
+from agegender.models.folders import ModelEntry, find_model
+from agegender.models.registry import FAMILIES
+from agegender.reporting.cards import about_markdown, load_comparison
 
 HERE = Path(__file__).resolve().parent
 
@@ -91,7 +92,7 @@ def summary_message(rows: list[dict[str, Any]], size: tuple[int, int]) -> str:
 
 def predict_photo(predictor, source, detector: str = DEFAULT_DETECTOR) -> tuple[Any, str, list[dict[str, Any]]]:
     """(photo with boxes, message, one row per face) for a file path, array or PIL image of any mode/size."""
-    from agegender.faces import read_image
+    from agegender.data.images import read_image
 
     image = read_image(source)
     rows = [row for row in predictor.predict_image(image, detector=detector) if "box" in row]
@@ -101,8 +102,8 @@ def predict_photo(predictor, source, detector: str = DEFAULT_DETECTOR) -> tuple[
 def looked_at(predictor, cam, source, face: int, detector: str = DEFAULT_DETECTOR) -> list[tuple[Any, str]]:
     """(picture, caption) pairs for one face of a photo (numbered as in its boxes): its aligned crop, then the
     crop under each output's Grad-CAM heatmap."""
-    from agegender.faces import face_crop, read_image
-    from agegender.gradcam import DISPLAY_SIDE, face_heatmaps, row_face
+    from agegender.data.images import face_crop, read_image
+    from agegender.inference.gradcam import DISPLAY_SIDE, face_heatmaps, row_face
 
     image = read_image(source)
     rows = [row for row in predictor.predict_image(image, detector=detector) if "box" in row]
@@ -139,7 +140,7 @@ def model_panel(entry: ModelEntry, suffix: str = "") -> tuple[Any, Any]:
     import gradio as gr
     import pandas as pd
 
-    from agegender.faces import Predictor
+    from agegender.inference.predictor import Predictor
 
     predictor = Predictor.load(entry.folder)
     headers = table_headers(predictor.outputs)

@@ -3,7 +3,7 @@
     python tasks/bench.py            # full run: results/bench/cpu.json and its tables in results/bench/cpu.md
     python tasks/bench.py --quick    # a smoke test on tiny sizes (cpu-quick.json and cpu-quick.md)
 
-Training (per model family, after warm-up steps): images/s through our pipeline (`agegender.data.make_dataset`
+Training (per model family, after warm-up steps): images/s through our pipeline (`agegender.data.pipeline.make_dataset`
 with augmentation), the same model fed one batch already in memory (the ceiling), and a "naive" pipeline
 that reads, decodes and resizes every JPEG at every step the way `keras.utils.image_dataset_from_directory`
 does, with Keras augmentation layers, as most notebooks do.
@@ -30,11 +30,11 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agegender.cli import UserError, console, err_console, user_errors, write_json, write_text
-from agegender.data import DATA_DIR, MODELS_DIR, REPO_ROOT, RESULTS_DIR, SEED
-from agegender.families import FAMILIES, TRAINABLE
-from agegender.machine import machine_info
-from agegender.modelio import EXPORT_FILES, model_folders
-from agegender.tables import markdown_table, rich_table
+from agegender.data.paths import DATA_DIR, MODELS_DIR, REPO_ROOT, RESULTS_DIR, SEED
+from agegender.models.folders import EXPORT_FILES, model_folders
+from agegender.models.registry import FAMILIES, TRAINABLE
+from agegender.reporting.machine import machine_info
+from agegender.reporting.tables import markdown_table, rich_table
 
 BENCH_DIR = RESULTS_DIR / "bench"
 PIPELINES = ("ours", "in_memory", "naive")
@@ -140,8 +140,9 @@ def in_memory_dataset(images: np.ndarray, targets: dict[str, np.ndarray], batch_
 
 def training_datasets(pipeline: str, spec: dict[str, Any], outputs: list[str], params: dict[str, Any]):
     """(dataset for training, {name: dataset} to time without a model) for one pipeline."""
-    from agegender.data import Augment, image_root, load_split, make_dataset
-    from agegender.training import SplitData
+    from agegender.data.manifest import image_root, load_split
+    from agegender.data.pipeline import Augment, make_dataset
+    from agegender.training.loop import SplitData
 
     data_dir, size, batch = Path(spec["data_dir"]), int(spec["image_size"]), int(spec["batch_size"])
     count = batch * (spec["warmup"] + spec["steps"])  # one epoch of distinct images covers the run
@@ -199,7 +200,7 @@ def measure_training(spec: dict[str, Any]) -> dict[str, Any]:
 
 def sample_files(data_dir: Path, count: int, split: str = "test") -> list[Path]:
     """`count` seeded-random image files of a split (repeated when the split is smaller)."""
-    from agegender.data import image_root, load_manifest
+    from agegender.data.manifest import image_root, load_manifest
 
     manifest = load_manifest(data_dir)
     files = manifest.loc[manifest["split"] == split, "file"].tolist()
@@ -212,7 +213,7 @@ def sample_files(data_dir: Path, count: int, split: str = "test") -> list[Path]:
 
 def canonical_face(image):
     """A Face with UTKFace's eye positions, so face_crop does its real affine warp without a detector."""
-    from agegender.faces import CROP_SIDE, EYE_CENTRE, EYE_DISTANCE, Face
+    from agegender.data.images import CROP_SIDE, EYE_CENTRE, EYE_DISTANCE, Face
 
     sx, sy = image.width / CROP_SIDE, image.height / CROP_SIDE
     half = EYE_DISTANCE * CROP_SIDE / 2
@@ -228,7 +229,7 @@ def forward_variants(model, batch: np.ndarray, repeats: int) -> dict[str, Any]:
     compiled = tf.function(lambda x: model(x, training=False), reduce_retracing=True,
                            input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)])
     variants = {
-        "eager_call": lambda: model(batch, training=False),  # what agegender.faces.Predictor does today
+        "eager_call": lambda: model(batch, training=False),  # what agegender.inference.predictor.Predictor does today
         "tf_function": lambda: compiled(batch),
         "keras_predict": lambda: model.predict(batch, verbose=0, batch_size=len(batch)),
     }
@@ -248,7 +249,8 @@ def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
     import keras  # noqa: F401
     import tensorflow  # noqa: F401
 
-    from agegender.faces import Predictor, input_crop, read_image
+    from agegender.data.images import input_crop, read_image
+    from agegender.inference.predictor import Predictor
 
     import_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -315,8 +317,8 @@ def measure_inference(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure_predict(spec: dict[str, Any]) -> dict[str, Any]:
     """tasks/predict.py's predict_files over a folder, as `python tasks/predict.py MODEL FOLDER` runs it."""
-    from agegender.faces import Predictor
-    from agegender.photos import collect_images, predict_files
+    from agegender.inference.photos import collect_images, predict_files
+    from agegender.inference.predictor import Predictor
 
     predictor = Predictor.load(spec["model_dir"])  # "auto", as a user's predict call
     files = collect_images([Path(spec["folder"])])
@@ -373,7 +375,7 @@ def run_isolated(kind: str, spec: dict[str, Any], scratch: Path) -> dict[str, An
 
 def backends(model_dir: Path) -> list[str]:
     """keras always, and each export tasks/export.py wrote and checked for the model.keras in the folder."""
-    from agegender.faces import export_is_current
+    from agegender.inference.runtime import export_is_current
 
     metadata = json.loads((Path(model_dir) / "metadata.json").read_text())
     return ["keras", *(kind for kind in EXPORT_FILES if export_is_current(Path(model_dir), metadata, kind))]

@@ -7,7 +7,7 @@ Each canvas (250-600 px, built in memory, never written) holds one held-out UTKF
 the test split; --split val for choosing detector settings) or one CelebA face, pasted with a soft edge onto a
 photo-like background at a given scale, grey or turned; some canvases hold no face at all. Every canvas is
 JPEG-encoded once, and each detector then runs the one inference path on it as predict does: decode + detect +
-align + model (agegender.faces.Predictor). A face is found when a returned box holds the pasted face's eye
+align + model (agegender.inference.predictor.Predictor). A face is found when a returned box holds the pasted face's eye
 midpoint and is 1-4.5 eye distances wide; other boxes count as false faces. Writes
 results/bench/detectors.{json,md}.
 """
@@ -31,8 +31,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from agegender.cli import UserError, console, err_console, user_errors, write_json, write_text
-from agegender.data import DATA_DIR, MODELS_DIR, REPO_ROOT, RESULTS_DIR, SEED, image_root, load_manifest
-from agegender.faces import CROP_SIDE, DETECTORS, EYE_CENTRE, EYE_DISTANCE
+from agegender.data.images import CROP_SIDE, EYE_CENTRE, EYE_DISTANCE
+from agegender.data.manifest import image_root, load_manifest
+from agegender.data.paths import DATA_DIR, MODELS_DIR, REPO_ROOT, RESULTS_DIR, SEED
+from agegender.inference.detectors import DETECTORS
 
 OUT_DIR = RESULTS_DIR / "bench"
 CELEBA = REPO_ROOT.parent / "shared" / "data" / "celeba" / "celeba-10k.tar.gz"
@@ -273,7 +275,7 @@ def eye_error(found_eyes, true_eyes) -> tuple[float, float, float]:
 
 def run_detector(predictor, detector: str, canvases: list[Canvas], advance) -> pd.DataFrame:
     """One record per canvas: found, false faces, milliseconds end to end, the prediction and the eye error."""
-    from agegender.faces import read_image
+    from agegender.data.images import read_image
 
     warm = read_image(io.BytesIO(canvases[0].jpeg))
     predictor.predict_image(warm, detector=detector)  # builds the detector and traces what needs tracing
@@ -472,8 +474,8 @@ def main(
             else:
                 err_console.print(f"[yellow]No CelebA at {CELEBA}; the celeba condition is left out.[/]")
                 conditions.remove("celeba")
-        from agegender.faces import Predictor
-        from agegender.machine import machine_info
+        from agegender.inference.predictor import Predictor
+        from agegender.reporting.machine import machine_info
 
         machine = machine_info()
         predictor = Predictor.load(model, backend)

@@ -8,8 +8,8 @@ model with an age, and the calibrated p_female and certainty threshold of a mode
 
 Trainers calibrate the models they save; this command does it for model folders saved before, or again after
 a change (a data folder with more datasets). Only the validation split is read: UTKFace's for the age interval,
-every dataset's, pooled, for the gender. How the interval is built: agegender.intervals; the gender:
-agegender.calibration.
+every dataset's, pooled, for the gender. How the interval is built: agegender.inference.intervals; the gender:
+agegender.inference.gender_calibration.
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ from typing import Annotated
 
 import typer
 
-from agegender.calibration import TARGET_ACCURACY, calibrate_gender_folder, calibration_label, percent
 from agegender.cli import UserError, check_choice, console, user_errors
-from agegender.data import DATA_DIR, MODELS_DIR, load_manifest
-from agegender.intervals import band_names, calibrate_folder, interval_label
-from agegender.modelio import model_folders, read_metadata
-from agegender.tables import rich_table
+from agegender.data.manifest import load_manifest
+from agegender.data.paths import DATA_DIR, MODELS_DIR
+from agegender.inference.gender_calibration import TARGET_ACCURACY, calibration_label
+from agegender.inference.intervals import band_names, interval_label
+from agegender.models.folders import model_folders, read_metadata
+from agegender.reporting.certainty import percent
+from agegender.reporting.tables import rich_table
+from agegender.training.calibrate import calibrate_folder, calibrate_gender_folder
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

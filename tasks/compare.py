@@ -4,12 +4,12 @@ often the calibrated 80% age interval holds the true age, and where each model l
     python tasks/compare.py                                  # every model folder under results/models/
     python tasks/compare.py --models gender --models multitask --limit 500
 
-Predictions go through agegender.faces.Predictor (the one inference path) and are cached per model file,
+Predictions go through agegender.inference.predictor.Predictor (the one inference path) and are cached per model file,
 metadata and manifest hash in results/compare/cache/, so a rerun with nothing changed takes seconds.
 
 Per gender model, "Certain or uncertain gender": calibration error before and after its calibration, a
 reliability diagram beside accuracy against coverage (compare/<model>-gender_calibration.png), the certain
-answers' coverage and accuracy by group and the race spreads (agegender.calibration).
+answers' coverage and accuracy by group and the race spreads (agegender.reporting.certainty).
 """
 
 from __future__ import annotations
@@ -30,22 +30,15 @@ import typer
 from PIL import Image, ImageFilter
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agegender.calibration import GenderCalibration, certainty_markdown, certainty_reports, print_certainty
 from agegender.cli import UserError, atomic_path, console, user_errors, without_nan, write_json, write_text
-from agegender.data import (
-    DATA_DIR,
-    MODELS_DIR,
-    RESULTS_DIR,
-    SEED,
-    file_sha256,
-    grey_copy,
-    load_manifest,
-    load_split,
-    manifest_path,
-    utkface_split_sha256,
-)
-from agegender.intervals import INTERVAL_KEY, band_names, interval_label, summarise
-from agegender.metrics import (
+from agegender.data.images import grey_copy
+from agegender.data.manifest import file_sha256, load_manifest, load_split, manifest_path, utkface_split_sha256
+from agegender.data.paths import DATA_DIR, MODELS_DIR, RESULTS_DIR, SEED
+from agegender.inference.gender_calibration import GenderCalibration
+from agegender.inference.intervals import INTERVAL_KEY, band_names, interval_label, summarise
+from agegender.models.folders import METADATA_FILE, MODEL_FILE, find_models, read_metadata
+from agegender.reporting.certainty import certainty_markdown, certainty_reports, print_certainty
+from agegender.reporting.metrics import (
     AGE_COLUMNS,
     COST_COLUMNS,
     GENDER_COLUMNS,
@@ -56,15 +49,14 @@ from agegender.metrics import (
     group_metrics,
     labelled_metrics,
 )
-from agegender.modelio import METADATA_FILE, MODEL_FILE, find_models, read_metadata
-from agegender.plots import (
+from agegender.reporting.plots import (
     plot_age_mae_by_age,
     plot_bias,
     plot_conditions,
     plot_robustness,
     plot_signed_age_error,
 )
-from agegender.tables import best_values, frame_markdown, frame_rich, markdown_table, render, rich_table
+from agegender.reporting.tables import best_values, frame_markdown, frame_rich, markdown_table, render, rich_table
 
 CACHE_VERSION = 2  # bump when the degradations or what the cache holds change
 ROBUSTNESS_FACES = 1000  # seeded subset of the test split for the degraded copies; 0 = every test face
@@ -206,7 +198,7 @@ def measure_cost(predictor, images: np.ndarray) -> dict[str, float]:
 
 def predict_model(folder: Path, images: np.ndarray, subset: np.ndarray, advance) -> tuple[dict, dict]:
     """Predictions under every condition (clean on all faces, degraded on the subset) and the cost figures."""
-    from agegender.faces import Predictor
+    from agegender.inference.predictor import Predictor
 
     predictor = Predictor.load(folder)
     predictions = {}
@@ -259,12 +251,13 @@ def without_label_counts(found: dict) -> dict:
 
 
 def flat_metrics(predictions: dict[str, np.ndarray], rows: pd.DataFrame, condition: str = "clean") -> dict:
-    """Every metric of one condition in one flat dict (agegender.metrics.labelled_metrics)."""
+    """Every metric of one condition in one flat dict (agegender.reporting.metrics.labelled_metrics)."""
     return without_label_counts(labelled_metrics(condition_predictions(predictions, condition), rows))
 
 
 def bias_tables(results: list[ModelResult], rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every metric per group (agegender.metrics.GROUPINGS); per metric, the best and worst group and the gap."""
+    """Every metric per group (agegender.reporting.metrics.GROUPINGS); per metric, the best and worst group and
+    the gap."""
     records = []
     for result in results:
         for record in group_metrics(condition_predictions(result.predictions), rows):
@@ -314,8 +307,8 @@ def interval_report(results: list[ModelResult], rows: pd.DataFrame) -> dict[str,
 def interval_markdown(report: dict[str, dict[str, Any]]) -> str:
     calibrated = {name: found for name, found in report.items() if found["interval"]}
     lines = ["Each age comes with an interval in whole years, calibrated on the validation split to hold the true "
-             "age 80% of the time (`tasks/calibrate.py`, `agegender.intervals`); here, how often it held on the "
-             "test split, and how wide it was."]
+             "age 80% of the time (`tasks/calibrate.py`, `agegender.inference.intervals`); here, how often it held "
+             "on the test split, and how wide it was."]
     if calibrated:
         lines.append(markdown_table(
             ["model", "interval", "validation coverage", "test coverage", "mean width (years)"],
@@ -331,7 +324,7 @@ def interval_markdown(report: dict[str, dict[str, Any]]) -> str:
 
 def gender_certainty(results: list[ModelResult], rows: pd.DataFrame, folder: Path) -> dict[str, dict[str, Any]]:
     """Per model with a gender output: calibration error before and after, the certain answers' coverage and
-    accuracy overall and per group, the race spreads (agegender.calibration), and its figure in folder."""
+    accuracy overall and per group, the race spreads (agegender.reporting.certainty), and its figure in folder."""
     models = {}
     for result in results:
         predicted = condition_predictions(result.predictions)
@@ -349,7 +342,8 @@ def heatmap_figures(results: list[ModelResult], data_dir: Path, folder: Path, li
                     skipped: list[str]) -> dict[str, str]:
     """Per model, the figure of its mean Grad-CAM heatmaps by age band and gender over a seeded subset of test
     faces (from model.keras), cached beside the predictions; {plot name: path under the results folder}."""
-    from agegender.gradcam import load_gradcam, load_means, mean_heatmaps, plot_mean_heatmaps, save_means
+    from agegender.inference.gradcam import load_gradcam, load_means, mean_heatmaps, save_means
+    from agegender.reporting.plots import plot_mean_heatmaps
 
     plots = {}
     for result in results:

@@ -1,12 +1,12 @@
 """Score saved models on any labelled dataset through the full photo path: find the face in each image, align it,
-predict (agegender.faces, as predict does), and compare with the labels.
+predict (agegender.inference.predictor, as predict does), and compare with the labels.
 
     python tasks/evaluate.py results/models/multitask --dataset ../shared/data/celeba/celeba-10k.tar.gz
     python tasks/evaluate.py results/models/age --dataset my_faces/ --no-detect --limit 500
     python tasks/evaluate.py results/models/ensemble --dataset celeba-10k.tar.gz --split test --data-dir data
 
 A dataset is a folder, .tar.gz or .zip of images with labels.csv (file, and any of age or an age range, gender with
-1 = female, race; empty where unknown; named group columns such as FairFace's race_fairface; agegender.datasets).
+1 = female, race; empty where unknown; named group columns such as FairFace's race_fairface; agegender.data.datasets).
 Against age ranges: the age-group accuracy (the predicted age, rounded, inside the range) and the years outside the
 range; every figure also per named group, over all ages and 13 and older. Each image's largest face is scored; an
 image where the detector finds none counts in the faces-not-found rate and in no other figure. Metrics are given
@@ -19,7 +19,7 @@ faces it saw.
 Writes results/evaluations/<dataset>/: evaluation.md, evaluation.json, predictions.csv and, for a model with an
 age output on a dataset with ages, <model>-age_error.png. On a dataset with genders, each gender model's
 calibration error before and after its calibration, its certain answers' coverage and accuracy overall and per
-group, and the race spreads (agegender.calibration), with <model>-gender_calibration.png (reliability diagram,
+group, and the race spreads (agegender.reporting.certainty), with <model>-gender_calibration.png (reliability diagram,
 accuracy against coverage).
 """
 
@@ -33,7 +33,6 @@ import pandas as pd
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agegender.calibration import certainty_markdown, certainty_reports, print_certainty
 from agegender.cli import (
     UserError,
     check_choice,
@@ -44,10 +43,16 @@ from agegender.cli import (
     write_json,
     write_text,
 )
-from agegender.data import DATA_DIR, RESULTS_DIR, SEED, SPLITS, file_sha256, load_manifest, manifest_path
-from agegender.datasets import AGE_RANGE_COLUMNS, dataset_name, open_dataset
-from agegender.faces import BACKENDS, DEFAULT_DETECTOR, DETECTORS, Predictor, detect_faces, input_crop, read_image
-from agegender.metrics import (
+from agegender.data.datasets import AGE_RANGE_COLUMNS, dataset_name, open_dataset
+from agegender.data.images import input_crop, read_image
+from agegender.data.manifest import SPLITS, file_sha256, load_manifest, manifest_path
+from agegender.data.paths import DATA_DIR, RESULTS_DIR, SEED
+from agegender.inference.detectors import DEFAULT_DETECTOR, DETECTORS, detect_faces
+from agegender.inference.predictor import Predictor
+from agegender.inference.runtime import BACKENDS
+from agegender.models.folders import learned_manifests, training_datasets
+from agegender.reporting.certainty import certainty_markdown, certainty_reports, print_certainty
+from agegender.reporting.metrics import (
     AGE_COLUMNS,
     GENDER_COLUMNS,
     GROUPINGS,
@@ -57,9 +62,8 @@ from agegender.metrics import (
     labelled_metrics,
     named_groupings,
 )
-from agegender.modelio import learned_manifests, training_datasets
-from agegender.plots import plot_age_error
-from agegender.tables import frame_markdown, frame_rich, markdown_table, rich_table
+from agegender.reporting.plots import plot_age_error
+from agegender.reporting.tables import frame_markdown, frame_rich, markdown_table, rich_table
 
 EVALUATIONS_DIR = RESULTS_DIR / "evaluations"
 FORMATS = {key: fmt for key, _, fmt, _ in GENDER_COLUMNS + AGE_COLUMNS + RANGE_COLUMNS} | {
@@ -91,7 +95,7 @@ def find_faces(root: Path, files: list[str], detector: str, progress: Progress) 
 def predict_dataset(predictor: Predictor, root: Path, faces: dict[str, Any], detect: bool, batch_size: int,
                     progress: Progress, label: str) -> dict[str, np.ndarray]:
     """Predictions for the files with a face (in faces' order), each crop made as Predictor.predict_image makes
-    it: the face aligned for the model's input size (agegender.faces.input_crop), or with --no-detect the whole
+    it: the face aligned for the model's input size (agegender.data.images.input_crop), or with --no-detect the whole
     image resized."""
     files = [name for name, face in faces.items() if face is not None or not detect]
     task = progress.add_task(f"predicting {label}", total=len(files))

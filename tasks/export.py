@@ -28,9 +28,10 @@ import pandas as pd
 import typer
 
 from agegender.cli import UserError, console, user_errors, write_bytes, write_json
-from agegender.data import DATA_DIR, MODELS_DIR, SEED, cache_is_current, file_sha256, load_split
-from agegender.modelio import EXPORT_FILES, FLOAT16_ABOVE_BYTES, METADATA_FILE, MODEL_FILE, model_folders
-from agegender.tables import rich_table
+from agegender.data.manifest import cache_is_current, file_sha256, load_split
+from agegender.data.paths import DATA_DIR, MODELS_DIR, SEED
+from agegender.models.folders import EXPORT_FILES, FLOAT16_ABOVE_BYTES, METADATA_FILE, MODEL_FILE, model_folders
+from agegender.reporting.tables import rich_table
 
 CHECK_FACES = 1000
 # float32 throughout, so only summation order differs; anything larger means a broken conversion
@@ -56,7 +57,7 @@ def convert(model, kind: str = "tflite") -> bytes:
     import tensorflow as tf
 
     from agegender import silenced_stderr
-    from agegender.intervals import with_age_distribution
+    from agegender.inference.intervals import with_age_distribution
 
     converter = tf.lite.TFLiteConverter.from_keras_model(with_age_distribution(model))
     if kind == "tflite-int8":
@@ -129,7 +130,8 @@ def export_one(folder: Path, keras_predictor, kind: str, images: np.ndarray, row
     export over FLOAT16_ABOVE_BYTES raises TooLarge."""
     import tensorflow as tf
 
-    from agegender.faces import Predictor, tflite_runner
+    from agegender.inference.predictor import Predictor
+    from agegender.inference.runtime import tflite_runner
 
     blob = convert(keras_predictor.model, kind)
     if kind == "tflite" and len(blob) > FLOAT16_ABOVE_BYTES:  # the files we commit stay under this size
@@ -161,7 +163,7 @@ def export_model(folder: Path, data_dir: Path = DATA_DIR, faces: int = CHECK_FAC
     """Write folder/model.tflite (and model-int8.tflite when it passes) with their checks in metadata.json.
 
     Returns {backend: record, or {"rejected": [problems]}}; a float export outside tolerance raises UserError."""
-    from agegender.faces import Predictor
+    from agegender.inference.predictor import Predictor
 
     folder = Path(folder)
     keras_predictor = Predictor.load(folder, backend="keras")

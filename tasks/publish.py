@@ -42,11 +42,10 @@ from huggingface_hub import (
     get_token,
 )
 
-from agegender.cards import COMPARISON_FILE, UTKFACE_URL, about_markdown, load_comparison, read_json
 from agegender.cli import UserError, console, user_errors, write_json, write_text
-from agegender.data import MODELS_DIR, REPO_ROOT, RESULTS_DIR, file_sha256
-from agegender.families import FAMILIES
-from agegender.hub import (
+from agegender.data.manifest import file_sha256
+from agegender.data.paths import MODELS_DIR, REPO_ROOT, RESULTS_DIR
+from agegender.inference.hub import (
     MANIFEST_FILE,
     PINS_FILE,
     REPO_PREFIX,
@@ -56,7 +55,7 @@ from agegender.hub import (
     repo_name,
     write_pins,
 )
-from agegender.modelio import (
+from agegender.models.folders import (
     EXPORT_FILES,
     METADATA_FILE,
     METRICS_FILE,
@@ -65,6 +64,8 @@ from agegender.modelio import (
     find_model,
     staging_dir,
 )
+from agegender.models.registry import FAMILIES
+from agegender.reporting.cards import COMPARISON_FILE, UTKFACE_URL, about_markdown, load_comparison, read_json
 
 REPO = REPO_ROOT
 SPACES_DIR = REPO / "spaces"
@@ -160,7 +161,7 @@ def usage_markdown(entry: ModelEntry, repo_id: str) -> str:
         "import numpy as np",
         "from PIL import Image",
         "",
-        "import agegender.layers  # registers the project's custom Keras layers",
+        "import agegender.models.layers  # registers the project's custom Keras layers",
         "",
         f'model = keras.saving.load_model("hf://{repo_id}")',
         f'face = Image.open("face.jpg").convert("RGB").resize(({size}, {size}))',
@@ -172,7 +173,8 @@ def usage_markdown(entry: ModelEntry, repo_id: str) -> str:
         "```python",
         "from huggingface_hub import snapshot_download",
         "",
-        "from agegender.faces import Predictor, read_image",
+        "from agegender.data.images import read_image",
+        "from agegender.inference.predictor import Predictor",
         "",
         f'predictor = Predictor.load(snapshot_download("{repo_id}"))',
         'for face in predictor.predict_image(read_image("photo.jpg")):',

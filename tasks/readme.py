@@ -22,9 +22,9 @@ import pandas as pd
 import typer
 
 from agegender.cli import UserError, console, user_errors, write_text
-from agegender.data import REPO_ROOT, RESULTS_DIR
-from agegender.metrics import AGE_COLUMNS, COST_COLUMNS, GENDER_COLUMNS
-from agegender.tables import render
+from agegender.data.paths import REPO_ROOT, RESULTS_DIR
+from agegender.reporting.metrics import AGE_COLUMNS, COST_COLUMNS, GENDER_COLUMNS
+from agegender.reporting.tables import render
 
 README = REPO_ROOT / "README.md"
 COMPARISON = RESULTS_DIR / "comparison.json"

@@ -3,11 +3,11 @@
     python tasks/train_age.py --recipe recipes/age.toml          # the shipped model's run
     python tasks/train_age.py --age-head dex --out results/models/age-dex
 
-The model (agegender.models.build_cnn), its defaults and its score live in the family registry
-(agegender.families); the command line is the one every CNN trainer shares (agegender.trainer).
+The model (agegender.models.cnn.build_cnn), its defaults and its score live in the family registry
+(agegender.models.registry); the command line is the one every CNN trainer shares (agegender.training.cnn_command).
 """
 
-from agegender.trainer import cnn_trainer
+from agegender.training.cnn_command import cnn_trainer
 
 app = cnn_trainer("age")
 

@@ -8,7 +8,7 @@ results/models/<name> only when it beats the model there on the validation split
 
 Before starting it prints what it will train and how long that should take (each recipe's epochs times the
 seconds per epoch recorded by the model it may replace, else a stated default). Each recipe's trainer (the
-family's script, agegender.families) runs as a user would run it, with --recipe, into
+family's script, agegender.models.registry) runs as a user would run it, with --recipe, into
 results/runs/<name>/<UTC time>/: model/, its TensorBoard logs and train.log. The run and the current model are
 then scored on the validation split by the family's goal and shown side by side; the run replaces the current
 model (an atomic folder swap) only when it is strictly better. At the end the promoted models are exported
@@ -37,12 +37,13 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agegender.cli import UserError, console, fail, user_errors, write_json
-from agegender.data import DATA_DIR, REPO_ROOT, RESULTS_DIR, file_sha256
-from agegender.datasets import UTKFACE
-from agegender.families import FAMILIES, RECIPES_DIR, Family
-from agegender.modelio import METADATA_FILE, METRICS_FILE, is_complete, read_metadata, run_path, staging_dir
-from agegender.recipes import Recipe, read_recipe
-from agegender.tables import number, rich_table
+from agegender.data.datasets import UTKFACE
+from agegender.data.manifest import file_sha256
+from agegender.data.paths import DATA_DIR, REPO_ROOT, RESULTS_DIR
+from agegender.models.folders import METADATA_FILE, METRICS_FILE, is_complete, read_metadata, run_path, staging_dir
+from agegender.models.registry import FAMILIES, RECIPES_DIR, Family
+from agegender.reporting.tables import number, rich_table
+from agegender.training.recipes import Recipe, read_recipe
 
 QUICK_RESULTS_DIR = REPO_ROOT / "build" / "train_all-quick"
 QUICK_COMPARE = ("--limit", "200", "--robustness-faces", "50")  # compare on a test subset in a smoke run
@@ -94,7 +95,7 @@ def planned_epochs(settings: dict[str, Any]) -> int:
 def quick_flags(recipe: Recipe, family: Family) -> tuple[str, ...]:
     """The family's smoke-run flags; a zero-shot model (the Cydral networks: nothing is trained) keeps its recipe's
     weights and size and is scored on a subset only."""
-    from agegender.transfer import resolve_backbone
+    from agegender.models.backbones import resolve_backbone
 
     backbone = recipe.settings.get("backbone")
     if backbone and resolve_backbone(backbone).zero_shot:
@@ -174,8 +175,8 @@ def job_data_dir(job: Job, data_dir: Path, quick: bool) -> Path:
     """The prepared data a recipe trains on: data_dir, or for a recipe whose [data] asks for other UTKFace crops
     or extra datasets the sibling folder <data_dir>-<crops>[+<extra>...], prepared here (from the same source)
     unless it already holds them for the same split (a --quick run: for the same subset)."""
-    from agegender.data import data_state
-    from agegender.recipes import (
+    from agegender.data.manifest import data_state
+    from agegender.training.recipes import (
         holds_recipe_data,
         prepare_arguments,
         prepared_sibling,
@@ -232,8 +233,8 @@ def run_trainer(command: list[str], log_path: Path, on_line) -> int:
 def validation_metrics(folder: Path, data_dir: Path, limit: int | None) -> dict[str, Any]:
     """A model's validation metrics: those its trainer recorded in metrics.json when they were measured on the
     same validation images (same manifest, same UTKFace crops, same --limit), else measured now."""
-    from agegender.data import data_state, prepared_crops
-    from agegender.training import evaluate_folder
+    from agegender.data.manifest import data_state, prepared_crops
+    from agegender.training.loop import evaluate_folder
 
     metrics = json.loads((folder / METRICS_FILE).read_text()) if (folder / METRICS_FILE).exists() else {}
     recorded, metadata = metrics.get("validation"), read_metadata(folder)
@@ -553,7 +554,7 @@ def main(
         print_plan(jobs, results_dir)
         if dry_run:
             return
-        from agegender.data import data_state
+        from agegender.data.manifest import data_state
 
         session = Session.open(jobs, results_dir, data_dir, data_state(data_dir)["manifest_sha256"], resume)
         started = time.perf_counter()

@@ -27,14 +27,16 @@ import typer
 
 from agegender import cli
 from agegender.cli import UserError, check_choice, console, user_errors
-from agegender.data import AGE_SCALE, DATA_DIR, MODELS_DIR, grey_copy, is_grey
-from agegender.families import FAMILIES
-from agegender.intervals import DISTRIBUTION_LAYER, age_distribution_layer, with_age_distribution
-from agegender.metrics import age_metrics, gender_metrics, range_metrics, range_rows
-from agegender.modelio import load_model
-from agegender.recipes import plan_run
-from agegender.tables import rich_table
-from agegender.training import age_range_targets, finish_run, load_data, print_metrics
+from agegender.data.images import grey_copy, is_grey
+from agegender.data.labels import AGE_SCALE
+from agegender.data.paths import DATA_DIR, MODELS_DIR
+from agegender.inference.intervals import DISTRIBUTION_LAYER, age_distribution_layer, with_age_distribution
+from agegender.models.folders import load_model
+from agegender.models.registry import FAMILIES
+from agegender.reporting.metrics import age_metrics, gender_metrics, range_metrics, range_rows
+from agegender.reporting.tables import rich_table
+from agegender.training.loop import age_range_targets, finish_run, load_data, print_metrics
+from agegender.training.recipes import plan_run
 
 FAMILY = FAMILIES["ensemble"]
 WEIGHT_STEP = 0.05  # grid step of the member weights
@@ -67,7 +69,7 @@ def member_outputs(inputs, model, metadata: dict[str, Any], index: int, flip: bo
     (box filter when the size divides, else bilinear); one nesting level, so the saved file loads."""
     from keras import layers
 
-    from agegender.layers import HorizontalFlip
+    from agegender.models.layers import HorizontalFlip
 
     member_size, input_size = int(metadata["image_size"]), int(inputs.shape[1])
     view = "mirror" if flip else "plain"
@@ -196,7 +198,7 @@ def build_ensemble(members, chosen: dict[str, dict[str, Any]], input_size: int, 
     import keras
     from keras import layers
 
-    from agegender.layers import AgeExpectation, GreySwitch
+    from agegender.models.layers import AgeExpectation, GreySwitch
 
     distributions = mixes_distributions(members, chosen, grey_chosen)
     inputs = keras.Input((input_size, input_size, 3), name="image")
@@ -288,7 +290,7 @@ def build(member_folders: list[Path], tta: str = "auto", data_dir: Path = DATA_D
 
     params = {"members": [str(folder) for folder in member_folders], "tta": use_tta, "plain_members": plain_names,
               "weights": by_name(weights)}
-    if grey_chosen is not None:  # for images whose channels are equal (agegender.data.is_grey)
+    if grey_chosen is not None:  # for images whose channels are equal (agegender.data.images.is_grey)
         params["grey_weights"] = by_name(grey_chosen)
     member_records = [{"folder": str(folder), "name": name, "created": meta.get("created"),
                        "backbone": meta.get("backbone"), "image_size": meta["image_size"],

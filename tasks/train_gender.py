@@ -4,11 +4,11 @@
     python tasks/train_gender.py --epochs 12 --gender-label-smoothing 0.1
     python tasks/train_gender.py --params results/tuning/gender.json       # what tune found
 
-The model (agegender.models.build_cnn), its defaults and its score live in the family registry
-(agegender.families); the command line is the one every CNN trainer shares (agegender.trainer).
+The model (agegender.models.cnn.build_cnn), its defaults and its score live in the family registry
+(agegender.models.registry); the command line is the one every CNN trainer shares (agegender.training.cnn_command).
 """
 
-from agegender.trainer import cnn_trainer
+from agegender.training.cnn_command import cnn_trainer
 
 app = cnn_trainer("gender")
 

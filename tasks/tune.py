@@ -4,9 +4,9 @@
     python tasks/tune.py --model age --trials 8 --epochs 3 --limit 3000 --image-size 64
     python tasks/tune.py --model multitask --storage postgresql://user:secret@db-host/optuna --seed 1
 
-Each trial trains through the family registry's own training code (agegender.families: the CNN trainers' loop,
-agegender.transfer for transfer) with the sampled parameters and scores it on the validation split only, by the
-family's goal. The study lives in an RDB storage (SQLite by
+Each trial trains through the family's own trainer (agegender.training.trainers: the CNN trainers' loop,
+agegender.training.finetune for transfer) with the sampled parameters and scores it on the validation split only,
+by the family's goal (agegender.models.registry). The study lives in an RDB storage (SQLite by
 default), so running the command again continues it and several processes can work on it at once.
 Writes results/tuning/<study>.json (read by `train_* --params`) and two PNG plots.
 """
@@ -30,10 +30,11 @@ import typer
 from rich.table import Table
 
 from agegender.cli import UserError, console, user_errors, write_json
-from agegender.data import DATA_DIR, REPO_ROOT, RESULTS_DIR, SEED
-from agegender.families import FAMILIES, TRAINABLE, TUNING_BACKBONE, Choice, Goal, SearchSpace
-from agegender.plots import plot_importances, plot_study_history
-from agegender.tables import rich_table
+from agegender.data.paths import DATA_DIR, REPO_ROOT, RESULTS_DIR, SEED
+from agegender.models.registry import FAMILIES, TRAINABLE, TUNING_BACKBONE, Choice, Goal, SearchSpace
+from agegender.reporting.plots import plot_importances, plot_study_history
+from agegender.reporting.tables import rich_table
+from agegender.training.trainers import TRAINERS
 
 TUNING_DIR = RESULTS_DIR / "tuning"
 STARTUP_TRIALS = 5  # random trials before TPE models the results
@@ -119,7 +120,7 @@ def family_trainer(model: str, image_size: int, epochs: int, data_dir: Path, lim
     first_epochs = epochs - settings.get("fine_tune_epochs", 0)
 
     def train(params, callbacks):
-        return family.train(params, image_size, first_epochs, data_dir, limit, None, evaluate_test=False,
+        return TRAINERS[family.name](params, image_size, first_epochs, data_dir, limit, None, evaluate_test=False,
                             verbose=verbose, extra_callbacks=callbacks, **settings)
 
     return Trainer(dict(family.defaults), family.goal, lambda: family.build(image_size, family.defaults, **settings),

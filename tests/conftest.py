@@ -69,16 +69,16 @@ def prepared_small(utkface_subset, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def trained_runs(prepared, tmp_path_factory) -> dict:
-    """Two-epoch gender, age and multitask models on the prepared subset, trained through the family registry
+    """Two-epoch gender, age and multitask models on the prepared subset, trained through each family's trainer
     with TensorBoard logging: {name: TrainResult}, each with the model still in memory as it was saved to its
     out_dir (its logs in <models>/runs/<name>). The age model has a DEX head (an age distribution), as the
     shipped age models do; the multi-task one a regression head, so both kinds of age interval are covered."""
-    from agegender.families import FAMILIES
+    from agegender.training.trainers import TRAINERS
 
     root = tmp_path_factory.mktemp("models")
     params = {"gender": {}, "age": {"age_head": "dex"}, "multitask": {}}
-    return {name: FAMILIES[name].train({"batch_size": 16, **params[name]}, TEST_IMAGE_SIZE, 2, prepared["data_dir"],
-                                       None, root / name, verbose=0, tensorboard_dir=root.parent / "runs" / name)
+    return {name: TRAINERS[name]({"batch_size": 16, **params[name]}, TEST_IMAGE_SIZE, 2, prepared["data_dir"],
+                                 None, root / name, verbose=0, tensorboard_dir=root.parent / "runs" / name)
             for name in ("gender", "age", "multitask")}
 
 
@@ -91,10 +91,10 @@ def trained_models(trained_runs) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def labelled_dataset(utkface_subset, tmp_path_factory) -> Path:
-    """A small dataset in the labels.csv format (agegender.datasets) built from 30 UTKFace images renamed
+    """A small dataset in the labels.csv format (agegender.data.datasets) built from 30 UTKFace images renamed
     images/NN.jpg: the first 15 with age, gender and race, the other 15 with gender alone; plus four unusable rows
     (a missing file, an image that does not decode, a malformed age, a file listed twice)."""
-    from agegender.data import parse_utkface_name
+    from agegender.data.labels import parse_utkface_name
 
     folder = tmp_path_factory.mktemp("labelled") / "faces-ds"
     (folder / "images").mkdir(parents=True)

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 
-from agegender.hub import git_blob_sha
+from agegender.inference.hub import git_blob_sha
 
 LFS_SUFFIXES = (".keras", ".tflite", ".h5", ".png", ".jpg")  # the Hub's default .gitattributes sends these to LFS
 

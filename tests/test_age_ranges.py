@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from agegender.datasets import open_dataset, read_labels
-from agegender.metrics import range_metrics
-from agegender.models import MASKED_METRICS, MaskedLoss
-from agegender.training import age_range_targets
+from agegender.data.datasets import open_dataset, read_labels
+from agegender.models.cnn import MASKED_METRICS, MaskedLoss
+from agegender.reporting.metrics import range_metrics
+from agegender.training.loop import age_range_targets
 from tasks import evaluate, prepare_data, train_multitask
 
 runner = CliRunner()
@@ -85,7 +85,7 @@ def test_range_metrics_count_the_rounded_age_inside_and_the_years_outside():
 def range_dataset(utkface_subset, tmp_path_factory):
     """60 UTKFace faces labelled as FairFace labels them: each age replaced by its age group (70+ open-ended),
     gender, and a named group column (race_name)."""
-    from agegender.data import RACE_LABELS, parse_utkface_name
+    from agegender.data.labels import RACE_LABELS, parse_utkface_name
 
     folder = tmp_path_factory.mktemp("ranges") / "groups-ds"
     (folder / "images").mkdir(parents=True)

@@ -84,10 +84,11 @@ def test_heatmaps_with_no_detect_and_a_chosen_layer(trained_models, photos, tmp_
 @pytest.mark.slow  # MobileNetV2's gradient graph takes ~20 s to trace on 2 cores
 def test_heatmaps_of_a_transfer_model_whose_backbone_is_nested(prepared, photos, tmp_path):
     """A saved MobileNetV2 transfer model: the default layer is the last convolution inside the backbone."""
-    from agegender.families import FAMILIES
-    from agegender.gradcam import load_gradcam
-    from agegender.modelio import make_metadata, save_model
-    from agegender.transfer import BACKBONES, build_model
+    from agegender.inference.gradcam import load_gradcam
+    from agegender.models.backbones import BACKBONES
+    from agegender.models.folders import make_metadata, save_model
+    from agegender.models.registry import FAMILIES
+    from agegender.models.transfer import build_model
 
     model = build_model(BACKBONES["mobilenetv2"], 32, {**FAMILIES["transfer"].defaults, "age_head": "dex"},
                         "multitask", weights="none")

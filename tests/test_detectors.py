@@ -14,18 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from agegender.cli import UserError
-from agegender.faces import (
-    CROP_SIDE,
-    DEFAULT_DETECTOR,
-    DETECTORS,
-    EYE_CENTRE,
-    EYE_DISTANCE,
-    Face,
-    SecondLook,
-    detect_faces,
-    get_detector,
-    read_image,
-)
+from agegender.data.images import CROP_SIDE, EYE_CENTRE, EYE_DISTANCE, Face, read_image
+from agegender.inference.detectors import DEFAULT_DETECTOR, DETECTORS, SecondLook, detect_faces, get_detector
 from tasks import bench_detectors
 
 runner = CliRunner()
@@ -129,7 +119,7 @@ def test_detectors_are_built_once_and_unknown_names_are_refused():
 
 def test_the_second_detector_looks_only_where_the_first_finds_no_face(monkeypatch):
     """SecondLook runs the first detector; the second only on photos where the first found nothing."""
-    from agegender import faces as faces_module
+    from agegender.inference import detectors
 
     first_found = [Face((10, 10, 50, 50), 0.9, (20.0, 30.0), (40.0, 30.0))]
     looked: list[str] = []
@@ -140,9 +130,9 @@ def test_the_second_detector_looks_only_where_the_first_finds_no_face(monkeypatc
             return found(image)
         return detector
 
-    monkeypatch.setitem(faces_module._detectors, "blazeface-back",
+    monkeypatch.setitem(detectors._detectors, "blazeface-back",
                         fake("first", lambda image: first_found if image.width > 100 else []))
-    monkeypatch.setitem(faces_module._detectors, "mtcnn", fake("second", lambda image: [Face((1, 1, 8, 8), 0.95)]))
+    monkeypatch.setitem(detectors._detectors, "mtcnn", fake("second", lambda image: [Face((1, 1, 8, 8), 0.95)]))
     chain = SecondLook("blazeface-back", "mtcnn")
     assert chain(Image.new("RGB", (200, 200))) == first_found and looked == ["first"]
     looked.clear()

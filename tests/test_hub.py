@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from agegender.cli import UserError
-from agegender.hub import PINS_FILE, Pin, download_model, read_pins
+from agegender.inference.hub import PINS_FILE, Pin, download_model, read_pins
 from tests.fake_hub import FakeHub, fill_cache, published_spaces
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +51,8 @@ def hub_cache(published, monkeypatch) -> Path:
 
 
 def test_a_staged_space_loads_the_revision_it_pins_even_after_a_newer_one(published, hub_cache, trained_models):
-    from agegender.faces import Predictor, read_image
+    from agegender.data.images import read_image
+    from agegender.inference.predictor import Predictor
 
     hub, repo_id = published.hub, "tester/agegender-multitask"
     pins_file = published.spaces["multitask"].folder / PINS_FILE
@@ -85,7 +86,7 @@ def test_a_model_the_space_cannot_get_is_one_sentence(hub_cache):
 def test_keras_loads_the_pushed_repo_from_its_hf_path(published, hub_cache, trained_models, name):
     import keras
 
-    import agegender.layers  # noqa: F401  (what the card tells a user to import)
+    import agegender.models.layers  # noqa: F401  (what the card tells a user to import)
 
     model = keras.saving.load_model(f"hf://tester/agegender-{name}", compile=False)
     original = keras.saving.load_model(trained_models[name] / "model.keras", compile=False)
@@ -120,7 +121,7 @@ def test_the_model_cards_keras_example_runs_as_written(published, trained_models
     printed = dict(line.split(": ", 1) for line in run.stdout.splitlines() if ": " in line)
     import keras
 
-    import agegender.layers  # noqa: F401
+    import agegender.models.layers  # noqa: F401
 
     model = keras.saving.load_model(trained_models["multitask"] / "model.keras", compile=False)
     size = model.input_shape[1]
@@ -135,7 +136,8 @@ def test_a_staged_space_started_offline_loads_its_model_from_the_cache_and_answe
                                                                                  tmp_path):
     from gradio_client import Client, handle_file
 
-    from agegender.faces import Predictor, read_image
+    from agegender.data.images import read_image
+    from agegender.inference.predictor import Predictor
 
     folder = published.spaces["multitask"].folder
     assert not any(p.suffix in (".keras", ".tflite") for p in folder.rglob("*"))  # the Space carries no model

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from agegender.data import age_band, load_split
-from agegender.faces import Predictor
-from agegender.intervals import (
+from agegender.data.labels import age_band
+from agegender.data.manifest import load_split
+from agegender.inference.intervals import (
     QUANTILES,
     RESIDUALS,
     AgeInterval,
@@ -20,6 +20,7 @@ from agegender.intervals import (
     distribution_quantiles,
     summarise,
 )
+from agegender.inference.predictor import Predictor
 from tasks import calibrate as calibrate_task
 from tasks import predict
 from tests.conftest import said

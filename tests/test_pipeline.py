@@ -7,7 +7,8 @@ from dataclasses import replace
 import numpy as np
 import tensorflow as tf
 
-from agegender.data import Augment, affine_warp, load_split, make_dataset
+from agegender.data.manifest import load_split
+from agegender.data.pipeline import Augment, affine_warp, make_dataset
 from tests.conftest import TEST_IMAGE_SIZE
 
 

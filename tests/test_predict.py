@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from agegender.data import load_split
-from agegender.faces import OVERSAMPLED_INPUT, Predictor, detect_faces, face_crop, input_crop, read_image
+from agegender.data.images import OVERSAMPLED_INPUT, face_crop, input_crop, read_image
+from agegender.data.manifest import load_split
+from agegender.inference.detectors import detect_faces
+from agegender.inference.predictor import Predictor
 from tasks import predict
 from tests.conftest import TEST_IMAGE_SIZE, copy_test_crops, said
 

@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from agegender.data import SPLITS, load_face_array, load_split, parse_utkface_name
+from agegender.data.images import load_face_array
+from agegender.data.labels import parse_utkface_name
+from agegender.data.manifest import SPLITS, load_split
 from tasks import prepare_data
 
 runner = CliRunner()
@@ -122,7 +124,8 @@ def test_unreachable_hub_says_to_pass_a_source(tmp_path, monkeypatch):
 
 
 def test_an_extra_source_gets_tagged_rows_its_own_split_summary_and_aligned_cache(prepared_extra, labelled_dataset):
-    from agegender.data import cache_file, load_aligned_face, load_manifest, read_faces
+    from agegender.data.images import load_aligned_face
+    from agegender.data.manifest import cache_file, load_manifest, read_faces
 
     data_dir, results_dir = prepared_extra["data_dir"], prepared_extra["results_dir"]
     manifest = pd.read_csv(data_dir / "manifest.csv")
@@ -159,7 +162,7 @@ def test_an_extra_dataset_changes_the_manifest_hash_but_not_utkface_split_hash(p
                                                                                tmp_path):
     """compare matches a model to the test split by utkface_split_sha256: a model trained with an extra dataset has
     another manifest but the same UTKFace split as a UTKFace-only folder prepared alike."""
-    from agegender.data import data_state, utkface_split_sha256
+    from agegender.data.manifest import data_state, utkface_split_sha256
     from tasks.compare import same_split
 
     alone = tmp_path / "data"
@@ -178,7 +181,7 @@ def test_an_extra_dataset_changes_the_manifest_hash_but_not_utkface_split_hash(p
 def test_limit_also_caps_each_extra_dataset(utkface_subset, labelled_dataset, tmp_path):
     """--limit N (a quick check, as train_all --quick prepares) takes a seeded subset of N of an extra dataset's
     usable rows too, so a large extra dataset does not make a quick run slow."""
-    from agegender.data import load_manifest
+    from agegender.data.manifest import load_manifest
 
     summary = prepare_data.prepare(str(utkface_subset), tmp_path / "data", tmp_path / "results", [32], limit=24,
                                    extra_sources=[str(labelled_dataset)])
@@ -214,7 +217,8 @@ def test_detected_crops_go_through_the_inference_path_and_keep_the_split(utkface
     predict aligns it, and an image with no face kept as its crop and listed."""
     from PIL import Image
 
-    from agegender.data import load_aligned_face, read_faces
+    from agegender.data.images import load_aligned_face
+    from agegender.data.manifest import read_faces
 
     source = tmp_path / "source"
     source.mkdir()

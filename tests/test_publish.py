@@ -11,8 +11,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from agegender.families import FAMILIES
-from agegender.hub import MANIFEST_FILE, PINS_FILE, read_pins
+from agegender.inference.hub import MANIFEST_FILE, PINS_FILE, read_pins
+from agegender.models.registry import FAMILIES
 from tasks import publish
 from tests.fake_hub import FakeHub, HubError
 
@@ -122,7 +122,7 @@ def test_dry_run_stages_a_model_repo_and_a_space_per_model_and_prints_the_plan(m
         space = tmp_path / "spaces" / name
         files = files_in(space)
         assert {"app.py", "app_common.py", "README.md", "requirements.txt", PINS_FILE, MANIFEST_FILE,
-                "agegender/faces.py", "agegender/hub.py", "examples/astronaut.jpg"} <= files
+                "agegender/inference/predictor.py", "agegender/inference/hub.py", "examples/astronaut.jpg"} <= files
         assert not any(f.startswith("results/models") or f.endswith((".keras", ".tflite")) for f in files)
         assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
         [pin] = read_pins(space / PINS_FILE)

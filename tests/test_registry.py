@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from agegender.cli import UserError
-from agegender.families import FAMILIES, RECIPES_DIR, TRAINABLE, Choice
-from agegender.recipes import read_recipe
+from agegender.models.registry import FAMILIES, RECIPES_DIR, TRAINABLE, Choice
+from agegender.training.recipes import read_recipe
 from tests.conftest import SMALL_LIMIT, TEST_IMAGE_SIZE, said
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,7 +146,7 @@ def test_the_fixture_models_logged_tensorboard_events_through_the_registry(train
 def test_a_recipe_on_detected_crops_reads_them_from_the_prepared_sibling_folder(prepared_small, tmp_path):
     """The recipe's [data] names the crops; with the default data folder holding UTKFace's own crops, the trainer
     reads <data>-detected when it was prepared, and says so."""
-    from agegender.recipes import plan_run, prepared_data
+    from agegender.training.recipes import plan_run, prepared_data
     from tasks import prepare_data
 
     data = tmp_path / "data"
@@ -175,7 +175,7 @@ def test_a_recipe_on_detected_crops_reads_them_from_the_prepared_sibling_folder(
 def test_the_prepare_command_a_recipe_asks_for_makes_the_folder_it_then_reads(prepared, tmp_path):
     """A data folder split with other settings than the defaults: the prepare_data command in the error (the one
     train_all runs too) carries them, and the folder it makes is then read."""
-    from agegender.recipes import plan_run, prepare_arguments, prepared_data
+    from agegender.training.recipes import plan_run, prepare_arguments, prepared_data
     from tasks import prepare_data
 
     data = tmp_path / "data"

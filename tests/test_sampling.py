@@ -1,4 +1,5 @@
-"""How often each training image is drawn (agegender.sampling) and the draws themselves (agegender.data)."""
+"""How often each training image is drawn (agegender.training.sampling) and the draws themselves
+(agegender.data.pipeline)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pandas as pd
 import pytest
 
 from agegender.cli import UserError
-from agegender.sampling import (
+from agegender.training.sampling import (
     check_dataset_weights,
     group_keys,
     parse_balance,
@@ -81,7 +82,7 @@ def test_flags_are_checked():
 
 @pytest.mark.slow
 def test_a_sampled_epoch_draws_by_the_probabilities_and_changes_each_epoch():
-    from agegender.data import make_dataset
+    from agegender.data.pipeline import make_dataset
 
     probabilities = np.array([0.5] + [0.5 / 38] * 38 + [0.0])  # image 0 half the draws, image 39 none
     images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1).repeat(3, axis=-1)

@@ -22,7 +22,7 @@ import app_common  # noqa: E402
 
 @pytest.fixture(scope="module")
 def predictor(trained_models):
-    from agegender.faces import Predictor
+    from agegender.inference.predictor import Predictor
 
     return Predictor.load(trained_models["multitask"])
 
@@ -38,7 +38,7 @@ def test_each_face_says_its_age_with_the_interval(predictor):
 
 
 def test_what_the_model_looked_at_in_a_chosen_face(predictor, trained_models):
-    from agegender.gradcam import load_gradcam
+    from agegender.inference.gradcam import load_gradcam
 
     cam = load_gradcam(trained_models["multitask"])
     pictures = app_common.looked_at(predictor, cam, EXAMPLES / "two_faces.jpg", 2)
@@ -72,7 +72,7 @@ def test_the_app_has_the_heatmap_and_live_endpoints(trained_models):
 
 
 def test_the_about_page_states_the_interval_coverage(trained_models):
-    from agegender.cards import about_markdown
+    from agegender.reporting.cards import about_markdown
 
     comparison = {"age_interval": {"multitask": {
         "coverage": 0.812, "faces": 86, "mean_width": 14.2,
@@ -85,7 +85,7 @@ def test_the_about_page_states_the_interval_coverage(trained_models):
 
 
 def test_the_about_page_states_the_certainty_rule_by_group_and_the_race_spreads(trained_models):
-    from agegender.cards import about_markdown
+    from agegender.reporting.cards import about_markdown
 
     record = json.loads((trained_models["multitask"] / "metadata.json").read_text())["gender_calibration"]
     comparison = {"gender_certainty": {"multitask": {

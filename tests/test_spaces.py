@@ -146,7 +146,8 @@ def rows_of(table: dict) -> list[dict]:
 
 def expected_rows(model_dir: Path, path: Path) -> list[dict]:
     """What the one inference path gives for the same photo, in this process."""
-    from agegender.faces import Predictor, read_image
+    from agegender.data.images import read_image
+    from agegender.inference.predictor import Predictor
 
     return Predictor.load(model_dir).predict_image(read_image(path))
 
@@ -245,7 +246,8 @@ def test_combined_space_has_a_tab_and_endpoints_per_model(clients):
 def test_the_detector_chosen_in_the_space_finds_the_face(clients, trained_models):
     from gradio_client import handle_file
 
-    from agegender.faces import Predictor, read_image
+    from agegender.data.images import read_image
+    from agegender.inference.predictor import Predictor
 
     client = clients["multitask"]
     predictor = Predictor.load(trained_models["multitask"])

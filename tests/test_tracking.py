@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agegender.tracking import WINDOW, FaceTracker, FrameRate, LiveSession, overlap
+from agegender.inference.tracking import WINDOW, FaceTracker, FrameRate, LiveSession, overlap
 
 ASTRONAUT = Path(__file__).resolve().parent.parent / "spaces" / "examples" / "astronaut.jpg"
 
@@ -77,7 +77,8 @@ def moving_face_frames(count: int = 12) -> list[np.ndarray]:
 
 
 def test_the_live_session_tracks_a_moving_face_and_smooths_what_it_shows(trained_models):
-    from agegender.faces import Predictor, read_image
+    from agegender.data.images import read_image
+    from agegender.inference.predictor import Predictor
 
     predictor = Predictor.load(trained_models["multitask"])
     clock = iter(np.arange(0, 10, 0.25))

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from agegender.data import load_split
-from agegender.faces import Predictor
-from agegender.families import FAMILIES
-from agegender.modelio import load_model, staging_dir
+from agegender.data.manifest import load_split
+from agegender.inference.predictor import Predictor
+from agegender.models.folders import load_model, staging_dir
+from agegender.models.registry import FAMILIES
+from agegender.training.trainers import TRAINERS
 from tests.conftest import TEST_IMAGE_SIZE
 
 runner = CliRunner()
@@ -48,7 +49,7 @@ def test_trainer_writes_a_complete_model_folder(trained_models, task):
 @pytest.mark.parametrize("task", ["gender", "age", "multitask"])
 def test_reloaded_model_predicts_what_the_trained_model_predicted(trained_runs, prepared, task):
     """The saved file against the model as training left it in memory (not two loads of one file)."""
-    from agegender.training import evaluate
+    from agegender.training.loop import evaluate
 
     images, rows = load_split("test", TEST_IMAGE_SIZE, prepared["data_dir"])
     run = trained_runs[task]
@@ -83,7 +84,7 @@ def test_reloaded_model_predicts_what_the_trained_model_predicted(trained_runs, 
 
 @pytest.mark.parametrize("task", ["gender", "age", "multitask"])
 def test_the_trainer_calibrates_the_age_interval_on_validation(trained_models, prepared, task):
-    from agegender.intervals import summarise
+    from agegender.inference.intervals import summarise
 
     metadata = json.loads((trained_models[task] / "metadata.json").read_text())
     if task == "gender":
@@ -108,7 +109,7 @@ def test_the_default_cosine_schedule_anneals_the_learning_rate(trained_models, t
 
 
 def test_the_cosine_is_slow_at_both_ends_and_never_reaches_its_floor():
-    from agegender.training import cosine_rate
+    from agegender.training.loop import cosine_rate
 
     rates = np.array([cosine_rate(epoch, 10, 1.0) for epoch in range(10)])
     drops = -np.diff(rates)
@@ -179,16 +180,16 @@ def test_a_monitor_keras_never_logs_fails_before_training(prepared):
     from agegender.cli import UserError
 
     with pytest.raises(UserError, match="val_accuracy"):
-        FAMILIES["gender"].train({}, 32, 1, prepared["data_dir"], 32, None, monitor="val_accuracy", verbose=0)
+        TRAINERS["gender"]({}, 32, 1, prepared["data_dir"], 32, None, monitor="val_accuracy", verbose=0)
     # multi-output names carry the output's prefix under Keras 3
     with pytest.raises(UserError, match="val_gender_binary_accuracy"):
-        FAMILIES["multitask"].train({}, 32, 1, prepared["data_dir"], 32, None, monitor="val_binary_accuracy",
+        TRAINERS["multitask"]({}, 32, 1, prepared["data_dir"], 32, None, monitor="val_binary_accuracy",
                                     verbose=0)
 
 
 @pytest.mark.slow
 def test_init_from_starts_where_a_saved_model_ended(trained_models, prepared, tmp_path):
-    from agegender.training import warm_start
+    from agegender.training.loop import warm_start
     from tasks import train_multitask
 
     images, _ = load_split("test", TEST_IMAGE_SIZE, prepared["data_dir"])
@@ -217,7 +218,7 @@ def test_init_from_starts_where_a_saved_model_ended(trained_models, prepared, tm
 def test_weight_averaging_schedule_mean_and_batchnorm_statistics(prepared):
     import keras
 
-    from agegender.training import WeightAverager, swa_rate_for, update_batchnorm
+    from agegender.training.loop import WeightAverager, swa_rate_for, update_batchnorm
 
     # cosine down to the averaging rate, then held through the averaged epochs
     assert [swa_rate_for(e, 4, 1e-3, 2, 5e-4) for e in range(4)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 5e-4])
@@ -282,11 +283,11 @@ def test_a_model_over_the_size_bound_is_stored_as_deflated_float16(trained_runs,
     the float32 model it was, within float16's rounding."""
     import zipfile
 
-    from agegender import modelio
+    from agegender.models import folders
 
     run = trained_runs["multitask"]
-    monkeypatch.setattr(modelio, "FLOAT16_ABOVE_BYTES", 0)
-    modelio.save_model(run.model, tmp_path / "small", {"task": "multitask"})
+    monkeypatch.setattr(folders, "FLOAT16_ABOVE_BYTES", 0)
+    folders.save_model(run.model, tmp_path / "small", {"task": "multitask"})
     assert json.loads((tmp_path / "small" / "metadata.json").read_text())["stored_weights"] == "float16"
     with zipfile.ZipFile(tmp_path / "small" / "model.keras") as archive:
         weights = archive.getinfo("model.weights.h5")

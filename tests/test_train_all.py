@@ -156,7 +156,7 @@ def test_a_recipe_on_detected_crops_trains_and_is_judged_on_them(recipes, traine
                                                                    monkeypatch):
     """A recipe whose [data] asks for UTKFace's detected crops: train_all prepares them beside the data folder
     (once) and hands that folder to the trainer and to the validation judgement."""
-    from agegender.data import data_state
+    from agegender.data.manifest import data_state
 
     (recipes / "gender.toml").write_text(f'family = "gender"\nimage_size = {TEST_IMAGE_SIZE}\nepochs = 1\n\n'
                                          '[data]\nutkface_crops = "detected"\n')
@@ -180,7 +180,7 @@ def test_a_recipe_with_an_extra_dataset_trains_on_a_folder_prepared_with_it(reci
     """[data] extra_sources: train_all prepares UTKFace plus that dataset beside the data folder
     (<data>-original+<name>, same split settings), hands it to the trainer, and reuses it on the next run; a
     recipe naming a dataset that is not there stops before anything is trained."""
-    from agegender.data import data_state, prepared_extras
+    from agegender.data.manifest import data_state, prepared_extras
 
     recipe = recipes / "gender.toml"
     recipe.write_text(f'family = "gender"\nimage_size = {TEST_IMAGE_SIZE}\nepochs = 1\n\n'
@@ -203,7 +203,7 @@ def test_a_recipe_with_an_extra_dataset_trains_on_a_folder_prepared_with_it(reci
 
 
 def test_promotion_weighs_every_dataset_beside_utkface():
-    from agegender.families import GOALS
+    from agegender.models.registry import GOALS
     from tasks.train_all import promotion
 
     def metrics(utk_accuracy, utk_mae, everyday_accuracy, everyday_group):

@@ -12,7 +12,7 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-from agegender.families import FAMILIES
+from agegender.models.registry import FAMILIES
 from tasks import finetune_transfer, train_gender, tune
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agegender.faces import DEFAULT_DETECTOR
+from agegender.inference.detectors import DEFAULT_DETECTOR
 from tasks import bench, bench_detectors, readme
 from tests.conftest import said
 from tests.test_readme import table_rows

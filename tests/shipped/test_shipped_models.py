@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agegender.families import FAMILIES, RECIPES_DIR, family_of
-from agegender.recipes import read_recipe, recipe_extras
+from agegender.models.registry import FAMILIES, RECIPES_DIR, family_of
+from agegender.training.recipes import read_recipe, recipe_extras
 from tasks import publish
 
 pytestmark = pytest.mark.shipped
@@ -40,7 +40,7 @@ def test_committed_recipes_match_the_shipped_model(path):
 def test_each_space_names_every_dataset_its_shipped_model_learned_from():
     """A Space's README says what its model was trained on and under which licences: every extra dataset of the
     shipped model (an ensemble's members' too) is named, as the model card names it."""
-    from agegender.modelio import find_model, read_metadata, training_datasets
+    from agegender.models.folders import find_model, read_metadata, training_datasets
 
     learned = {}
     for name in FAMILIES:

@@ -1,15 +1,21 @@
 """Every figure the project draws: the data's distributions, learning curves and test errors of a trained
-model, the comparison's plots and a tuning study's. Each is written atomically (a temporary name, then a
-rename), so two processes finishing at once never leave half a PNG. Matplotlib loads on the first plot."""
+model, the comparison's plots (Grad-CAM's mean heatmaps among them) and a tuning study's. Each is written
+atomically (a temporary name, then a rename), so two processes finishing at once never leave half a PNG.
+Matplotlib loads on the first plot."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from agegender.cli import atomic_path
+from agegender.data.labels import AGE_BANDS, GENDER_LABELS, age_band
+from agegender.inference.gender_calibration import TARGET_ACCURACY
+from agegender.inference.gradcam import MIN_CELL_FACES, overlay
 
 
 def pyplot():
@@ -167,9 +173,9 @@ def panel_reference(part: pd.DataFrame, key: str) -> float:
 
 
 def plot_bias(name: str, groups: pd.DataFrame, path: Path) -> None:
-    """One model's bias figure: per headline metric (rows) and grouping (columns, agegender.metrics.GROUPINGS), a
-    bar per group with the metric over the panel's faces as a dashed line; bars worse than it in red. `groups`
-    holds the model's records (grouping, group, n, metrics)."""
+    """One model's bias figure: per headline metric (rows) and grouping (columns,
+    agegender.reporting.metrics.GROUPINGS), a bar per group with the metric over the panel's faces as a dashed
+    line; bars worse than it in red. `groups` holds the model's records (grouping, group, n, metrics)."""
     plt = pyplot()
     metrics = [(key, label, better) for key, label, better in (("accuracy", "gender accuracy", "max"),
                                                                ("mae", "age MAE (years)", "min"))
@@ -269,4 +275,61 @@ def plot_importances(importances: dict[str, float], title: str, path: Path) -> N
     fig, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.2))
     ax.barh(names, [importances[n] for n in names])
     ax.set(xlabel="importance (fANOVA share of variance)", title=title)
+    save(fig, path)
+
+
+def plot_mean_heatmaps(name: str, means: dict[str, Any], path: Path) -> None:
+    """One figure: a row per age band, a column per output and gender, each the mean heatmap over the mean
+    face (cells with under MIN_CELL_FACES faces left empty)."""
+    plt = pyplot()
+    outputs = sorted({output for output, _, _ in means["maps"]}, key=["age", "gender"].index)
+    bands = [age_band(low) for low, _ in AGE_BANDS]
+    columns = [(output, gender) for output in outputs for gender in GENDER_LABELS.values()]
+    grey = np.repeat(np.asarray(Image.fromarray(means["mean_face"].astype(np.uint8)).convert("L"))[..., None], 3, -1)
+    face = Image.fromarray(grey)
+    fig, axes = plt.subplots(len(bands), len(columns), figsize=(1.9 * len(columns), 1.9 * len(bands)),
+                             squeeze=False)
+    for r, band in enumerate(bands):
+        for c, (output, gender) in enumerate(columns):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            count = means["counts"].get((output, band, gender), 0)
+            if count >= MIN_CELL_FACES:
+                ax.imshow(overlay(face, means["maps"][(output, band, gender)]))
+                ax.set_xlabel(f"{count} faces", fontsize=7)
+            else:
+                ax.text(0.5, 0.5, f"{count} faces:\ntoo few", ha="center", va="center", fontsize=7,
+                        transform=ax.transAxes)
+            if r == 0:
+                ax.set_title(f"{output} map, {gender}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(band, fontsize=9)
+    fig.suptitle(f"{name}: mean Grad-CAM over {means['faces']:,} test faces by age band and gender\n"
+                 f"(layer {', '.join(means['layers'])}; over the mean face)", fontsize=9)
+    save(fig, path, dpi=90)
+
+
+def plot_gender_calibration(name: str, report: dict[str, Any], path: Path) -> None:
+    """Reliability diagram (accuracy against confidence per bin, before and after calibration) beside accuracy
+    against coverage, the model's threshold marked."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    left.plot([0.5, 1], [0.5, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for key, label, marker in (("reliability_before", f"model's own (ECE {report['ece_before']:.3f})", "o"),
+                               ("reliability_after", f"calibrated (ECE {report['ece_after']:.3f})", "s")):
+        bins = report[key]
+        left.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker=marker, label=label)
+    left.set(xlabel="confidence of the gender called", ylabel="share right", xlim=(0.5, 1.0), ylim=(0.0, 1.02),
+             title=f"{name}: reliability")
+    left.legend(loc="lower right", fontsize=8)
+    curve = report["accuracy_coverage"]
+    right.plot(curve["coverage"], curve["accuracy"])
+    right.scatter([report["coverage"]], [report["certain_accuracy"]], color="C3", zorder=3,
+                  label=f"threshold {report['threshold']:.3f}: {report['coverage']:.1%} covered, "
+                        f"{report['certain_accuracy']:.1%} right")
+    right.axhline(TARGET_ACCURACY, color="grey", linestyle=":")
+    right.set(xlabel="coverage (share of faces answered, most confident first)", ylabel="accuracy of those",
+              xlim=(0, 1.0), title=f"{name}: accuracy against coverage")
+    right.legend(loc="lower left", fontsize=8)
     save(fig, path)

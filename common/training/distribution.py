@@ -56,7 +56,7 @@ def _find(callbacks: list, kind: str):
 
 def training_backup(folder: Path):
     """A keras.callbacks.BackupAndRestore in `folder` that also keeps the state of our other callbacks. Give it
-    to agegender.training.fit among the extra callbacks: fit calls keep_state_of() with its early stopping,
+    to agegender.training.loop.fit among the extra callbacks: fit calls keep_state_of() with its early stopping,
     schedule, epoch timer and weight averager, and keeps it after them in the callback list, so it restores
     after they have reset themselves at the start of training and saves after they have updated at the end of
     each epoch. history() gives the logged rows of every epoch, those run before a restart included."""
@@ -217,7 +217,7 @@ def make_strategy(name: str):
 
 def set_precision(mixed: bool) -> dict[str, Any]:
     """The Keras dtype policy for the models built next: mixed_float16 (float16 maths, float32 weights; the
-    output layers of agegender.models keep float32) or float32. On a CPU, float16 is slower, so it is only
+    output layers of agegender.models.cnn keep float32) or float32. On a CPU, float16 is slower, so it is only
     used there when asked with a warning."""
     import keras
     import tensorflow as tf

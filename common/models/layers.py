@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from agegender.data import GREY_TOLERANCE
+from agegender.data.images import GREY_TOLERANCE
 
 
 @keras.saving.register_keras_serializable(package="agegender")

@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from agegender.cli import UserError, write_json
-from agegender.modelio import EXPORT_FILES, METADATA_FILE, METRICS_FILE, MODEL_FILE, ModelEntry
+from agegender.models.folders import EXPORT_FILES, METADATA_FILE, METRICS_FILE, MODEL_FILE, ModelEntry
 
 REPO_PREFIX = "agegender"  # model repo and Space <namespace>/agegender-<name>
 PINS_FILE = "hub_models.json"  # in a staged Space: the model repos it loads, each at a revision
 MANIFEST_FILE = "agegender.json"  # in every repo publish writes: the files it wrote there
-# what a Space downloads from a model repo: what agegender.faces.Predictor reads (an export only when it matches
-# model.keras), the About page's metrics, and nothing else (no plots, no second copy of the weights)
+# what a Space downloads from a model repo: what agegender.inference.predictor.Predictor reads (an export only when
+# it matches model.keras), the About page's metrics, and nothing else (no plots, no second copy of the weights)
 SPACE_DOWNLOADS = (MODEL_FILE, *EXPORT_FILES.values(), METADATA_FILE, METRICS_FILE)
 
 
@@ -32,7 +32,7 @@ def repo_name(model_name: str) -> str:
 class Pin:
     """One model a staged Space loads."""
 
-    space: str  # its model family (agegender.families)
+    space: str  # its model family (agegender.models.registry)
     name: str  # the model's name: its path under results/models/ and its name in comparison.json
     repo_id: str  # <namespace>/agegender-<name>
     revision: str | None  # the commit publish pushed; None in a dry run (the repo's main branch)

@@ -15,7 +15,7 @@ the narrowest mean width on validation is kept: our DEX heads learn their distri
 expected value (an L1 loss on it), and put the mass on a few ages whose mix gives that value, so the
 distribution's own quantiles make a poor interval. Each candidate's width is recorded beside the choice.
 
-The calibration lives in metadata.json under "age_interval"; agegender.faces.Predictor applies it to every
+The calibration lives in metadata.json under "age_interval"; agegender.inference.predictor.Predictor applies it to every
 prediction.
 """
 
@@ -23,13 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from agegender.data import AGE_BANDS, age_band
+from agegender.data.labels import AGE_BANDS, age_band
 
 TARGET_COVERAGE = 0.8
 BASE_QUANTILES = (0.1, 0.9)  # an interval with the target's nominal coverage before scaling
@@ -48,7 +46,7 @@ def band_names() -> list[str]:
 
 def age_distribution_layer(model):
     """The softmax layer over ages (`age_bins`) whose expectation is the model's `age` output, or None."""
-    from agegender.layers import AgeExpectation
+    from agegender.models.layers import AgeExpectation  # imported when called: it loads Keras
 
     try:
         bins, age = model.get_layer(DISTRIBUTION_LAYER), model.get_layer("age")
@@ -267,25 +265,3 @@ def calibrate(age: np.ndarray, truth: np.ndarray, bins: np.ndarray | None = None
             "candidates": {interval.label: {"scale": interval.scale, "mean_width": mean_width}
                            for mean_width, interval in fitted},
             "created": datetime.now(UTC).isoformat(timespec="seconds")}
-
-
-def calibrate_predictor(predictor, images: np.ndarray, rows: pd.DataFrame) -> dict[str, Any]:
-    """The calibration record of a Keras-backed Predictor on a split's cached crops and labels."""
-    predicted = predictor.predict_arrays(images, batch_size=128, age_bins=True)
-    return calibrate(predicted["age"], rows["age"].to_numpy(), predicted.get(DISTRIBUTION_LAYER))
-
-
-def calibrate_folder(folder: Path, data_dir: Path, limit: int | None = None) -> dict[str, Any]:
-    """Fit the interval of a saved model on the validation split and store it in its metadata.json."""
-    from agegender.cli import UserError, write_json
-    from agegender.data import load_split
-    from agegender.faces import Predictor
-    from agegender.modelio import METADATA_FILE, read_metadata
-
-    predictor = Predictor.load(folder, backend="keras")
-    if "age" not in predictor.outputs:
-        raise UserError(f"{folder} predicts no age, so it has no age interval to calibrate.")
-    images, rows = load_split("val", predictor.image_size, data_dir, limit)
-    record = calibrate_predictor(predictor, images, rows)
-    write_json(Path(folder) / METADATA_FILE, {**read_metadata(folder), INTERVAL_KEY: record})
-    return record

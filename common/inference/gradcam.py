@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from agegender.cli import UserError
-from agegender.data import AGE_BANDS, GENDER_LABELS, age_band, is_grey, resize_face
-from agegender.intervals import DISTRIBUTION_LAYER, age_distribution_layer, with_age_distribution
+from agegender.cli import UserError, atomic_path
+from agegender.data.images import Face, face_crop, input_crop, is_grey, resize_face
+from agegender.data.labels import GENDER_LABELS, age_band
+from agegender.inference.intervals import DISTRIBUTION_LAYER, age_distribution_layer, with_age_distribution
+from agegender.models.folders import load_model
 
 AGE_WINDOW = 5  # years either side of the predicted age whose probability the age map explains
 DISPLAY_SIDE = 256  # side of the aligned crop a heatmap is drawn on
@@ -246,8 +248,6 @@ def scaled(maps: np.ndarray) -> np.ndarray:
 
 
 def load_gradcam(folder: Path, layer_name: str | None = None) -> GradCam:
-    from agegender.modelio import load_model
-
     model, metadata = load_model(folder)
     return GradCam(model, metadata, layer_name)
 
@@ -271,8 +271,6 @@ def overlay(crop: Image.Image, heat: np.ndarray, alpha: float = OVERLAY_ALPHA) -
 
 
 def row_face(row: dict[str, Any]):
-    from agegender.faces import Face
-
     left, right = row.get("eyes") or (None, None)
     return Face(tuple(row["box"]), float(row.get("confidence", 1.0)), left, right)
 
@@ -282,8 +280,6 @@ def face_heatmaps(cam: GradCam, image: Image.Image, rows: list[dict[str, Any]], 
     """Per face with a box and per output: {"face": number from 1, "output", "image": the aligned crop at
     side x side with the heatmap over it}. Crops are aligned as Predictor.predict_image aligned them (the
     whole image with detect False)."""
-    from agegender.faces import face_crop, input_crop
-
     faces = [row for row in rows if row.get("box")]
     if not faces:
         return []
@@ -323,8 +319,6 @@ def save_means(path: Path, means: dict[str, Any]) -> None:
     """mean_heatmaps' result as one .npz, written atomically."""
     import json
 
-    from agegender.cli import atomic_path
-
     arrays = {"mean_face": means["mean_face"]}
     for (output, band, gender), heat in means["maps"].items():
         arrays[f"map|{output}|{band}|{gender}"] = heat
@@ -347,37 +341,3 @@ def load_means(path: Path) -> dict[str, Any] | None:
         return None
     return {"mean_face": mean_face, "faces": about["faces"], "layers": about["layers"], "maps": maps,
             "counts": {tuple(item[:3]): item[3] for item in about["counts"]}}
-
-
-def plot_mean_heatmaps(name: str, means: dict[str, Any], path: Path) -> None:
-    """One figure: a row per age band, a column per output and gender, each the mean heatmap over the mean
-    face (cells with under MIN_CELL_FACES faces left empty)."""
-    from agegender.plots import pyplot, save
-
-    plt = pyplot()
-    outputs = sorted({output for output, _, _ in means["maps"]}, key=["age", "gender"].index)
-    bands = [age_band(low) for low, _ in AGE_BANDS]
-    columns = [(output, gender) for output in outputs for gender in GENDER_LABELS.values()]
-    grey = np.repeat(np.asarray(Image.fromarray(means["mean_face"].astype(np.uint8)).convert("L"))[..., None], 3, -1)
-    face = Image.fromarray(grey)
-    fig, axes = plt.subplots(len(bands), len(columns), figsize=(1.9 * len(columns), 1.9 * len(bands)),
-                             squeeze=False)
-    for r, band in enumerate(bands):
-        for c, (output, gender) in enumerate(columns):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            count = means["counts"].get((output, band, gender), 0)
-            if count >= MIN_CELL_FACES:
-                ax.imshow(overlay(face, means["maps"][(output, band, gender)]))
-                ax.set_xlabel(f"{count} faces", fontsize=7)
-            else:
-                ax.text(0.5, 0.5, f"{count} faces:\ntoo few", ha="center", va="center", fontsize=7,
-                        transform=ax.transAxes)
-            if r == 0:
-                ax.set_title(f"{output} map, {gender}", fontsize=9)
-            if c == 0:
-                ax.set_ylabel(band, fontsize=9)
-    fig.suptitle(f"{name}: mean Grad-CAM over {means['faces']:,} test faces by age band and gender\n"
-                 f"(layer {', '.join(means['layers'])}; over the mean face)", fontsize=9)
-    save(fig, path, dpi=90)

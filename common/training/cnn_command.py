@@ -1,12 +1,14 @@
 """The command line of the three CNN trainers (tasks/train_gender.py, train_age.py, train_multitask.py): one Typer
-app per family, over the registry (agegender.families) and the shared training loop (agegender.training).
+app per family, over the registry (agegender.models.registry) and the families' trainers
+(agegender.training.trainers, through the shared loop agegender.training.loop).
 
 Every parameter a CNN family has is a flag; the flags of parameters another CNN family has are hidden from
 --help and refused. The run's parameters: the family's defaults, then --recipe, then --params, then flags.
 
 Each run has a folder (results/runs/<model folder>/<UTC time>, or --run-dir) with its TensorBoard logs and,
 while it trains, a backup of its state after every epoch: when a run is killed, the same command run again
-finds that folder and continues from the last finished epoch (agegender.distribute; --no-backup turns it off).
+finds that folder and continues from the last finished epoch (agegender.training.distribution; --no-backup turns
+it off).
 """
 
 import json
@@ -19,8 +21,11 @@ import typer
 
 from agegender import cli
 from agegender.cli import UserError, console, user_errors
-from agegender.data import DATA_DIR, MODELS_DIR
-from agegender.distribute import (
+from agegender.data.paths import DATA_DIR, MODELS_DIR
+from agegender.models.cnn import AGE_HEADS
+from agegender.models.folders import run_path
+from agegender.models.registry import FAMILIES
+from agegender.training.distribution import (
     BACKUP_FOLDER,
     RUN_KEY_FILE,
     STRATEGIES,
@@ -30,13 +35,12 @@ from agegender.distribute import (
     is_chief,
     mark_run,
     run_key,
+    training_backup,
 )
-from agegender.families import FAMILIES
-from agegender.modelio import run_path
-from agegender.models import AGE_HEADS
-from agegender.recipes import plan_run, prepared_data
-from agegender.sampling import parse_balance, parse_dataset_weights
-from agegender.training import LR_SCHEDULES, TrainResult, print_metrics
+from agegender.training.loop import LR_SCHEDULES, TrainResult, print_metrics
+from agegender.training.recipes import plan_run, prepared_data
+from agegender.training.sampling import parse_balance, parse_dataset_weights
+from agegender.training.trainers import TRAINERS
 
 
 def report(name: str, result: TrainResult) -> None:
@@ -69,8 +73,6 @@ def run_folder(name: str, plan, limit, data_dir: Path, out: Path, init_from: Pat
         raise UserError(f"{folder} holds the backup of an interrupted run with other settings; run that command "
                         f"again to finish it, or delete {marker.parent} (or choose another --run-dir).")
     mark_run(folder, key, settings)
-    from agegender.distribute import training_backup
-
     return folder, [training_backup(folder / BACKUP_FOLDER)]
 
 
@@ -154,7 +156,7 @@ def cnn_trainer(name: str) -> typer.Typer:
                                                  {"balance": balanced, "dataset_weights": weights})
             logs = folder / "tensorboard" if tensorboard and is_chief() else None
             model_out = out if is_chief() else Path(tempfile.mkdtemp(prefix="agegender-worker-")) / Path(out).name
-            result = family.train(plan.params, plan.settings["image_size"], plan.settings["epochs"], data_dir,
+            result = TRAINERS[family.name](plan.params, plan.settings["image_size"], plan.settings["epochs"], data_dir,
                                   limit, model_out, extra_callbacks=extra_callbacks, init_from=init_from,
                                   patience=plan.settings["patience"], seed=plan.settings["seed"],
                                   tensorboard_dir=logs, metadata_extra={**plan.metadata(), "distribution": setup},

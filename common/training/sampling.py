@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from agegender.cli import UserError, console
-from agegender.data import RACE_LABELS, age_band
-from agegender.datasets import UTKFACE
-from agegender.tables import rich_table
+from agegender.data.datasets import UTKFACE
+from agegender.data.labels import RACE_LABELS, age_band
+from agegender.reporting.tables import rich_table
 
 BALANCE_KEYS = ("race", "gender", "age_band")  # what --balance may name; age_band: AGE_BANDS
 

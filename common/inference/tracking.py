@@ -11,6 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from agegender.data.images import read_image
+from agegender.inference.drawing import draw_faces
+
 SMOOTHED = ("age", "age_low", "age_high", "p_female")
 WINDOW = 8  # frames a face's numbers are averaged over
 MIN_OVERLAP = 0.3  # intersection over union for a face to be the same face as in the frame before
@@ -115,9 +118,6 @@ class LiveSession:
 
     def frame(self, image) -> tuple[Any, list[dict[str, Any]], float | None]:
         """(the frame with boxes and smoothed labels, the smoothed rows, frames per second so far)."""
-        from agegender.drawing import draw_faces
-        from agegender.faces import read_image
-
         picture = read_image(image)
         rows = self.tracker.update(self.predictor.predict_image(picture, detector=self.detector))
         return draw_faces(picture, rows, [row["number"] for row in rows]), rows, self.rate.tick()

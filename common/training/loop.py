@@ -13,27 +13,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from agegender.calibration import CALIBRATION_KEY, GenderCalibration, can_fit_calibration, fit_calibration
 from agegender.cli import UserError, console, write_json
-from agegender.data import (
-    AGE_SCALE,
-    DATA_DIR,
-    SEED,
-    Augment,
+from agegender.data.datasets import UTKFACE
+from agegender.data.labels import AGE_SCALE, TASK_OUTPUTS
+from agegender.data.manifest import (
     data_state,
     load_split,
-    make_dataset,
+    manifest_datasets,
     prepared_crops,
     prepared_extras,
     utkface_split_sha256,
 )
-from agegender.datasets import UTKFACE
-from agegender.families import TASK_OUTPUTS
-from agegender.intervals import DISTRIBUTION_LAYER, INTERVAL_KEY, calibrate
-from agegender.metrics import age_metrics, gender_metrics, range_metrics, range_rows
-from agegender.modelio import METRICS_FILE, make_metadata, save_model, staging_dir
-from agegender.plots import plot_age_error, plot_confusion, plot_history
-from agegender.tables import rich_table
+from agegender.data.paths import DATA_DIR, SEED
+from agegender.data.pipeline import Augment, make_dataset
+from agegender.inference.gender_calibration import CALIBRATION_KEY, GenderCalibration
+from agegender.inference.intervals import DISTRIBUTION_LAYER, INTERVAL_KEY, calibrate
+from agegender.inference.predictor import Predictor
+from agegender.models.folders import METRICS_FILE, load_model, make_metadata, save_model, staging_dir
+from agegender.reporting.metrics import age_metrics, gender_metrics, range_metrics, range_rows
+from agegender.reporting.plots import plot_age_error, plot_confusion, plot_history
+from agegender.reporting.tables import rich_table
+from agegender.training.calibrate import can_fit_calibration, fit_calibration
+from agegender.training.sampling import check_dataset_weights, describe_sampling, sampling_probabilities
 
 
 @dataclass
@@ -52,7 +53,7 @@ class SplitData:
 def age_range_targets(rows: pd.DataFrame) -> np.ndarray:
     """[low, high] / AGE_SCALE per row (N x 2): an exact age gives low == high, an age range (age_min, age_max;
     an open-ended one reaches AGE_SCALE) the ages that round into it (age_min - 0.5 to age_max + 0.5, as
-    agegender.metrics.range_metrics scores it), no age NaN in both."""
+    agegender.reporting.metrics.range_metrics scores it), no age NaN in both."""
     exact = pd.to_numeric(rows["age"], errors="coerce").to_numpy(np.float64) if len(rows) else np.zeros(0)
     low, high = exact.copy(), exact.copy()
     if "age_min" in rows:
@@ -180,7 +181,6 @@ def callbacks(monitor: str, mode: str, patience: int, checkpoint: Path | None, s
 
 class EpochTimer:
     """Keras callback recording wall seconds per epoch."""
-
     def __new__(cls):
         import keras
 
@@ -200,7 +200,6 @@ class EpochTimer:
 class StopOnSignal:
     """Keras callback: the first Ctrl-C (or SIGTERM) ends training after the current epoch, so the best
     weights are restored, evaluated and saved as usual; a second one interrupts at once."""
-
     def __new__(cls):
         import signal
 
@@ -229,7 +228,6 @@ class StopOnSignal:
 class WeightAverager:
     """Keras callback: the running mean of the weights at the end of each of the last `swa_epochs` planned
     epochs (stochastic weight averaging); `average()` gives them as a list for set_weights."""
-
     def __new__(cls, epochs: int, swa_epochs: int):
         import keras
 
@@ -333,12 +331,14 @@ def fit(model, data: dict[str, SplitData], outputs: list[str], params: dict[str,
         summary: dict[str, Any] | None = None, seed: int = SEED,
         sampling: np.ndarray | None = None) -> tuple[pd.DataFrame, float]:
     """Train with early stopping, LR reduction and checkpointing; returns (history, seconds per epoch). With
-    `sampling` (a chance per training image, agegender.sampling), epochs draw images by it instead of shuffling.
+    `sampling` (a chance per training image, agegender.training.sampling), epochs draw images by it instead of
+    shuffling.
 
     params["swa_epochs"] > 0 averages the weights of that many last epochs; what came of it goes into
-    summary["swa"] when a summary dict is given. An agegender.distribute.training_backup among extra_callbacks
-    backs the training state up after every epoch, so a killed run continues from its last finished epoch when
-    fit runs again (summary["resumed_at_epoch"] says where), its history covering every epoch."""
+    summary["swa"] when a summary dict is given. An agegender.training.distribution.training_backup among
+    extra_callbacks backs the training state up after every epoch, so a killed run continues from its last
+    finished epoch when fit runs again (summary["resumed_at_epoch"] says where), its history covering every
+    epoch."""
     import keras
 
     schedule = str(params.get("lr_schedule", "plateau"))
@@ -389,8 +389,6 @@ def predict_split(model, split: SplitData, outputs: list[str], batch_size: int =
                   age_bins: bool = False) -> dict[str, np.ndarray]:
     """Predictions in user units: age in years, p_female (and with age_bins the age distribution of a model
     that has one)."""
-    from agegender.faces import Predictor
-
     predictor = Predictor(model, {"outputs": outputs, "age_scale": AGE_SCALE, "pixel_scaling": "divide_by_255"})
     return predictor.predict_arrays(split.images, batch_size=batch_size, age_bins=age_bins)
 
@@ -444,8 +442,8 @@ def save_run(out_dir: Path, model, metadata: dict[str, Any], history: pd.DataFra
 
 
 def fit_gender_calibration(predicted: dict[str, np.ndarray], rows: pd.DataFrame) -> dict[str, Any] | None:
-    """The gender calibration record fitted on validation predictions (agegender.calibration), or None when
-    there are too few faces with a gender to fit one."""
+    """The gender calibration record fitted on validation predictions (agegender.training.calibrate), or None
+    when there are too few faces with a gender to fit one."""
     known = rows["gender"].notna().to_numpy()
     truth = rows["gender"].to_numpy()[known]
     if not can_fit_calibration(truth):
@@ -462,7 +460,7 @@ def finish_run(model, task: str, data: dict[str, SplitData], params: dict[str, A
     trial, which must never see the test split) test metrics and the model folder saved to out_dir (skipped
     when it is None), with metadata.json recording metadata_extra and, for a model with an age output, its 80%
     age interval calibrated on the validation predictions (for one with a gender output, its gender calibration
-    and certainty threshold, agegender.calibration). test_predicted: the model's test predictions in
+    and certainty threshold, agegender.inference.gender_calibration). test_predicted: the model's test predictions in
     predict_split's units when the caller already has them (the ensemble mixes its members'), not made again."""
     outputs = list(TASK_OUTPUTS[task])
     val_predicted = predict_split(model, data["val"], outputs, age_bins=True)
@@ -508,10 +506,7 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
 
     Every dataset in the manifest is used (the images with a label this task predicts); `dataset_weights`
     ({name: weight}, 1 unless given, 0 leaves one out of training) and `balance` (labels whose groups are drawn
-    equally often, agegender.sampling) set how often each training image is drawn."""
-    from agegender.data import manifest_datasets
-    from agegender.sampling import check_dataset_weights, describe_sampling, sampling_probabilities
-
+    equally often, agegender.training.sampling) set how often each training image is drawn."""
     started = time.perf_counter()
     outputs = list(TASK_OUTPUTS[task])
     data = load_data(image_size, data_dir, limit, datasets=None, outputs=outputs)
@@ -550,8 +545,6 @@ def evaluate_folder(folder: Path, split: str = "val", data_dir: Path = DATA_DIR,
     """A saved model's metrics on a split of every dataset in data_dir, as its trainer measured them (the Keras
     model, the split capped as load_data caps it for `limit`; UTKFace's at the top level, each dataset's under
     "datasets")."""
-    from agegender.faces import Predictor
-
     predictor = Predictor.load(folder, backend="keras")
     images, rows = load_split(split, predictor.image_size, data_dir, split_cap(split, limit), datasets=None)
     return evaluate(predictor.predict_arrays(images, batch_size=128), rows)
@@ -560,8 +553,6 @@ def evaluate_folder(folder: Path, split: str = "val", data_dir: Path = DATA_DIR,
 def warm_start(model, folder: Path, task: str, image_size: int) -> dict[str, Any]:
     """Copy a saved model's weights into a freshly built one of the same architecture; returns what the new
     metadata records about the start (including the epochs already trained, summed over earlier restarts)."""
-    from agegender.modelio import load_model
-
     source, metadata = load_model(folder)
     if metadata.get("task") != task or int(metadata.get("image_size", 0)) != image_size:
         raise UserError(f"{folder} holds a {metadata.get('task')} model at {metadata.get('image_size')} px; "

@@ -1,14 +1,13 @@
 """The model factory: our CNN trunk, the age and gender heads, the three CNN models built from them and the
-one compile step every model shares (the transfer models add a backbone: agegender.transfer)."""
+one compile step every model shares (the transfer models add a backbone: agegender.models.transfer)."""
 
 from __future__ import annotations
 
 import keras
 from keras import layers
 
-from agegender.data import AGE_SCALE
-from agegender.families import TASK_OUTPUTS
-from agegender.layers import AgeExpectation
+from agegender.data.labels import AGE_SCALE, TASK_OUTPUTS
+from agegender.models.layers import AgeExpectation
 
 AGE_HEADS = ("regression", "dex")
 BN_MOMENTUM = 0.9  # moving statistics settle within a few dozen steps (Keras's 0.99 needs hundreds)

@@ -1,9 +1,10 @@
-"""Every model family in one place: what it predicts, its default parameters, how it is built and trained, the
-validation score it is judged on, its model folder, trainer script, recipe and Space title. The trainers,
-tune (each family's search space), bench, compare, export, publish, train_all, the Spaces and noxfile read this
-registry; nothing else lists the families.
+"""Every model family in one place: what it predicts, its default parameters, how it is built, the validation
+score it is judged on, its model folder, trainer script, recipe and Space title. The trainers, tune (each
+family's search space), bench, compare, export, publish, train_all, the Spaces and noxfile read this registry;
+nothing else lists the families. How a family trains is the training layer's (agegender.training.trainers), so
+reading the registry never reaches training code.
 
-Importing it loads neither TensorFlow nor Keras: the builders and trainers import them when called.
+Importing it loads neither TensorFlow nor Keras: the builders import them when called.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from agegender.cli import UserError
-from agegender.data import REPO_ROOT, SEED
+from agegender.data.labels import AGE_SCALE, TASK_OUTPUTS  # Keras logs ages divided by AGE_SCALE
+from agegender.data.paths import REPO_ROOT, SEED
+from agegender.models.backbones import resolve_backbone
 
 RECIPES_DIR = REPO_ROOT / "recipes"
-TASK_OUTPUTS = {"gender": ("gender",), "age": ("age",), "multitask": ("age", "gender")}  # task -> model outputs
 GENDER_ERROR_YEARS = 50.0  # multitask score: one point of gender accuracy is worth half a year of age MAE
-AGE_SCALE = 120.0  # Keras logs ages divided by this (common.data.AGE_SCALE)
 
 
 # ---------------------------------------------------------------- what a model is judged on
@@ -66,43 +67,23 @@ GOALS = {
 }
 
 
-# ---------------------------------------------------------------- builders and trainers (imported when called)
+# ---------------------------------------------------------------- builders (Keras imported when called)
 
 
 def build_cnn(task: str, image_size: int, params: dict[str, Any], **_settings: Any):
-    """Our CNN trunk with the task's heads, compiled (agegender.models.build_cnn)."""
-    from agegender.models import build_cnn as build
+    """Our CNN trunk with the task's heads, compiled (agegender.models.cnn.build_cnn)."""
+    from agegender.models.cnn import build_cnn as build
 
     return build(task, image_size, params)
 
 
-def train_cnn(task: str, params: dict[str, Any], image_size: int, epochs: int, data_dir: Path,
-              limit: int | None = None, out_dir: Path | None = None, **options: Any):
-    """Train, evaluate and save one CNN (agegender.training.train_model); options go to train_model."""
-    from agegender.training import train_model
-
-    params = {**FAMILIES[task].defaults, **params}
-    return train_model(task, partial(build_cnn, task), params, image_size, epochs, data_dir, limit, out_dir,
-                       **options)
-
-
 def build_transfer(image_size: int, params: dict[str, Any], backbone: str, weights: str = "none",
                    task: str = "multitask", **_settings: Any):
-    """A pretrained backbone with age and gender heads (agegender.transfer.build_model)."""
-    from agegender.transfer import build_model, resolve_backbone
+    """A pretrained backbone with age and gender heads (agegender.models.transfer.build_model)."""
+    from agegender.models.transfer import build_model
 
     return build_model(resolve_backbone(backbone), image_size, {**FAMILIES["transfer"].defaults, **params}, task,
                        weights)
-
-
-def train_transfer(params: dict[str, Any], image_size: int, epochs: int, data_dir: Path, limit: int | None = None,
-                   out_dir: Path | None = None, *, backbone: str, weights: str = "pretrained",
-                   fine_tune_epochs: int = 0, task: str = "multitask", **options: Any):
-    """Both phases of fine-tuning one backbone (agegender.transfer.finetune); options go to finetune."""
-    from agegender.transfer import finetune
-
-    return finetune(backbone, task, weights, params, image_size, epochs, fine_tune_epochs, data_dir, limit, out_dir,
-                    **options)
 
 
 # ---------------------------------------------------------------- what tune searches (tasks/tune.py)
@@ -149,8 +130,6 @@ TUNING_BACKBONE = "mobilenetv2"  # the cheapest keras.applications backbone on a
 def transfer_tuning_settings(backbone: str | None, weights: str, epochs: int) -> dict[str, Any]:
     """A tuning trial fine-tunes one backbone (TUNING_BACKBONE unless named): half its epochs with the backbone
     frozen, half fine-tuning."""
-    from agegender.transfer import resolve_backbone
-
     return {"backbone": resolve_backbone(backbone or TUNING_BACKBONE).name, "weights": weights,
             "fine_tune_epochs": epochs // 2}
 
@@ -170,7 +149,6 @@ class Family:
     folder: str  # its model folder under results/models/ (and its recipe: recipes/<folder>.toml)
     title: str  # the title of its Space
     build: Callable[..., Any] | None = None  # (image_size, params, **settings) -> a compiled Keras model
-    train: Callable[..., Any] | None = None  # (params, image_size, epochs, data_dir, ...) -> TrainResult
     folder_prefix: str | None = None  # its other model folders are named <prefix><something>
     quick: tuple[str, ...] = ()  # trainer flags for a smoke run (train_all --quick)
     out_flag: str = "--out"  # the trainer's flag naming the one model folder it writes
@@ -223,18 +201,18 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("gender", "gender", "Model 1: a CNN that classifies gender (sigmoid output = probability of female).",
            {**CNN_DEFAULTS, "dropout": 0.3, **SMOOTHING_DEFAULT}, CNN_SETTINGS, GOALS["gender"],
            "tasks/train_gender.py", "gender", "Gender from a face photo",
-           partial(build_cnn, "gender"), partial(train_cnn, "gender"), quick=CNN_QUICK, search_space=CNN_SEARCH),
+           partial(build_cnn, "gender"), quick=CNN_QUICK, search_space=CNN_SEARCH),
     Family("age", "age", "Model 2: a CNN that regresses age (normalised by 120), or reads it from a DEX softmax.",
            {**CNN_DEFAULTS, **AGE_DEFAULTS}, CNN_SETTINGS, GOALS["age"],
            "tasks/train_age.py", "age", "Age from a face photo",
-           partial(build_cnn, "age"), partial(train_cnn, "age"), quick=CNN_QUICK,
+           partial(build_cnn, "age"), quick=CNN_QUICK,
            search_space={**CNN_SEARCH, **AGE_HEAD_SEARCH}),
     Family("multitask", "multitask", "Model 3: one CNN trunk with an age head and a gender head, trained together.",
            {**CNN_DEFAULTS, "age_head": "regression",
             "age_loss_weight": 4.0,  # age MAE on the /120 scale is ~0.05; this balances it against gender's BCE
             "gender_loss_weight": 1.0, **SMOOTHING_DEFAULT, "age_weight_power": 0.0},
            CNN_SETTINGS, GOALS["multitask"], "tasks/train_multitask.py", "multitask",
-           "Age and gender from a face photo", partial(build_cnn, "multitask"), partial(train_cnn, "multitask"),
+           "Age and gender from a face photo", partial(build_cnn, "multitask"),
            quick=CNN_QUICK, search_space={**CNN_SEARCH, **AGE_HEAD_SEARCH, **AGE_LOSS_WEIGHT_SEARCH}),
     Family("transfer", "multitask", "Model 4: a pretrained backbone fine-tuned with age and gender heads.",
            {"learning_rate": 1e-3,  # phase 1: new head (and, with weights none, the whole backbone)
@@ -252,7 +230,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
            {"epochs": 5, "fine_tune_epochs": 5, "image_size": 224, "backbone": None, "weights": "pretrained",
             "seed": SEED},
            GOALS["multitask"], "tasks/finetune_transfer.py", "transfer-wrn16-8-imdbwiki",
-           "Age and gender from a face photo (fine-tuned pretrained backbone)", build_transfer, train_transfer,
+           "Age and gender from a face photo (fine-tuned pretrained backbone)", build_transfer,
            folder_prefix="transfer-", out_flag="--model-out",
            quick=("--epochs", "1", "--fine-tune-epochs", "0", "--image-size", "32", "--limit", "128",
                   "--batch-size", "32", "--weights", "none"),

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from agegender.cli import UserError, atomic_path, replace_dir, write_json
-from agegender.data import AGE_SCALE, GENDER_LABELS, RUNS_DIR
-from agegender.families import FAMILIES, TASK_OUTPUTS, Family
+from agegender.data.labels import AGE_SCALE, GENDER_LABELS, TASK_OUTPUTS
+from agegender.data.paths import RUNS_DIR
+from agegender.models.registry import FAMILIES, Family
 
 MODEL_FILE = "model.keras"
 # optional exports, backend name -> file: float32 TFLite and the same with int8 weights (dynamic-range
@@ -171,7 +172,7 @@ def load_model(folder: Path) -> tuple[Any, dict[str, Any]]:
         raise UserError(f"{folder} has no {MODEL_FILE}.")
     import keras
 
-    import agegender.layers  # noqa: F401  (registers the custom layers)
+    import agegender.models.layers  # noqa: F401  (registers the custom layers)
 
     try:
         model = keras.saving.load_model(folder / MODEL_FILE, compile=False)

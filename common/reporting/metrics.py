@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
+from agegender.data.labels import AGE_BANDS, GENDER_LABELS, RACE_LABELS, age_band
+
 
 def gender_metrics(gender_true, p_female, threshold: float = 0.5) -> dict:
     """Accuracy, precision, recall, F1 (female = positive class), ROC AUC and the confusion matrix."""
@@ -134,8 +136,6 @@ def named_groupings(columns) -> list[str]:
 def group_labels(rows, grouping: str):
     """(each row's group name, NaN where its label is missing; the groups in reporting order). A face whose age
     is a range counts as 13 and older when the whole range is, and in the age band of the range's low end."""
-    from agegender.data import AGE_BANDS, GENDER_LABELS, RACE_LABELS, age_band
-
     column = grouping.removesuffix(ADULTS_SUFFIX)
     if grouping in ("race", RACE_ADULTS):
         labels = rows["race"].map(lambda race: RACE_LABELS.get(int(race)) if race == race else None)
@@ -148,7 +148,7 @@ def group_labels(rows, grouping: str):
     if grouping == "gender":
         return rows["gender"].map(lambda gender: GENDER_LABELS[str(int(gender))] if gender == gender else None), \
             list(GENDER_LABELS.values())
-    if column in rows and column not in GROUPING_LABELS:  # a named group column (agegender.datasets)
+    if column in rows and column not in GROUPING_LABELS:  # a named group column (agegender.data.datasets)
         labels = rows[column].where(rows[column].notna(), None)
         if grouping != column:
             labels = labels.where(known_age(rows) >= ADULT_AGE, None)
