@@ -33,7 +33,7 @@ from agegender.data.paths import DATA_DIR, MODELS_DIR
 from agegender.inference.intervals import DISTRIBUTION_LAYER, age_distribution_layer, with_age_distribution
 from agegender.models.folders import load_model
 from agegender.models.registry import FAMILIES
-from agegender.reporting.metrics import age_metrics, gender_metrics, range_metrics, range_rows
+from agegender.reporting.metrics import age_metrics, gender_metrics, ranged_metrics
 from agegender.reporting.tables import rich_table
 from agegender.training.loop import age_range_targets, finish_run, load_data, print_metrics
 from agegender.training.recipes import plan_run
@@ -331,13 +331,12 @@ def summary(predictions: dict[str, np.ndarray], rows) -> dict[str, float]:
     """Age MAE (faces with an exact age), age-group accuracy (faces with an age range) and gender accuracy of
     mixed outputs, read in the units a user gets (user_units)."""
     units, found = user_units(predictions), {}
-    exact, ranged, gendered = rows["age"].notna().to_numpy(), range_rows(rows), rows["gender"].notna().to_numpy()
+    exact, gendered = rows["age"].notna().to_numpy(), rows["gender"].notna().to_numpy()
     if "age" in units and exact.any():
         found["age_mae"] = age_metrics(rows["age"].to_numpy(dtype=float)[exact], units["age"][exact])["mae"]
-    if "age" in units and ranged.any():
-        found["age_group_accuracy"] = range_metrics(rows["age_min"].to_numpy(float)[ranged],
-                                                    rows["age_max"].to_numpy(float)[ranged],
-                                                    units["age"][ranged])["age_group_accuracy"]
+    within = ranged_metrics(rows, units["age"]) if "age" in units else None
+    if within is not None:
+        found["age_group_accuracy"] = within["age_group_accuracy"]
     if "p_female" in units and gendered.any():
         found["gender_accuracy"] = gender_metrics(rows["gender"].to_numpy(dtype=float)[gendered],
                                                   units["p_female"][gendered])["accuracy"]

@@ -61,6 +61,15 @@ def range_rows(rows) -> np.ndarray:
     return rows["age_min"].notna().to_numpy() & ~exact
 
 
+def ranged_metrics(rows, age_pred) -> dict | None:
+    """range_metrics over the rows that have an age range and no exact age (None when there are none)."""
+    ranged = range_rows(rows)
+    if not ranged.any():
+        return None
+    return range_metrics(rows["age_min"].to_numpy(float)[ranged], rows["age_max"].to_numpy(float)[ranged],
+                         np.asarray(age_pred, dtype=float)[ranged])
+
+
 # the comparison's columns (compare, readme): (key, header, format, better); better is "max", "min" or None
 THROUGHPUT_BATCH = 64  # compare's batched timing
 GENDER_COLUMNS = [("accuracy", "accuracy", "{:.4f}", "max"), ("precision", "precision", "{:.4f}", "max"),
@@ -107,11 +116,9 @@ def labelled_metrics(predictions: dict[str, np.ndarray], rows) -> dict:
             found["n_age"] = int(known.sum())
             age = age_metrics(rows["age"].to_numpy()[known], np.asarray(predictions["age"])[known])
             found.update({key: age[key] for key, *_ in AGE_COLUMNS})
-    ranged = range_rows(rows)
-    if "age" in predictions and ranged.any():
-        found["n_age_range"] = int(ranged.sum())
-        within = range_metrics(rows["age_min"].to_numpy(float)[ranged], rows["age_max"].to_numpy(float)[ranged],
-                               np.asarray(predictions["age"])[ranged])
+    within = ranged_metrics(rows, predictions["age"]) if "age" in predictions else None
+    if within is not None:
+        found["n_age_range"] = within["n"]
         found.update({key: within[key] for key, *_ in RANGE_COLUMNS})
     return found
 

@@ -30,7 +30,7 @@ from agegender.inference.gender_calibration import CALIBRATION_KEY, GenderCalibr
 from agegender.inference.intervals import DISTRIBUTION_LAYER, INTERVAL_KEY, calibrate
 from agegender.inference.predictor import Predictor
 from agegender.models.folders import METRICS_FILE, load_model, make_metadata, save_model, staging_dir
-from agegender.reporting.metrics import age_metrics, gender_metrics, range_metrics, range_rows
+from agegender.reporting.metrics import age_metrics, gender_metrics, range_rows, ranged_metrics
 from agegender.reporting.plots import plot_age_error, plot_confusion, plot_history
 from agegender.reporting.tables import rich_table
 from agegender.training.calibrate import can_fit_calibration, fit_calibration
@@ -57,7 +57,7 @@ def age_range_targets(rows: pd.DataFrame) -> np.ndarray:
     exact = pd.to_numeric(rows["age"], errors="coerce").to_numpy(np.float64) if len(rows) else np.zeros(0)
     low, high = exact.copy(), exact.copy()
     if "age_min" in rows:
-        ranged = rows["age_min"].notna().to_numpy() & np.isnan(exact)
+        ranged = range_rows(rows)
         low[ranged] = rows["age_min"].to_numpy(np.float64, na_value=np.nan)[ranged] - 0.5
         high[ranged] = np.nan_to_num(rows["age_max"].to_numpy(np.float64, na_value=np.nan)[ranged] + 0.5,
                                      nan=AGE_SCALE)
@@ -408,10 +408,9 @@ def evaluate(predicted: dict[str, np.ndarray], rows: pd.DataFrame) -> dict[str, 
     if "age" in predicted and rows["age"].notna().any():
         known = rows["age"].notna().to_numpy()
         metrics["age"] = age_metrics(rows["age"].to_numpy()[known], predicted["age"][known])
-    ranged = range_rows(rows)
-    if "age" in predicted and ranged.any():
-        metrics["age_range"] = range_metrics(rows["age_min"].to_numpy(float)[ranged],
-                                             rows["age_max"].to_numpy(float)[ranged], predicted["age"][ranged])
+    within = ranged_metrics(rows, predicted["age"]) if "age" in predicted else None
+    if within is not None:
+        metrics["age_range"] = within
     return metrics
 
 
