@@ -17,7 +17,8 @@ model for smaller members, so predict, compare, export and the Spaces use it lik
 This script is the command line of agegender.training.ensemble (choosing the weights, TRAINERS["ensemble"]) and
 agegender.models.ensemble (the model, the registry's builder). It has no --strategy: nothing trains, and the
 members' predictions run in a batched loop over the validation and test images that a tf.distribute strategy
-would not spread without rewriting it for one; the weight search is numpy.
+would not spread without rewriting it for one; the weight search is numpy. --seed is recorded in metadata.json as
+every trainer's is; nothing here draws random numbers.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main(
         help="Also choose weights on the validation faces turned grey, used for photos whose three channels "
              "are equal; default: the recipe's grey_weights, else off.")] = None,
     limit: Annotated[int | None, typer.Option(min=16, help="Choose on a subset (for quick checks).")] = None,
+    seed: cli.SeedOption = None,
     data_dir: Annotated[Path, typer.Option(help="Folder prepare_data wrote.")] = DATA_DIR,
     models_dir: Annotated[Path, typer.Option(help="Where the members named by the recipe are.")] = MODELS_DIR,
     out: Annotated[Path, typer.Option(help="Model folder to write.")] = MODELS_DIR / FAMILY.folder,
@@ -66,7 +68,7 @@ def main(
     check_choice(tta, TTA_CHOICES, "--tta")
     with user_errors():
         plan = plan_run(FAMILY.name, recipe, setting_flags={"tta": tta, "plain_members": plain_member,
-                                                            "grey_weights": grey_weights})
+                                                            "grey_weights": grey_weights, "seed": seed})
         if plan.settings["tta"] not in TTA_CHOICES:
             raise UserError(f"The recipe's tta {plan.settings['tta']!r} is not one of {', '.join(TTA_CHOICES)}.")
         folders = list(member or (Path(models_dir) / name for name in plan.settings["members"]))
