@@ -164,6 +164,8 @@ SwaOption = Annotated[int | None, typer.Option(
 SwaRateOption = Annotated[float | None, typer.Option(
     min=0, help="Learning rate held through the averaged epochs with the cosine schedule; default: half of "
     "--learning-rate.")]
+SeedOption = Annotated[int | None, typer.Option(
+    min=0, help="Random seed (initial weights, shuffling, augmentation); default: the recipe's, else 42.")]
 InitFromOption = Annotated[Path | None, typer.Option(
     help="Start from the weights of a saved model folder of the same kind (a warm restart); may equal --out.")]
 

@@ -57,7 +57,7 @@ def convert(model, kind: str = "tflite") -> bytes:
     import tensorflow as tf
 
     from agegender import silenced_stderr
-    from agegender.inference.intervals import with_age_distribution
+    from agegender.models.age_bins import with_age_distribution
 
     converter = tf.lite.TFLiteConverter.from_keras_model(with_age_distribution(model))
     if kind == "tflite-int8":

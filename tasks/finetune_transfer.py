@@ -192,6 +192,7 @@ def main(
     image_size: Annotated[int | None, typer.Option(
         min=32, max=512, help="Input side in pixels; default: the recipe's, else 224.")] = None,
     limit: Annotated[int | None, typer.Option(min=16, help="Train on a subset of N images.")] = None,
+    seed: cli.SeedOption = None,
     test_limit: Annotated[int | None, typer.Option(
         min=8, help="Test on a seeded subset of N images (default: the whole split, or limit / 4).")] = None,
     params: Annotated[Path | None, typer.Option(
@@ -244,7 +245,7 @@ def main(
                          "photo_augment": photo_augment,
                          "fine_tune_learning_rate": fine_tune_learning_rate, "age_head": age_head_kind},
                         {"epochs": epochs, "fine_tune_epochs": fine_tune_epochs, "image_size": image_size,
-                         "weights": weights})
+                         "weights": weights, "seed": seed})
         settings = plan.settings
         data_dir = prepared_data(plan, data_dir)
         named = backbone or ([settings["backbone"]] if settings["backbone"] else [])

@@ -209,7 +209,7 @@ def trainer_command(job: Job, data_dir: Path, models_dir: Path) -> list[str]:
     """The family's trainer with the recipe, writing the model to <run>/model (TensorBoard logs beside it)."""
     command = [sys.executable, str(REPO_ROOT / job.family.script), "--recipe", str(job.recipe.path),
                "--data-dir", str(data_dir), job.family.out_flag, str(job.run / "model")]
-    if job.family.build is None:  # assembled from saved models (the ensemble): they are in models_dir
+    if job.family.assembled:  # assembled from saved models (the ensemble): they are in models_dir
         command += ["--models-dir", str(models_dir)]
     else:
         command += ["--run-dir", str(job.run)]

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from agegender.models.ensemble import build_ensemble
 from agegender.models.folders import training_datasets
 from agegender.reporting.cards import about_markdown
+from agegender.training.ensemble import load_members, log_loss, member_predictions
 from tasks import train_ensemble
 from tests.conftest import model_trained_on, said
 
@@ -175,7 +177,7 @@ def test_grey_weights_are_chosen_on_the_validation_faces_turned_grey(trained_mod
                 for name in ("multitask", "gender")}
 
     def loss(weights):
-        return train_ensemble.log_loss(rows["gender"].to_numpy(), sum(w * p_female[n] for n, w in weights.items()))
+        return log_loss(rows["gender"].to_numpy(), sum(w * p_female[n] for n, w in weights.items()))
 
     assert loss(params["grey_weights"]["gender"]) <= loss(params["weights"]["gender"]) + 1e-4
     # the saved model reads grey photos with the grey weights
@@ -203,14 +205,14 @@ def test_the_grey_switch_picks_the_grey_mix_for_grey_images_only(trained_models,
     from agegender.data.images import grey_copy
     from agegender.data.manifest import load_split
 
-    members = train_ensemble.load_members([trained_models["multitask"], trained_models["age"]])
+    members = load_members([trained_models["multitask"], trained_models["age"]])
     chosen = {"age": {"members": [0, 1], "weights": [1.0, 0.0]}}
     grey_chosen = {"age": {"members": [0, 1], "weights": [0.0, 1.0]}}
-    model = train_ensemble.build_ensemble(members, chosen, 64, False, frozenset(), grey_chosen)
+    model = build_ensemble(members, chosen, 64, False, frozenset(), grey_chosen)
     images, _ = load_split("val", 64, prepared["data_dir"])
     batch = np.concatenate([images[:6], grey_copy(images[6:12])])
     ages = np.asarray(model.predict(batch.astype(np.float32) / 255.0, verbose=0)["age"]).reshape(-1)
-    alone = [train_ensemble.member_predictions([member], batch, 64, flip=False)[0]["age"] for member in members]
+    alone = [member_predictions([member], batch, 64, flip=False)[0]["age"] for member in members]
     np.testing.assert_allclose(ages[:6], alone[0][:6], atol=1e-4)
     np.testing.assert_allclose(ages[6:], alone[1][6:], atol=1e-4)
     assert not np.allclose(alone[0][6:], alone[1][6:], atol=1e-3)  # the two sets are told apart

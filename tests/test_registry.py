@@ -30,10 +30,22 @@ def test_every_family_has_a_trainer_a_recipe_and_a_space(name):
     family = FAMILIES[name]
     result = runner.invoke(trainer(name).app, ["--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert "--recipe" in result.output and "--data-dir" in result.output
+    assert "--recipe" in result.output and "--data-dir" in result.output and "--seed" in result.output
+    assert family.out_flag in result.output
     assert read_recipe(family.recipe).family == name  # recipes/<its model folder>.toml
     assert (REPO / "spaces" / name / "app.py").exists() and family.title
     assert family.goal.direction in ("minimize", "maximize") and set(family.outputs) <= {"age", "gender"}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_family_has_a_builder_and_a_trainer(name):
+    """Every family's registry entry builds its model and TRAINERS trains (or, for the ensemble, assembles) it;
+    the assembled family alone is neither tuned nor benched."""
+    from agegender.training.trainers import TRAINERS
+
+    family = FAMILIES[name]
+    assert callable(family.build) and callable(TRAINERS[name])
+    assert (name in TRAINABLE) != family.assembled
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.toml")), ids=lambda path: path.stem)

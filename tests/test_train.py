@@ -141,6 +141,17 @@ def test_cli_trains_with_a_params_file_and_flags(prepared, tmp_path):
     assert ((age >= 0) & (age <= 116.01)).all()  # DEX reads out an expected age in 0..116
 
 
+def test_the_seed_flag_reaches_the_runs_metadata(prepared, tmp_path):
+    from tasks import train_gender
+
+    out = tmp_path / "gender"
+    result = runner.invoke(train_gender.app, ["--seed", "7", "--epochs", "1", "--image-size", "32", "--limit", "32",
+                                              "--batch-size", "16", "--no-tensorboard", "--no-backup",
+                                              "--data-dir", str(prepared["data_dir"]), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metadata.json").read_text())["seed"] == 7
+
+
 def test_bad_flags_and_files_are_one_sentence(prepared, tmp_path):
     from tasks import train_age, train_gender, train_multitask
 

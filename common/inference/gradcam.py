@@ -24,7 +24,7 @@ from PIL import Image
 from agegender.cli import UserError, atomic_path
 from agegender.data.images import Face, face_crop, input_crop, is_grey, resize_face
 from agegender.data.labels import GENDER_LABELS, age_band
-from agegender.inference.intervals import DISTRIBUTION_LAYER, age_distribution_layer, with_age_distribution
+from agegender.models.age_bins import DISTRIBUTION_LAYER, age_distribution_layer, with_age_distribution
 from agegender.models.folders import load_model
 
 AGE_WINDOW = 5  # years either side of the predicted age whose probability the age map explains

@@ -16,7 +16,7 @@ expected value (an L1 loss on it), and put the mass on a few ages whose mix give
 distribution's own quantiles make a poor interval. Each candidate's width is recorded beside the choice.
 
 The calibration lives in metadata.json under "age_interval"; agegender.inference.predictor.Predictor applies it to every
-prediction.
+prediction. A model's distribution layer is found by agegender.models.age_bins.
 """
 
 from __future__ import annotations
@@ -34,37 +34,10 @@ BASE_QUANTILES = (0.1, 0.9)  # an interval with the target's nominal coverage be
 MIN_BAND_FACES = 30  # a predicted-age band with fewer validation faces takes the residual quantiles of all faces
 BISECTION_STEPS = 50
 INTERVAL_KEY = "age_interval"
-DISTRIBUTION_LAYER = "age_bins"
 
 
 def band_names() -> list[str]:
     return [age_band(low) for low, _ in AGE_BANDS]
-
-
-# ---------------------------------------------------------------- the distribution from a Keras model
-
-
-def age_distribution_layer(model):
-    """The softmax layer over ages (`age_bins`) whose expectation is the model's `age` output, or None."""
-    from agegender.models.layers import AgeExpectation  # imported when called: it loads Keras
-
-    try:
-        bins, age = model.get_layer(DISTRIBUTION_LAYER), model.get_layer("age")
-    except ValueError:
-        return None
-    return bins if isinstance(age, AgeExpectation) else None
-
-
-def with_age_distribution(model):
-    """The model with its age distribution as an extra output named `age_bins` (sharing its layers), or the
-    model itself when it has no DEX head."""
-    import keras
-
-    layer = age_distribution_layer(model)
-    if layer is None:
-        return model
-    outputs = model.output if isinstance(model.output, dict) else {"age": model.output}
-    return keras.Model(model.input, {**outputs, DISTRIBUTION_LAYER: layer.output}, name=model.name)
 
 
 # ---------------------------------------------------------------- quantiles and intervals

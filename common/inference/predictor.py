@@ -18,8 +18,9 @@ from agegender.data.images import Face, input_crop, resize_face
 from agegender.data.labels import age_band
 from agegender.inference.detectors import DEFAULT_DETECTOR, detect_faces
 from agegender.inference.gender_calibration import GenderCalibration, confidence_of
-from agegender.inference.intervals import DISTRIBUTION_LAYER, AgeInterval, with_age_distribution
+from agegender.inference.intervals import AgeInterval
 from agegender.inference.runtime import BACKENDS, export_is_current, tflite_runner
+from agegender.models.age_bins import DISTRIBUTION_LAYER, with_age_distribution
 from agegender.models.folders import EXPORT_FILES, load_model, read_metadata
 
 

@@ -86,6 +86,16 @@ def build_transfer(image_size: int, params: dict[str, Any], backbone: str, weigh
                        weights)
 
 
+def build_ensemble(members, chosen: dict[str, dict[str, Any]], input_size: int, tta: bool = False,
+                   plain: frozenset[int] = frozenset(), grey_chosen: dict[str, dict[str, Any]] | None = None,
+                   **_settings: Any):
+    """Saved models (their (name, model, metadata)) mixed per output with the chosen weights, in one Keras model
+    (agegender.models.ensemble.build_ensemble; the training layer's agegender.training.ensemble chooses them)."""
+    from agegender.models.ensemble import build_ensemble as build
+
+    return build(members, chosen, input_size, tta, plain, grey_chosen)
+
+
 # ---------------------------------------------------------------- what tune searches (tasks/tune.py)
 
 
@@ -148,13 +158,16 @@ class Family:
     script: str  # its trainer, relative to the repository
     folder: str  # its model folder under results/models/ (and its recipe: recipes/<folder>.toml)
     title: str  # the title of its Space
-    build: Callable[..., Any] | None = None  # (image_size, params, **settings) -> a compiled Keras model
+    # a trained family: (image_size, params, **settings) -> a compiled Keras model; an assembled one (the
+    # ensemble): (members, chosen weights, input_size, tta, plain, grey_chosen) -> its Keras model
+    build: Callable[..., Any] | None = None
     folder_prefix: str | None = None  # its other model folders are named <prefix><something>
     quick: tuple[str, ...] = ()  # trainer flags for a smoke run (train_all --quick)
     out_flag: str = "--out"  # the trainer's flag naming the one model folder it writes
     search_space: SearchSpace = field(default_factory=dict)  # what tune searches (empty: not tuned)
     # (--backbone, --weights, epochs) -> the trainer settings of a tuning trial (None: a trial needs none)
     tuning_settings: Callable[[str | None, str, int], dict[str, Any]] | None = None
+    assembled: bool = False  # built from saved models, nothing trained (the ensemble): not tuned nor benched
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -240,7 +253,8 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
            {}, {"members": ["multitask", "transfer-wrn16-8-imdbwiki"], "tta": "auto", "plain_members": [],
             "grey_weights": False, "seed": SEED},
            GOALS["multitask"], "tasks/train_ensemble.py", "ensemble",
-           "Age and gender from a face photo (an ensemble of models)", quick=("--limit", "256")),
+           "Age and gender from a face photo (an ensemble of models)", build_ensemble, quick=("--limit", "256"),
+           assembled=True),
 )}
 
 
@@ -267,4 +281,4 @@ def family_of_folder(folder_name: str) -> Family | None:
 
 
 # the families whose models are trained (the ensemble is assembled from saved ones): tune's and bench's choices
-TRAINABLE = tuple(name for name, family in FAMILIES.items() if family.build is not None)
+TRAINABLE = tuple(name for name, family in FAMILIES.items() if not family.assembled)

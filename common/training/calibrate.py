@@ -29,8 +29,9 @@ from agegender.inference.gender_calibration import (
     logit,
     sigmoid,
 )
-from agegender.inference.intervals import DISTRIBUTION_LAYER, INTERVAL_KEY, calibrate
+from agegender.inference.intervals import INTERVAL_KEY, calibrate
 from agegender.inference.predictor import Predictor
+from agegender.models.age_bins import DISTRIBUTION_LAYER
 from agegender.models.folders import METADATA_FILE, read_metadata
 from agegender.reporting.certainty import certainty_by_group, race_spreads
 

@@ -3,7 +3,8 @@ app per family, over the registry (agegender.models.registry) and the families' 
 (agegender.training.trainers, through the shared loop agegender.training.loop).
 
 Every parameter a CNN family has is a flag; the flags of parameters another CNN family has are hidden from
---help and refused. The run's parameters: the family's defaults, then --recipe, then --params, then flags.
+--help and refused. The run's parameters: the family's defaults, then --recipe, then --params, then flags; its
+settings (--epochs, --image-size, --patience, --seed) the same way, without --params.
 
 Each run has a folder (results/runs/<model folder>/<UTC time>, or --run-dir) with its TensorBoard logs and,
 while it trains, a backup of its state after every epoch: when a run is killed, the same command run again
@@ -120,6 +121,7 @@ def cnn_trainer(name: str) -> typer.Typer:
             help="NAME=W (repeatable): each image of that dataset in the manifest is drawn W times as often as "
                  "one of weight 1 (the default); 0 leaves it out of training.")] = None,
         limit: cli.LimitOption = None,
+        seed: cli.SeedOption = None,
         params: cli.ParamsOption = None,
         data_dir: cli.DataDirOption = DATA_DIR,
         out: cli.ModelOutOption = MODELS_DIR / family.folder,
@@ -150,7 +152,7 @@ def cnn_trainer(name: str) -> typer.Typer:
         with user_errors(), distributed(strategy, mixed_precision) as setup:
             balanced, weights = parse_balance(balance), parse_dataset_weights(dataset_weight)
             plan = plan_run(name, recipe, params, flags,
-                            {"epochs": epochs, "image_size": image_size, "patience": patience})
+                            {"epochs": epochs, "image_size": image_size, "patience": patience, "seed": seed})
             data_dir = prepared_data(plan, data_dir)
             folder, extra_callbacks = run_folder(name, plan, limit, data_dir, out, init_from, run_dir, backup,
                                                  {"balance": balanced, "dataset_weights": weights})

@@ -27,8 +27,9 @@ from agegender.data.manifest import (
 from agegender.data.paths import DATA_DIR, SEED
 from agegender.data.pipeline import Augment, make_dataset
 from agegender.inference.gender_calibration import CALIBRATION_KEY, GenderCalibration
-from agegender.inference.intervals import DISTRIBUTION_LAYER, INTERVAL_KEY, calibrate
+from agegender.inference.intervals import INTERVAL_KEY, calibrate
 from agegender.inference.predictor import Predictor
+from agegender.models.age_bins import DISTRIBUTION_LAYER
 from agegender.models.folders import METRICS_FILE, load_model, make_metadata, save_model, staging_dir
 from agegender.reporting.metrics import age_metrics, gender_metrics, range_rows, ranged_metrics
 from agegender.reporting.plots import plot_age_error, plot_confusion, plot_history

@@ -1,6 +1,7 @@
-"""How each trained family trains: the family name -> its trainer (the CNN families through the shared loop,
-agegender.training.loop; transfer through agegender.training.finetune). The trainers' command lines, tune,
-train_all and the tests run a family through TRAINERS; what a family is lives in agegender.models.registry."""
+"""How each family trains: the family name -> its trainer (the CNN families through the shared loop,
+agegender.training.loop; transfer through agegender.training.finetune; the ensemble, assembled from saved models,
+through agegender.training.ensemble). The trainers' command lines, tune, train_all and the tests run a family
+through TRAINERS; what a family is lives in agegender.models.registry."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agegender.models.registry import FAMILIES, build_cnn
+from agegender.training.ensemble import train_ensemble
 from agegender.training.finetune import finetune
 from agegender.training.loop import train_model
 
@@ -29,7 +31,9 @@ def train_transfer(params: dict[str, Any], image_size: int, epochs: int, data_di
                     **options)
 
 
-# the trained families (agegender.models.registry.TRAINABLE): (params, image_size, epochs, data_dir, limit,
-# out_dir, **options) -> TrainResult
+# every family of the registry. The trained ones (agegender.models.registry.TRAINABLE): (params, image_size, epochs,
+# data_dir, limit, out_dir, **options) -> TrainResult. The assembled ensemble has no parameters, image size (its
+# largest member's) or epochs: (data_dir, limit, out_dir, *, members, tta, plain_members, grey_weights, seed,
+# metadata_extra) -> TrainResult
 TRAINERS = {"gender": partial(train_cnn, "gender"), "age": partial(train_cnn, "age"),
-            "multitask": partial(train_cnn, "multitask"), "transfer": train_transfer}
+            "multitask": partial(train_cnn, "multitask"), "transfer": train_transfer, "ensemble": train_ensemble}
