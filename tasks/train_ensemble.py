@@ -34,7 +34,7 @@ from agegender.data.paths import DATA_DIR, MODELS_DIR
 from agegender.models.registry import FAMILIES
 from agegender.training.ensemble import TTA_CHOICES, print_report
 from agegender.training.loop import print_metrics
-from agegender.training.recipes import plan_run
+from agegender.training.recipes import plan_run, prepared_data
 from agegender.training.trainers import TRAINERS
 
 FAMILY = FAMILIES["ensemble"]
@@ -71,6 +71,7 @@ def main(
                                                             "grey_weights": grey_weights, "seed": seed})
         if plan.settings["tta"] not in TTA_CHOICES:
             raise UserError(f"The recipe's tta {plan.settings['tta']!r} is not one of {', '.join(TTA_CHOICES)}.")
+        data_dir = prepared_data(plan, data_dir)
         folders = list(member or (Path(models_dir) / name for name in plan.settings["members"]))
         for folder in folders:
             if not Path(folder).is_dir():
