@@ -168,6 +168,9 @@ SeedOption = Annotated[int | None, typer.Option(
     min=0, help="Random seed (initial weights, shuffling, augmentation); default: the recipe's, else 42.")]
 InitFromOption = Annotated[Path | None, typer.Option(
     help="Start from the weights of a saved model folder of the same kind (a warm restart); may equal --out.")]
+DatasetWeightOption = Annotated[list[str] | None, typer.Option(
+    help="NAME=W (repeatable): each image of that dataset in the manifest is drawn W times as often as one of "
+         "weight 1 (the default); 0 leaves it out of training.")]
 
 
 def check_choice(value: str | None, choices: tuple[str, ...], flag: str) -> None:

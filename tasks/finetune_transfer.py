@@ -50,6 +50,7 @@ from agegender.training.distribution import STRATEGIES, distributed
 from agegender.training.finetune import FOLDER_PREFIX, finetune, model_folder
 from agegender.training.loop import SplitData, print_metrics
 from agegender.training.recipes import plan_run, prepared_data
+from agegender.training.sampling import parse_dataset_weights
 
 COMPARISON_DIR = RESULTS_DIR / "transfer"
 # models trained from random initialisation, and zero-shot ones: kept for the comparison only, never served
@@ -216,6 +217,8 @@ def main(
     table_only: Annotated[bool, typer.Option(
         help="Train nothing: score every saved transfer model (OUT and --reference-dir) on the whole test "
              "split, the same faces for each, and rewrite the comparison.")] = False,
+    init_from: cli.InitFromOption = None,
+    dataset_weight: cli.DatasetWeightOption = None,
     tensorboard: cli.TensorBoardOption = True,
     run_dir: cli.RunDirOption = None,
     strategy: cli.StrategyOption = "auto",
@@ -255,8 +258,12 @@ def main(
                 return
             raise UserError("Name at least one --backbone, or use --all.")
         names = list(dict.fromkeys(names))
-        if model_out is not None and len(names) > 1:
-            raise UserError("--model-out takes one backbone; use --out for several.")
+        if (model_out is not None or init_from is not None) and len(names) > 1:
+            raise UserError(f"{'--model-out' if model_out is not None else '--init-from'} takes one backbone; "
+                            "use --out for several.")
+        if init_from is not None and not (Path(init_from) / "model.keras").is_file():
+            raise UserError(f"--init-from {init_from} is not a saved model folder (no model.keras in it).")
+        dataset_weights = parse_dataset_weights(dataset_weight)
         zero_shot = all(resolve_backbone(name).zero_shot for name in names)
         if settings["epochs"] + settings["fine_tune_epochs"] == 0 and not zero_shot:
             raise UserError("Nothing to train: --epochs and --fine-tune-epochs are both 0.")
@@ -273,7 +280,8 @@ def main(
                 result = finetune(name, task, settings["weights"], plan.params, settings["image_size"],
                                   settings["epochs"], settings["fine_tune_epochs"], data_dir, limit, folder,
                                   data=data, test_limit=test_limit, cache_features=cache_features,
-                                  seed=settings["seed"], tensorboard_dir=logs,
+                                  seed=settings["seed"], tensorboard_dir=logs, init_from=init_from,
+                                  dataset_weights=dataset_weights,
                                   metadata_extra={**plan.metadata(), "family": FAMILY.name, "distribution": setup})
                 label = f"{name} ({weights_label(spec, settings['weights'])})"
                 print_metrics(f"{label}: validation split", result.val_metrics)

@@ -117,9 +117,7 @@ def cnn_trainer(name: str) -> typer.Typer:
         balance: Annotated[str | None, typer.Option(
             help="Draw training images so that every group of these labels (any of race, gender, age_band, "
                  "comma-separated) is seen equally often within each dataset.")] = None,
-        dataset_weight: Annotated[list[str] | None, typer.Option(
-            help="NAME=W (repeatable): each image of that dataset in the manifest is drawn W times as often as "
-                 "one of weight 1 (the default); 0 leaves it out of training.")] = None,
+        dataset_weight: cli.DatasetWeightOption = None,
         limit: cli.LimitOption = None,
         seed: cli.SeedOption = None,
         params: cli.ParamsOption = None,

@@ -37,6 +37,8 @@ from agegender.training.loop import (
     resolve_verbose,
     tensorboard_callback,
     train_sample_weights,
+    training_sampling,
+    warm_start,
 )
 
 FOLDER_PREFIX = FAMILIES["transfer"].folder_prefix
@@ -63,11 +65,22 @@ def cpu_ms_per_image(model, outputs: list[str], images: np.ndarray, count: int =
     return 1000.0 * (time.perf_counter() - start) / len(split.images)
 
 
+def drawn_weights(weights: np.ndarray | None, sampling: np.ndarray | None, count: int) -> np.ndarray | None:
+    """Sample weights that stand in for drawing images by `sampling` where a phase trains on every image once an
+    epoch (features in memory): each image's weight times its chance per draw, scaled to a mean of 1."""
+    if sampling is None:
+        return weights
+    drawn = np.asarray(sampling, dtype=np.float64) * count
+    return (drawn if weights is None else drawn * weights).astype(np.float32)
+
+
 def fit_head_on_features(model, data: dict[str, SplitData], outputs: list[str], params: dict[str, Any],
                          epochs: int, task: str, verbose: int | str = "auto",
-                         extra_callbacks: list | None = None, seed: int = SEED) -> tuple[pd.DataFrame, float]:
+                         extra_callbacks: list | None = None, seed: int = SEED,
+                         sampling: np.ndarray | None = None) -> tuple[pd.DataFrame, float]:
     """Phase 1 with a frozen pretrained backbone: its pooled features are computed once per image (without
-    augmentation), then the head layers (shared with `model`) train on them; returns (history, seconds).
+    augmentation), then the head layers (shared with `model`) train on them; returns (history, seconds). With
+    `sampling`, each image's loss is weighted by its chance of being drawn (drawn_weights).
 
     A frozen backbone gives the same features every epoch, so this replaces a forward pass per epoch with one
     in all: on a CPU, head epochs then take seconds and phase 1 can run until early stopping."""
@@ -89,7 +102,8 @@ def fit_head_on_features(model, data: dict[str, SplitData], outputs: list[str], 
     train_targets, val_targets = data["train"].targets(outputs), data["val"].targets(outputs)
     head.evaluate(features["val"][:8], {k: v[:8] for k, v in val_targets.items()}, verbose=0)
     check_monitor(head, MONITOR)
-    weights = train_sample_weights(data["train"].rows, outputs, params)
+    weights = drawn_weights(train_sample_weights(data["train"].rows, outputs, params), sampling,
+                            len(data["train"].rows))
     keras.utils.set_random_seed(seed)
     timer = EpochTimer()
     history = head.fit(features["train"], train_targets, sample_weight=weights, batch_size=int(params["batch_size"]),
@@ -228,17 +242,21 @@ def cached_activations(split: SplitModel, images: np.ndarray, view: str, augment
 
 
 def activations_dataset(views: list[np.ndarray], targets: dict[str, np.ndarray], batch_size: int,
-                        weights: np.ndarray | None = None, seed: int = SEED):
+                        weights: np.ndarray | None = None, seed: int = SEED, sampling: np.ndarray | None = None):
     """Shuffled batches of cached activations as a tf.data pipeline: each image is seen once an epoch, in one
-    of its views drawn afresh every epoch (reproducible from `seed`)."""
+    of its views drawn afresh every epoch (reproducible from `seed`). With `sampling` (a chance per image), an
+    epoch is as many draws with replacement by those chances as there are images of non-zero chance."""
     import tensorflow as tf
 
     rng = np.random.default_rng(seed)
     count, shape = len(views[0]), tuple(views[0].shape[1:])
+    draws = count if sampling is None else int(np.count_nonzero(sampling))
+    chances = None if sampling is None else np.asarray(sampling, dtype=np.float64) / np.sum(sampling)
 
     def batches():
-        order, chosen_view = rng.permutation(count), rng.integers(0, len(views), count)
-        for start in range(0, count, batch_size):
+        order = rng.permutation(count) if chances is None else rng.choice(count, size=draws, p=chances)
+        chosen_view = rng.integers(0, len(views), count)
+        for start in range(0, draws, batch_size):
             rows = np.sort(order[start:start + batch_size])
             batch = np.empty((len(rows), *shape), dtype=np.float32)
             chosen = chosen_view[rows]
@@ -256,17 +274,19 @@ def activations_dataset(views: list[np.ndarray], targets: dict[str, np.ndarray],
         signature = (*signature, tf.TensorSpec((None,), tf.float32))
     dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
     # a known length: Keras warns that a generator of unknown length 'ran out of data' after every epoch
-    return dataset.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size))).prefetch(2)
+    return dataset.apply(tf.data.experimental.assert_cardinality(-(-draws // batch_size))).prefetch(2)
 
 
 def fit_on_activations(model, base, backbone: Backbone, data: dict[str, SplitData], outputs: list[str],
                        params: dict[str, Any], head_epochs: int, epochs: int, task: str, cache_root: Path,
                        verbose: int | str = "auto", extra_callbacks: list | None = None,
-                       tensorboard_dir: Path | None = None, seed: int = SEED) -> dict[str, Any]:
+                       tensorboard_dir: Path | None = None, seed: int = SEED,
+                       sampling: np.ndarray | None = None) -> dict[str, Any]:
     """Both phases on activations computed once: the frozen lower backbone runs once per training image and
     view (and once per validation image); phase 1 trains the head on pooled features of those activations,
     phase 2 the top `unfreeze_blocks` blocks and the head on the activations themselves, with a cosine
-    schedule and early stopping. Returns the phase histories, seconds and what the cache held."""
+    schedule and early stopping. With `sampling`, phase 2 draws images by it and phase 1 weights them by it.
+    Returns the phase histories, seconds and what the cache held."""
     import keras
 
     split = SplitModel.build(model, base, block_cut(backbone, base, int(params["unfreeze_blocks"])))
@@ -282,6 +302,7 @@ def fit_on_activations(model, base, backbone: Backbone, data: dict[str, SplitDat
                   f"{len(data['val'].rows)} validation images ready in {extract_seconds:.0f} s.")
     train_targets, val_targets = data["train"].targets(outputs), data["val"].targets(outputs)
     weights = train_sample_weights(data["train"].rows, outputs, params)
+    pooled_weights = drawn_weights(weights, sampling, len(data["train"].rows))
     batch_size = int(params["batch_size"])
     histories, seconds = [], []
 
@@ -302,7 +323,7 @@ def fit_on_activations(model, base, backbone: Backbone, data: dict[str, SplitDat
         timer = EpochTimer()
         history = split.head.fit(
             train_pooled, {k: np.concatenate([v] * repeat) for k, v in train_targets.items()},
-            sample_weight=None if weights is None else np.tile(weights, repeat), batch_size=batch_size,
+            sample_weight=None if pooled_weights is None else np.tile(pooled_weights, repeat), batch_size=batch_size,
             epochs=head_epochs, validation_data=(val_pooled, val_targets), shuffle=True,
             verbose=resolve_verbose(verbose),
             callbacks=[timer, StopOnSignal(), *callbacks(MONITOR, "min", HEAD_PATIENCE, None),
@@ -323,7 +344,7 @@ def fit_on_activations(model, base, backbone: Backbone, data: dict[str, SplitDat
         timer = EpochTimer()
         patience = int(params["patience"])
         history = split.upper.fit(
-            activations_dataset(train_views, train_targets, batch_size, weights, seed), epochs=epochs,
+            activations_dataset(train_views, train_targets, batch_size, weights, seed, sampling), epochs=epochs,
             validation_data=val_batches(), shuffle=False,  # the dataset draws its own order every epoch
             verbose=resolve_verbose(verbose),
             callbacks=[timer, StopOnSignal(), *callbacks(MONITOR, "min", patience, None, "cosine", epochs, rate),
@@ -371,14 +392,17 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
              out_dir: Path | None = None, data: dict[str, SplitData] | None = None,
              verbose: int | str = "auto", test_limit: int | None = None, extra_callbacks: list | None = None,
              evaluate_test: bool = True, cache_features: bool = True, seed: int = SEED,
-             tensorboard_dir: Path | None = None, metadata_extra: dict[str, Any] | None = None) -> TrainResult:
+             tensorboard_dir: Path | None = None, metadata_extra: dict[str, Any] | None = None,
+             init_from: Path | None = None, dataset_weights: dict[str, float] | None = None) -> TrainResult:
     """Both phases for one backbone, then validation and test metrics; saved to out_dir unless it is None
     (model_folder gives the usual name, results/models/transfer-<backbone>[-scratch]).
 
     extra_callbacks join both phases' fit() (tune's pruning); evaluate_test=False stops after the validation
     metrics and saves nothing, so a tuning trial never sees the test split. With a pretrained backbone,
     cache_features trains phase 1 on features computed once (fit_head_on_features). With tensorboard_dir,
-    TensorBoard logs each phase under it (phase1/, phase2/)."""
+    TensorBoard logs each phase under it (phase1/, phase2/). init_from starts from a saved transfer model's
+    weights (a warm restart: usually with phase 1's epochs at 0); dataset_weights ({name: weight}) sets how
+    often each dataset's images are drawn, as in the CNN trainers."""
     started = time.perf_counter()
     spec = resolve_backbone(backbone)
     params = {**FAMILIES["transfer"].defaults, **(params or {})}
@@ -391,6 +415,8 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
     data = {} if data is None else data
     if not data:  # filled in place, so several backbones share one load
         data.update(transfer_data(image_size, data_dir, limit, test_limit, outputs=outputs))
+    sampling, drawn = training_sampling(data["train"].rows, data_dir, task, (), dataset_weights)
+    started_from = None if init_from is None else warm_start(model, Path(init_from), task, image_size)
     base = backbone_of(model)
     histories, seconds, phase_epochs, unfrozen = [], [], [], len([x for x in base.layers if x.weights])
     phase_one, kept_phase = None, 2 if fine_tune_epochs > 0 else 1
@@ -401,10 +427,10 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
                       f"learning rate {params['fine_tune_learning_rate']}, on activations computed once.")
         on_activations = fit_on_activations(model, base, spec, data, outputs, params, epochs, fine_tune_epochs,
                                             task, Path(data_dir) / "activations" / spec.name, verbose,
-                                            extra_callbacks, tensorboard_dir, seed)
+                                            extra_callbacks, tensorboard_dir, seed, sampling)
         histories, seconds = on_activations["histories"], on_activations["seconds"]
         seconds[0] += on_activations["extract_seconds"]
-        phase_epochs = [len(h) for h in histories] + [0] * (2 - len(histories))
+        phase_epochs = [len(histories[0]) if epochs > 0 else 0, len(histories[-1]) if fine_tune_epochs > 0 else 0]
         unfrozen = on_activations["trained_layers"] or unfrozen
         phase_one = on_activations["phase_one"]
         if phase_one is not None and len(histories) == 2 and float(histories[1][MONITOR].min()) > phase_one[0]:
@@ -424,10 +450,12 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
         unfrozen = trained if phase == 2 else unfrozen
         if phase == 1 and pretrained and cache_features:
             history, total = fit_head_on_features(model, data, outputs, params, count, task, verbose,
-                                                  phase_callbacks(extra_callbacks, tensorboard_dir, phase), seed)
+                                                  phase_callbacks(extra_callbacks, tensorboard_dir, phase), seed,
+                                                  sampling)
         else:
             history, per_epoch = fit(model, data, outputs, params, count, MONITOR, verbose=verbose, seed=seed,
-                                     extra_callbacks=phase_callbacks(extra_callbacks, tensorboard_dir, phase))
+                                     extra_callbacks=phase_callbacks(extra_callbacks, tensorboard_dir, phase),
+                                     sampling=sampling)
             total = per_epoch * len(history)
         histories.append(history)
         seconds.append(total)
@@ -451,6 +479,9 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
              "on_cached_activations": None if on_activations is None else on_activations["cache"],
              "kept_phase": kept_phase, "monitor": MONITOR, "age_head": params["age_head"] if "age" in outputs else None,
              "seed": seed, "tensorboard": None if tensorboard_dir is None else str(tensorboard_dir),
+             **({"init_from": started_from} if started_from else {}),
+             **({"sampling": {"balance": [], "dataset_weights": drawn}} if sampling is not None or len(drawn) > 1
+                else {}),
              **(metadata_extra or {})}
     if evaluate_test:
         extra["cpu_ms_per_image"] = cpu_ms_per_image(model, outputs, data["test"].images)

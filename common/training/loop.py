@@ -510,13 +510,7 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
     started = time.perf_counter()
     outputs = list(TASK_OUTPUTS[task])
     data = load_data(image_size, data_dir, limit, datasets=None, outputs=outputs)
-    weights = check_dataset_weights(dataset_weights or {}, manifest_datasets(data_dir))
-    weights = {name: weight for name, weight in weights.items() if name in set(data["train"].rows["dataset"])}
-    if not any(weights.values()):  # e.g. an age model whose only weighted dataset has no ages
-        raise UserError(f"No training image of a dataset with weight above 0 has a label the {task} model learns.")
-    sampling = sampling_probabilities(data["train"].rows, tuple(balance), weights)
-    if sampling is not None:
-        describe_sampling(data["train"].rows, sampling, tuple(balance))
+    sampling, weights = training_sampling(data["train"].rows, data_dir, task, balance, dataset_weights)
     import keras
 
     keras.utils.set_random_seed(seed)  # the initial weights too: the same seed gives the same run (and replicas)
@@ -538,6 +532,21 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
                           train_seconds=round(time.perf_counter() - started, 1))
     return finish_run(model, task, data, params, image_size, data_dir, out_dir, history, seconds, evaluate_test,
                       limit, metadata_extra)
+
+
+def training_sampling(rows: pd.DataFrame, data_dir: Path, task: str, balance: tuple[str, ...] = (),
+                      dataset_weights: dict[str, float] | None = None) -> tuple[np.ndarray | None, dict[str, float]]:
+    """The chance of each training row per draw (None: every image once an epoch) and the weight of each dataset
+    that has training rows, from `dataset_weights` ({name: weight}, 1 unless given) and `balance`; the split is
+    printed when it is not uniform."""
+    weights = check_dataset_weights(dataset_weights or {}, manifest_datasets(data_dir))
+    weights = {name: weight for name, weight in weights.items() if name in set(rows["dataset"])}
+    if not any(weights.values()):  # e.g. an age model whose only weighted dataset has no ages
+        raise UserError(f"No training image of a dataset with weight above 0 has a label the {task} model learns.")
+    sampling = sampling_probabilities(rows, tuple(balance), weights)
+    if sampling is not None:
+        describe_sampling(rows, sampling, tuple(balance))
+    return sampling, weights
 
 
 def evaluate_folder(folder: Path, split: str = "val", data_dir: Path = DATA_DIR,
