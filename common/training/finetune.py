@@ -415,7 +415,7 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
     data = {} if data is None else data
     if not data:  # filled in place, so several backbones share one load
         data.update(transfer_data(image_size, data_dir, limit, test_limit, outputs=outputs))
-    sampling, drawn = training_sampling(data["train"].rows, data_dir, task, (), dataset_weights)
+    sampling, sampling_record = training_sampling(data["train"].rows, data_dir, task, (), dataset_weights)
     started_from = None if init_from is None else warm_start(model, Path(init_from), task, image_size)
     base = backbone_of(model)
     histories, seconds, phase_epochs, unfrozen = [], [], [], len([x for x in base.layers if x.weights])
@@ -480,8 +480,7 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
              "kept_phase": kept_phase, "monitor": MONITOR, "age_head": params["age_head"] if "age" in outputs else None,
              "seed": seed, "tensorboard": None if tensorboard_dir is None else str(tensorboard_dir),
              **({"init_from": started_from} if started_from else {}),
-             **({"sampling": {"balance": [], "dataset_weights": drawn}} if sampling is not None or len(drawn) > 1
-                else {}),
+             **({"sampling": sampling_record} if sampling_record is not None else {}),
              **(metadata_extra or {})}
     if evaluate_test:
         extra["cpu_ms_per_image"] = cpu_ms_per_image(model, outputs, data["test"].images)

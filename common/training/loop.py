@@ -510,7 +510,7 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
     started = time.perf_counter()
     outputs = list(TASK_OUTPUTS[task])
     data = load_data(image_size, data_dir, limit, datasets=None, outputs=outputs)
-    sampling, weights = training_sampling(data["train"].rows, data_dir, task, balance, dataset_weights)
+    sampling, sampling_record = training_sampling(data["train"].rows, data_dir, task, balance, dataset_weights)
     import keras
 
     keras.utils.set_random_seed(seed)  # the initial weights too: the same seed gives the same run (and replicas)
@@ -525,8 +525,8 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
     history, seconds = fit(model, data, outputs, params, epochs, monitor, mode, patience,
                            extra_callbacks=extra_callbacks, verbose=verbose, summary=summary, seed=seed,
                            sampling=sampling)
-    if sampling is not None or len(weights) > 1:
-        metadata_extra["sampling"] = {"balance": list(balance), "dataset_weights": weights}
+    if sampling_record is not None:
+        metadata_extra["sampling"] = sampling_record
     metadata_extra.update(summary, monitor=monitor, patience=patience, seed=seed,
                           tensorboard=None if tensorboard_dir is None else str(tensorboard_dir),
                           train_seconds=round(time.perf_counter() - started, 1))
@@ -535,10 +535,12 @@ def train_model(task: str, build_model, params: dict[str, Any], image_size: int,
 
 
 def training_sampling(rows: pd.DataFrame, data_dir: Path, task: str, balance: tuple[str, ...] = (),
-                      dataset_weights: dict[str, float] | None = None) -> tuple[np.ndarray | None, dict[str, float]]:
-    """The chance of each training row per draw (None: every image once an epoch) and the weight of each dataset
-    that has training rows, from `dataset_weights` ({name: weight}, 1 unless given) and `balance`; the split is
-    printed when it is not uniform."""
+                      dataset_weights: dict[str, float] | None = None
+                      ) -> tuple[np.ndarray | None, dict[str, Any] | None]:
+    """The chance of each training row per draw (None: every image once an epoch), from `dataset_weights`
+    ({name: weight}, 1 unless given) and `balance`, and what metadata.json records of it (`sampling`: the
+    balance and the weight of each dataset that has training rows; None for a plain run on one dataset); the
+    split is printed when it is not uniform."""
     weights = check_dataset_weights(dataset_weights or {}, manifest_datasets(data_dir))
     weights = {name: weight for name, weight in weights.items() if name in set(rows["dataset"])}
     if not any(weights.values()):  # e.g. an age model whose only weighted dataset has no ages
@@ -546,7 +548,9 @@ def training_sampling(rows: pd.DataFrame, data_dir: Path, task: str, balance: tu
     sampling = sampling_probabilities(rows, tuple(balance), weights)
     if sampling is not None:
         describe_sampling(rows, sampling, tuple(balance))
-    return sampling, weights
+    record = {"balance": list(balance), "dataset_weights": weights} if sampling is not None or len(weights) > 1 \
+        else None
+    return sampling, record
 
 
 def evaluate_folder(folder: Path, split: str = "val", data_dir: Path = DATA_DIR,
