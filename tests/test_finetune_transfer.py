@@ -26,7 +26,7 @@ from agegender.models.registry import FAMILIES
 from agegender.models.transfer import build_model, set_phase
 from agegender.models.weights import WRN_CACHE_NAME
 from agegender.training.finetune import activation_cache_key, activations_dataset, fit_head_on_features, view_batch
-from agegender.training.loop import load_data
+from agegender.training.loop import load_data, weights_between
 from agegender.training.trainers import TRAINERS
 from tasks import finetune_transfer as ft
 
@@ -216,6 +216,8 @@ def test_a_keras_applications_weights_file_is_what_the_backbone_starts_from(prep
     (["--strategy", "ring", "--all"], "--strategy"),
     (["--backbone", "mobilenetv2", "--init-from", "/nonexistent/model"], "is not a saved model folder"),
     (["--backbone", "mobilenetv2", "--dataset-weight", "utkface"], "NAME=W"),
+    (["--backbone", "mobilenetv2", "--start-share", "0.5"], "--start-share needs --init-from"),
+    (["--backbone", "mobilenetv2", "--start-share", "1.5"], "--start-share"),
 ])
 def test_bad_input_is_one_clear_sentence(args, words):
     result = CliRunner().invoke(ft.app, args)
@@ -430,10 +432,22 @@ def test_table_only_without_models_is_one_sentence(tmp_path, prepared):
     assert not (tmp_path / "c").exists()
 
 
+def test_start_share_moves_each_weight_that_share_of_the_way_back_to_the_start():
+    start = [np.array([0.0, 2.0], np.float16), np.array([[1.0]], np.float32)]
+    end = [np.array([4.0, 6.0], np.float32), np.array([[3.0]], np.float32)]
+    halfway = weights_between(start, end, 0.5)
+    np.testing.assert_allclose(halfway[0], [2.0, 4.0])
+    np.testing.assert_allclose(halfway[1], [[2.0]])
+    assert all(w.dtype == np.float32 for w in halfway)
+    np.testing.assert_allclose(weights_between(start, end, 0.25)[0], [3.0, 5.0])
+    np.testing.assert_allclose(weights_between(start, end, 0.0)[1], end[1])
+
+
 @pytest.mark.slow
 def test_a_warm_restart_with_weighted_datasets_records_where_it_started(prepared_extra, tmp_path):
-    """--init-from continues a saved transfer model (its weights, the epochs it had) and --dataset-weight sets how
-    often each dataset is drawn; both are written into metadata.json."""
+    """--init-from continues a saved transfer model (its weights, the epochs it had), --dataset-weight sets how
+    often each dataset is drawn and --start-share averages the end with the start; all are written into
+    metadata.json."""
     common = ["--backbone", "mobilenetv2", "--weights", "none", "--image-size", str(SIZE), "--batch-size", "32",
               "--data-dir", str(prepared_extra["data_dir"]), "--strategy", "one", "--no-tensorboard"]
     first, second = tmp_path / "first", tmp_path / "second"
@@ -441,10 +455,12 @@ def test_a_warm_restart_with_weighted_datasets_records_where_it_started(prepared
                                          str(first)])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(ft.app, [*common, "--epochs", "0", "--fine-tune-epochs", "1", "--model-out",
-                                         str(second), "--init-from", str(first), "--dataset-weight", "faces-ds=3"])
+                                         str(second), "--init-from", str(first), "--dataset-weight", "faces-ds=3",
+                                         "--start-share", "0.5"])
     assert result.exit_code == 0, result.output
     metadata = json.loads((second / "metadata.json").read_text())
     assert metadata["init_from"]["folder"] == str(first) and metadata["init_from"]["epochs_before"] == 1
+    assert metadata["init_from"]["start_share"] == 0.5
     assert metadata["sampling"]["dataset_weights"] == {"utkface": 1.0, "faces-ds": 3.0}
     assert metadata["phase_epochs"] == [0, 1]
     wrong_size = CliRunner().invoke(ft.app, [*common[:5], "64", *common[6:], "--epochs", "0", "--fine-tune-epochs",

@@ -39,6 +39,7 @@ from agegender.training.loop import (
     train_sample_weights,
     training_sampling,
     warm_start,
+    weights_between,
 )
 
 FOLDER_PREFIX = FAMILIES["transfer"].folder_prefix
@@ -393,7 +394,8 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
              verbose: int | str = "auto", test_limit: int | None = None, extra_callbacks: list | None = None,
              evaluate_test: bool = True, cache_features: bool = True, seed: int = SEED,
              tensorboard_dir: Path | None = None, metadata_extra: dict[str, Any] | None = None,
-             init_from: Path | None = None, dataset_weights: dict[str, float] | None = None) -> TrainResult:
+             init_from: Path | None = None, dataset_weights: dict[str, float] | None = None,
+             start_share: float = 0.0) -> TrainResult:
     """Both phases for one backbone, then validation and test metrics; saved to out_dir unless it is None
     (model_folder gives the usual name, results/models/transfer-<backbone>[-scratch]).
 
@@ -402,7 +404,8 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
     cache_features trains phase 1 on features computed once (fit_head_on_features). With tensorboard_dir,
     TensorBoard logs each phase under it (phase1/, phase2/). init_from starts from a saved transfer model's
     weights (a warm restart: usually with phase 1's epochs at 0); dataset_weights ({name: weight}) sets how
-    often each dataset's images are drawn, as in the CNN trainers."""
+    often each dataset's images are drawn, as in the CNN trainers. start_share > 0 (with init_from) moves the
+    trained weights that share of the way back to the start's (loop.weights_between) before they are scored."""
     started = time.perf_counter()
     spec = resolve_backbone(backbone)
     params = {**FAMILIES["transfer"].defaults, **(params or {})}
@@ -417,6 +420,7 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
         data.update(transfer_data(image_size, data_dir, limit, test_limit, outputs=outputs))
     sampling, sampling_record = training_sampling(data["train"].rows, data_dir, task, (), dataset_weights)
     started_from = None if init_from is None else warm_start(model, Path(init_from), task, image_size)
+    start_weights = model.get_weights() if started_from and start_share > 0 else None
     base = backbone_of(model)
     histories, seconds, phase_epochs, unfrozen = [], [], [], len([x for x in base.layers if x.weights])
     phase_one, kept_phase = None, 2 if fine_tune_epochs > 0 else 1
@@ -469,6 +473,9 @@ def finetune(backbone: str, task: str = "multitask", weights: str = "pretrained"
                           f"{phase_one[0]:.4f}): keeping the phase 1 weights.")
             model.set_weights(phase_one[1])
             kept_phase = 1
+    if start_weights is not None:
+        model.set_weights(weights_between(start_weights, model.get_weights(), start_share))
+        started_from["start_share"] = start_share
     history = pd.concat(histories, ignore_index=True)
     history["epoch"] = np.arange(1, len(history) + 1)
     seconds_per_epoch = float(sum(seconds) / max(1, len(history)))

@@ -582,6 +582,13 @@ def warm_start(model, folder: Path, task: str, image_size: int) -> dict[str, Any
             + float(metadata.get("seconds_per_epoch", 0.0)) * int(metadata.get("epochs_run", 0))}
 
 
+def weights_between(start: list[np.ndarray], end: list[np.ndarray], start_share: float) -> list[np.ndarray]:
+    """Each weight start_share of the way back from a warm restart's end to its start (a WiSE-FT average): the
+    restart's gains on its new data are largely held while the start's behaviour on its own data comes back."""
+    return [start_share * np.asarray(a, np.float32) + (1.0 - start_share) * np.asarray(b, np.float32)
+            for a, b in zip(start, end, strict=True)]
+
+
 def report(task: str, result: TrainResult) -> None:
     print_metrics(f"{task}: test split", result.test_metrics)
     console.print(f"Saved to {result.out_dir} ({result.seconds_per_epoch:.1f} s per epoch, "
