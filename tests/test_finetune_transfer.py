@@ -441,6 +441,8 @@ def test_start_share_moves_each_weight_that_share_of_the_way_back_to_the_start()
     assert all(w.dtype == np.float32 for w in halfway)
     np.testing.assert_allclose(weights_between(start, end, 0.25)[0], [3.0, 5.0])
     np.testing.assert_allclose(weights_between(start, end, 0.0)[1], end[1])
+    seed_state = weights_between([np.array([7, 3], np.uint32)], [np.array([4_000_000_001, 5], np.uint32)], 0.5)[0]
+    assert seed_state.dtype == np.uint32 and seed_state.tolist() == [4_000_000_001, 5]
 
 
 @pytest.mark.slow

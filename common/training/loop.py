@@ -584,9 +584,10 @@ def warm_start(model, folder: Path, task: str, image_size: int) -> dict[str, Any
 
 def weights_between(start: list[np.ndarray], end: list[np.ndarray], start_share: float) -> list[np.ndarray]:
     """Each weight start_share of the way back from a warm restart's end to its start (a WiSE-FT average): the
-    restart's gains on its new data are largely held while the start's behaviour on its own data comes back."""
+    restart's gains on its new data are largely held while the start's behaviour on its own data comes back.
+    Variables that are not real numbers (a random layer's integer seed state) keep the end's value."""
     return [start_share * np.asarray(a, np.float32) + (1.0 - start_share) * np.asarray(b, np.float32)
-            for a, b in zip(start, end, strict=True)]
+            if np.issubdtype(np.asarray(b).dtype, np.floating) else b for a, b in zip(start, end, strict=True)]
 
 
 def report(task: str, result: TrainResult) -> None:
