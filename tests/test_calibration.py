@@ -81,6 +81,24 @@ def test_the_threshold_is_the_smallest_confidence_whose_answers_are_97_percent_r
     assert certainty_threshold(p_female, np.ones(300)) == 0.5
 
 
+def test_the_race_spread_table_says_which_faces_and_which_race_labels_each_spread_is_over():
+    from agegender.reporting.certainty import certainty_by_group, race_spreads, spread_rows
+    from agegender.reporting.metrics import GROUPINGS, named_groupings
+
+    # FairFace-like rows: the five UTKFace races and FairFace's own seven, children and adults
+    rows = pd.DataFrame({"gender": [0, 1] * 8, "age": [5, 30] * 8,
+                         "race": [0, 1, 2, 3] * 4, "race_fairface": ["Black", "Black", "White", "White"] * 4})
+    p_female = np.where(rows["gender"] == 1, 0.95, 0.1)
+    p_female[[0, 2]] = 0.9  # two children read wrongly, with confidence
+    groupings = (*GROUPINGS, *named_groupings(["race_fairface"]))
+    spreads = race_spreads(certainty_by_group(p_female, rows, threshold=0.8, groupings=groupings))
+    table = spread_rows({"m": {"race_spreads": spreads}})[1]
+    overs = {s["grouping"]: row[1] for s, row in zip(spreads, table, strict=True)}
+    assert overs == {"race": "all ages", "race, age 13+": "13 and older",
+                     "race_fairface": "all ages (race_fairface)",
+                     "race_fairface, age 13+": "13 and older (race_fairface)"}
+
+
 # ---------------------------------------------------------------- the command, predict and the exports
 
 

@@ -14,7 +14,7 @@ from agegender.inference.detectors import DEFAULT_DETECTOR, DETECTORS
 from agegender.inference.gender_calibration import CALIBRATION_KEY, calibration_label
 from agegender.inference.intervals import INTERVAL_KEY, interval_label
 from agegender.models.folders import METADATA_FILE, METRICS_FILE, training_datasets
-from agegender.reporting.certainty import AGE_MIX_NOTE
+from agegender.reporting.certainty import AGE_MIX_NOTE, spread_over
 from agegender.reporting.metrics import GROUPINGS
 from agegender.reporting.tables import is_missing, markdown_table
 
@@ -155,7 +155,7 @@ def certainty_markdown(name: str, metadata: dict[str, Any], comparison: dict[str
     if spreads:
         parts.append("\nSpread between the best and worst race:\n")
         parts.append(markdown_table(["over", "figure", "best race", "worst race", "spread"], [
-            ["all ages" if s["grouping"] == "race" else "13 and older", s["figure"].replace("_", " "),
+            [spread_over(s["grouping"]), s["figure"].replace("_", " "),
              f"{s['best_group']} {_share(s['best'])}", f"{s['worst_group']} {_share(s['worst'])}",
              f"{s['spread'] * 100:.1f} points"] for s in spreads]))
         parts.append("\n" + AGE_MIX_NOTE)

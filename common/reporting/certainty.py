@@ -21,7 +21,7 @@ from agegender.inference.gender_calibration import (
     expected_calibration_error,
     reliability_bins,
 )
-from agegender.reporting.metrics import GROUPINGS, RACE_ADULTS, group_labels, has_grouping
+from agegender.reporting.metrics import ADULTS_SUFFIX, GROUPINGS, RACE_ADULTS, group_labels, has_grouping
 from agegender.reporting.plots import plot_gender_calibration
 from agegender.reporting.tables import markdown_table, rich_table
 
@@ -51,6 +51,14 @@ def certainty_by_group(p_female: np.ndarray, rows: pd.DataFrame, threshold: floa
 
 
 SPREAD_FIGURES = ("accuracy", "coverage", "certain_accuracy")
+
+
+def spread_over(grouping: str) -> str:
+    """Which faces and which race labels a spread is over, as its table says: "all ages", "13 and older", and
+    a dataset's own races named after it, e.g. "13 and older (race_fairface)"."""
+    over = "13 and older" if grouping.endswith(ADULTS_SUFFIX) else "all ages"
+    scheme = grouping.removesuffix(ADULTS_SUFFIX)
+    return over if scheme == "race" else f"{over} ({scheme})"
 
 
 def race_spreads(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -143,7 +151,7 @@ def group_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def spread_rows(reports: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     return (["model", "over", "figure", "best race", "worst race", "spread"],
-            [[name, "all ages" if s["grouping"] == "race" else "13 and older", s["figure"].replace("_", " "),
+            [[name, spread_over(s["grouping"]), s["figure"].replace("_", " "),
               f"{s['best_group']} {percent(s['best'])}", f"{s['worst_group']} {percent(s['worst'])}",
               f"{s['spread'] * 100:.1f} points"] for name, r in reports.items() for s in r["race_spreads"]])
 
